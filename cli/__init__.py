@@ -1,0 +1,1 @@
+"""The `sidetune` command line: a thin typer layer over the `sidetune` library."""

@@ -1,0 +1,331 @@
+"""Frozen backbones: name aliases, loading (hub, local folders, weight files), preprocessing,
+and the per-stage forward pass that stage one stores.
+
+Stage numbering follows the cache contract: stage 0 is the token sequence entering block 1
+(patch embedding + position embedding + prefix tokens), stage i is the output of block i.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from sidetune.errors import SidetuneError
+
+ALIASES: dict[str, str] = {
+    "vit_b16": "vit_base_patch16_224.orig_in21k",  # the VTAB-1k backbone
+    "vit_l16": "vit_large_patch16_224.orig_in21k",
+    "vit_h14": "vit_huge_patch14_224.orig_in21k",
+    "vit_g14": "vit_giant_patch14_dinov2.lvd142m",
+    "vit_s16": "vit_small_patch16_224.augreg_in21k",
+    "vit_ti16": "vit_tiny_patch16_224.augreg_in21k",
+}
+
+LOCAL_DIR_PREFIX = "local-dir:"
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A frozen timm VisionTransformer and what the cache manifest records about it."""
+
+    model: nn.Module
+    alias: str | None
+    timm_name: str
+    weights_source: str
+    weights_sha256: str
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def width(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return tuple(int(g) for g in self.model.patch_embed.grid_size)
+
+    @property
+    def num_tokens(self) -> int:
+        grid = self.patch_grid
+        return self.num_prefix_tokens + grid[0] * grid[1]
+
+    def final_norm(self) -> nn.LayerNorm | None:
+        """The backbone's final LayerNorm (applied by stage two), or None if it has none."""
+        norm = self.model.norm
+        return norm if isinstance(norm, nn.LayerNorm) else None
+
+    def describe(self) -> dict:
+        norm = self.final_norm()
+        return {
+            "alias": self.alias,
+            "timm_name": self.timm_name,
+            "architecture": type(self.model).__name__,
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "width": self.width,
+            "depth": self.depth,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "patch_grid": list(self.patch_grid),
+            "num_tokens": self.num_tokens,
+            "final_norm": None if norm is None else {"type": "layernorm", "eps": float(norm.eps)},
+        }
+
+
+def resolve_model_name(name: str) -> tuple[str | None, str]:
+    """Map a user's `--model` to (alias or None, timm model name), or explain the choices."""
+    if name in ALIASES:
+        return name, ALIASES[name]
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise SidetuneError(
+                f"Model folder {folder} has no config.json. A `local-dir:` model is a folder written "
+                "by timm's save_for_hf (config.json plus model.safetensors); point --model at one."
+            )
+        return None, f"{LOCAL_DIR_PREFIX}{folder.resolve()}"
+    import timm
+
+    base = name.split(".", 1)[0]
+    if timm.is_model(base):
+        return None, name
+    known = timm.list_models()
+    close = difflib.get_close_matches(name, list(ALIASES) + known, n=5, cutoff=0.6)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise SidetuneError(
+        f"Unknown model '{name}'. Use an alias ({', '.join(ALIASES)}), any timm model name "
+        f"(e.g. vit_base_patch16_224.augreg_in21k), or local-dir:/path/to/folder.{hint}"
+    )
+
+
+def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
+    """Create a frozen, eval-mode timm VisionTransformer without its classifier head.
+
+    `weights` (a .safetensors, torch .pth/.bin or original .npz file) overrides pretrained
+    weights; `pretrained=False` gives a random initialisation seeded with RANDOM_INIT_SEED so
+    that the same command always builds the same backbone.
+    """
+    import timm
+
+    alias, timm_name = resolve_model_name(name)
+    if weights is not None:
+        model = _create(timm_name, pretrained=False)
+        weights_path = Path(weights).expanduser().resolve()
+        _load_weight_file(model, weights_path)
+        source = f"file:{weights_path}"
+    elif timm_name.startswith(LOCAL_DIR_PREFIX):
+        model = _create(timm_name, pretrained=True)
+        source = timm_name
+    elif pretrained:
+        try:
+            model = _create(timm_name, pretrained=True)
+        except SidetuneError:
+            raise
+        except Exception as error:  # hub unreachable, missing files, auth ...
+            raise SidetuneError(
+                f"Could not fetch pretrained weights for {timm_name} ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no detail'}). Without access to the "
+                "Hugging Face hub, pass the weights yourself: --weights FILE (.safetensors, .pth or "
+                "the original .npz), or --model local-dir:/folder (timm's save_for_hf layout); "
+                "--no-pretrained gives random weights for testing."
+            ) from error
+        source = f"timm:{model.pretrained_cfg.get('hf_hub_id') or timm_name}"
+    else:
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = _create(timm_name, pretrained=False)
+        source = f"random(seed={RANDOM_INIT_SEED})"
+
+    if not all(hasattr(model, attr) for attr in ("patch_embed", "_pos_embed", "blocks", "norm")):
+        raise SidetuneError(
+            f"Model {timm_name} is a {type(model).__name__}; sidetune reads per-block tokens from "
+            "timm VisionTransformer-style models (patch_embed, blocks, norm). Choose a ViT, e.g. "
+            f"one of the aliases {', '.join(ALIASES)}."
+        )
+    model.eval().requires_grad_(False)
+    del timm  # imported lazily so that stage two never needs it
+    return Backbone(model, alias, timm_name, source, state_dict_sha256(model))
+
+
+def _create(timm_name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=0)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise SidetuneError(f"timm does not know the model {timm_name}: {error}.") from error
+        raise
+
+
+def _load_weight_file(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise SidetuneError(f"Weights file {path} does not exist. Pass --weights an existing file.")
+    suffix = path.suffix.lower()
+    if suffix in (".npz", ".npy"):
+        try:
+            model.load_pretrained(str(path))
+        except Exception as error:
+            raise SidetuneError(
+                f"Could not load the original-format weights {path} into {type(model).__name__}: "
+                f"{error}. The .npz must come from the same architecture (big_vision/jax ViT layout)."
+            ) from error
+        return
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model", "module"):
+                if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                    state = state[key]
+    except Exception as error:
+        raise SidetuneError(
+            f"Could not read weights file {path} ({type(error).__name__}: {error}). Use a "
+            ".safetensors file, a torch state dict (.pth/.pt/.bin) or the original .npz."
+        ) from error
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("head.")}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise SidetuneError(
+            f"Weights file {path} does not fit {type(model).__name__}: missing "
+            f"{len(result.missing_keys)} keys (e.g. {result.missing_keys[:3]}), unexpected "
+            f"{len(result.unexpected_keys)} (e.g. {result.unexpected_keys[:3]}). Pass the --model "
+            "that these weights were trained as."
+        )
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Hash of every tensor (name, dtype, shape, bytes): identical weights give an identical
+    hash whatever file format they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def forward_stages(model: nn.Module, images: torch.Tensor, stages: Sequence[int]) -> Iterator[torch.Tensor]:
+    """Yield the (B, T, D) token tensors of the requested stages, in increasing stage order.
+
+    Call it under torch.inference_mode(); it mirrors timm's VisionTransformer.forward_features
+    without the final norm, which stage two applies from the cached parameters."""
+    wanted = sorted(set(stages))
+    last = wanted[-1]
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    if wanted[0] == 0:
+        yield x
+    for index, block in enumerate(model.blocks, start=1):
+        if index > last:
+            break
+        x = block(x)
+        if index in wanted:
+            yield x
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+PREPROCESSINGS = ("vtab", "timm", "inception")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Exactly how images become backbone input; recorded in the manifest, rebuilt from it."""
+
+    name: str
+    size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+
+    def transform(self):
+        """The torchvision transform: PIL RGB image -> normalised float tensor (3, H, W)."""
+        if self.name == "timm":
+            from timm.data import create_transform
+
+            return create_transform(
+                input_size=(3, *self.size),
+                interpolation=self.interpolation,
+                mean=self.mean,
+                std=self.std,
+                crop_pct=self.crop_pct,
+                crop_mode=self.crop_mode,
+                is_training=False,
+            )
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.Resize(self.size, interpolation=T.InterpolationMode(self.interpolation)),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def describe(self) -> dict:
+        record = asdict(self)
+        record["size"] = list(self.size)
+        record["mean"] = list(self.mean)
+        record["std"] = list(self.std)
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Preprocessing":
+        return cls(
+            name=record["name"],
+            size=tuple(record["size"]),
+            interpolation=record["interpolation"],
+            mean=tuple(record["mean"]),
+            std=tuple(record["std"]),
+            crop_pct=record.get("crop_pct"),
+            crop_mode=record.get("crop_mode"),
+        )
+
+
+def resolve_preprocessing(name: str, backbone: Backbone) -> Preprocessing:
+    """`vtab`: resize to the model's input size (224x224 for ViT-B/16), bicubic, no crop,
+    ImageNet mean/std. `inception`: the same with mean = std = 0.5. `timm`: the model's own
+    evaluation transform (resize, centre crop, its mean/std)."""
+    size = tuple(int(s) for s in backbone.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+    if name == "vtab":
+        return Preprocessing("vtab", size, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+    if name == "inception":
+        return Preprocessing("inception", size, "bicubic", INCEPTION_MEAN, INCEPTION_STD)
+    if name == "timm":
+        from timm.data import resolve_model_data_config
+
+        config = resolve_model_data_config(backbone.model)
+        return Preprocessing(
+            "timm",
+            tuple(int(s) for s in config["input_size"][1:]),
+            str(config["interpolation"]),
+            tuple(float(m) for m in config["mean"]),
+            tuple(float(s) for s in config["std"]),
+            float(config["crop_pct"]),
+            str(config.get("crop_mode", "center")),
+        )
+    raise SidetuneError(f"Unknown preprocessing '{name}'. Choose one of: {', '.join(PREPROCESSINGS)}.")
+

@@ -1,0 +1,136 @@
+"""Cache specs: which stages and tokens a cache keeps, in which dtype, chunked and sharded how.
+
+Specs are YAML files in the repository's cache_specs/ folder (`--spec NAME`) or anywhere
+(`--spec path/to/spec.yaml`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from sidetune.errors import SidetuneError
+
+SPECS_DIR = Path(__file__).resolve().parents[2] / "cache_specs"
+TOKEN_MODES = ("all", "cls", "mean")
+DTYPES = ("float16", "bfloat16", "float32")
+COMPRESSORS = ("none", "zstd")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """`stages`: "all", "last", {"every": g} (0, g, 2g, ..., depth) or a list of indices.
+    `tokens`: "all" (prefix tokens first, then patches), "cls" (the first prefix token) or
+    "mean" (mean of the patch tokens)."""
+
+    name: str
+    stages: str | dict | tuple[int, ...] = "all"
+    tokens: str = "all"
+    dtype: str = "float16"
+    chunk_images: int = 1
+    shard_images: int = 64
+    compressor: str = "none"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tokens not in TOKEN_MODES:
+            problems.append(f"tokens must be one of {', '.join(TOKEN_MODES)}, not {self.tokens!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.compressor not in COMPRESSORS:
+            problems.append(f"compressor must be one of {', '.join(COMPRESSORS)}, not {self.compressor!r}")
+        if not (isinstance(self.shard_images, int) and isinstance(self.chunk_images, int)
+                and 1 <= self.chunk_images <= self.shard_images and self.shard_images % self.chunk_images == 0):
+            problems.append("chunk_images must be a positive divisor of shard_images")
+        if not (self.stages in ("all", "last") or _is_every(self.stages) or _is_index_list(self.stages)):
+            problems.append(f"stages must be 'all', 'last', {{every: g}} or a list of indices, not {self.stages!r}")
+        if problems:
+            raise SidetuneError(f"Cache spec '{self.name}' is invalid: {'; '.join(problems)}.")
+
+    def resolve_stages(self, depth: int) -> list[int]:
+        """Absolute stage indices for a backbone of `depth` blocks (0 = entering block 1)."""
+        if self.stages == "all":
+            return list(range(depth + 1))
+        if self.stages == "last":
+            return [depth]
+        if isinstance(self.stages, dict):
+            gap = self.stages["every"]
+            if depth % gap:
+                raise SidetuneError(
+                    f"Cache spec '{self.name}' keeps every {gap}th stage but the backbone has {depth} "
+                    f"blocks, not a multiple of {gap}. Choose a gap that divides {depth}."
+                )
+            return list(range(0, depth + 1, gap))
+        bad = [s for s in self.stages if s > depth]
+        if bad:
+            raise SidetuneError(
+                f"Cache spec '{self.name}' asks for stages {bad}, but the backbone has only "
+                f"{depth} blocks (stages 0..{depth}). Fix the spec's stage list."
+            )
+        return sorted(set(self.stages))
+
+    def num_tokens(self, backbone_tokens: int) -> int:
+        return backbone_tokens if self.tokens == "all" else 1
+
+    def select_tokens(self, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        """(B, T, D) backbone tokens -> (B, T', D) stored tokens."""
+        if self.tokens == "all":
+            return x
+        if self.tokens == "cls":
+            if num_prefix_tokens < 1:
+                raise SidetuneError(f"Cache spec '{self.name}' keeps the CLS token, but the backbone has none; use tokens: mean.")
+            return x[:, :1]
+        return x[:, num_prefix_tokens:].mean(dim=1, keepdim=True)
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> dict:
+        record = asdict(self)
+        if isinstance(self.stages, tuple):
+            record["stages"] = list(self.stages)
+        return record
+
+
+def _is_every(stages) -> bool:
+    return isinstance(stages, dict) and set(stages) == {"every"} and isinstance(stages["every"], int) and stages["every"] >= 1
+
+
+def _is_index_list(stages) -> bool:
+    return isinstance(stages, (list, tuple)) and len(stages) > 0 and all(isinstance(s, int) and s >= 0 for s in stages)
+
+
+def available_specs() -> list[str]:
+    return sorted(path.stem for path in SPECS_DIR.glob("*.yaml"))
+
+
+def load_spec(name_or_path: str) -> CacheSpec:
+    """A spec by name (cache_specs/NAME.yaml) or by path to a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        path = SPECS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SidetuneError(
+            f"Unknown cache spec '{name_or_path}'. Choose one of {', '.join(available_specs())} "
+            "or pass the path to a YAML spec file."
+        )
+    try:
+        fields = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SidetuneError(f"Cache spec {path} is not valid YAML: {error}.") from error
+    if not isinstance(fields, dict):
+        raise SidetuneError(f"Cache spec {path} must be a YAML mapping of fields.")
+    return spec_from_record({"name": path.stem, **fields}, origin=str(path))
+
+
+def spec_from_record(fields: dict, origin: str = "manifest") -> CacheSpec:
+    known = set(CacheSpec.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise SidetuneError(f"Cache spec {origin} has unknown fields {unknown}; allowed: {sorted(known)}.")
+    if isinstance(fields.get("stages"), list):
+        fields = {**fields, "stages": tuple(fields["stages"])}
+    return CacheSpec(**fields)

@@ -1,0 +1,147 @@
+"""Writing the cache: create or reopen the zarr group, write shards, mark splits complete.
+
+A split group holds:
+  tokens          (N, S, T, D) chunked by `chunk_images`, sharded by `shard_images`
+  labels          (N,) int64
+  shard_complete  (num_shards,) uint8, one chunk per shard: 1 once that shard's tokens are written
+  shard_absmax    (num_shards, S) float32, one chunk per shard: max |x| per stage before casting
+Every shard has its own chunks in every array, so different processes can own different
+shards without ever writing the same object. The manifest's per-split `complete` flag is set
+only after every shard is marked.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_KEY, identity_differences
+from sidetune.errors import SidetuneError
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class SplitWriter:
+    name: str
+    group: zarr.Group
+    num_images: int
+    shard_images: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_images)
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_images
+        return start, min(start + self.shard_images, self.num_images)
+
+    def pending_shards(self) -> list[int]:
+        done = self.group["shard_complete"][:]
+        return [int(i) for i in np.flatnonzero(done == 0)]
+
+    def write_shard(self, shard: int, tokens: np.ndarray, absmax: np.ndarray) -> None:
+        """Write one shard's tokens, then its statistics, then its completion mark."""
+        start, stop = self.shard_bounds(shard)
+        if tokens.shape[0] != stop - start:
+            raise ValueError(f"shard {shard} of {self.name} needs {stop - start} images, got {tokens.shape[0]}")
+        self.group["tokens"][start:stop] = tokens
+        self.group["shard_absmax"][shard] = absmax
+        self.group["shard_complete"][shard] = 1
+
+
+class CacheWriter:
+    """Creates a cache (or reopens a compatible one) and hands out split writers."""
+
+    def __init__(self, root: zarr.Group, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | Path, manifest: dict, overwrite: bool = False) -> "CacheWriter":
+        """Create the cache at `path`, or reopen an existing one built with the same identity.
+
+        An existing cache from another backbone, weights, preprocessing, spec or dataset is
+        refused unless `overwrite`, which deletes it first."""
+        path = Path(path)
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        if (path / "zarr.json").is_file():
+            root = zarr.open_group(str(path), mode="r+")
+            existing = root.attrs.get(MANIFEST_KEY)
+            if existing is None:
+                raise SidetuneError(f"{path} is a zarr store but not a sidetune cache. Choose another --out or pass --overwrite.")
+            if existing.get("format_version") != FORMAT_VERSION:
+                raise SidetuneError(
+                    f"Cache {path} has format version {existing.get('format_version')}, this sidetune "
+                    f"writes version {FORMAT_VERSION}. Pass --overwrite to rebuild it."
+                )
+            differences = identity_differences(existing, manifest)
+            if differences:
+                raise SidetuneError(
+                    f"Cache {path} was built differently: {'; '.join(differences)}. Pass --out for a "
+                    "new cache, or --overwrite to replace this one."
+                )
+            manifest = {**manifest, "created": existing["created"], "splits": existing.get("splits", {})}
+        elif path.exists() and any(path.iterdir()):
+            raise SidetuneError(f"Output folder {path} exists and is not a sidetune cache. Choose another --out or pass --overwrite.")
+        else:
+            root = zarr.open_group(str(path), mode="w")
+        writer = cls(root, manifest)
+        writer._save_manifest()
+        return writer
+
+    def write_backbone_params(self, params: dict[str, np.ndarray]) -> None:
+        group = self.root.require_group("backbone")
+        for name, value in params.items():
+            if name not in group:
+                group.create_array(name, data=np.asarray(value, dtype=np.float32))
+
+    def is_complete(self, split: str) -> bool:
+        return bool(self.manifest["splits"].get(split, {}).get("complete"))
+
+    def split(self, name: str, labels: np.ndarray, token_shape: tuple[int, int, int],
+              dtype: str, chunk_images: int, shard_images: int, compressor: str) -> SplitWriter:
+        """Create the split's arrays (or reopen them after an interruption)."""
+        num_images = len(labels)
+        if name in self.root:
+            group = self.root[name]
+            if group["tokens"].shape != (num_images, *token_shape):
+                raise SidetuneError(
+                    f"Split {name} in {self.root.store} has shape {group['tokens'].shape}, expected "
+                    f"{(num_images, *token_shape)}. Pass --overwrite to rebuild the cache."
+                )
+        else:
+            group = self.root.create_group(name)
+            num_shards = -(-num_images // shard_images)
+            group.create_array(
+                "tokens", shape=(num_images, *token_shape), dtype=dtype,
+                chunks=(chunk_images, *token_shape), shards=(shard_images, *token_shape),
+                compressors=None if compressor == "none" else "auto", fill_value=0,
+                dimension_names=("image", "stage", "token", "channel"),
+            )
+            group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(num_images, 1),))
+            group.create_array("shard_complete", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+            group.create_array("shard_absmax", shape=(num_shards, token_shape[0]), dtype="float32",
+                               chunks=(1, token_shape[0]), fill_value=0)
+            self.manifest["splits"][name] = {
+                "num_images": num_images, "num_shards": num_shards, "complete": False, "absmax": None,
+            }
+            self._save_manifest()
+        return SplitWriter(name, group, num_images, shard_images)
+
+    def finish_split(self, writer: SplitWriter) -> bool:
+        """Mark the split complete if every shard is written; returns whether it is."""
+        if writer.pending_shards():
+            return False
+        absmax = writer.group["shard_absmax"][:].max(axis=0) if writer.num_shards else np.zeros(0)
+        self.manifest["splits"][writer.name].update(complete=True, absmax=[float(v) for v in absmax])
+        self._save_manifest()
+        return True
+
+    def _save_manifest(self) -> None:
+        self.root.attrs[MANIFEST_KEY] = self.manifest

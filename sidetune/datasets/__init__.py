@@ -1,0 +1,93 @@
+"""Datasets: turn `--dataset NAME|PATH` into an `ImageSource` of named splits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sidetune.datasets.catalogue import FOLDER_ALIASES, GROUPS, VTAB_SPLITS, VTAB_TASKS, VtabTask
+from sidetune.datasets.digits import load_digits_source
+from sidetune.datasets.folders import is_class_folder, is_list_folder, load_class_folder, load_list_folder
+from sidetune.datasets.hub import is_saved_dataset, load_hub_dataset, load_saved_dataset, load_vtab_from_hub
+from sidetune.datasets.sources import ImageSource, ImageSplit, check_labels
+from sidetune.errors import SidetuneError
+
+DATA_ROOT_ENV = "SIDETUNE_DATA"
+BUNDLED = ("digits",)
+
+__all__ = ["GROUPS", "VTAB_SPLITS", "VTAB_TASKS", "ImageSource", "ImageSplit", "VtabTask", "load_source"]
+
+
+def load_source(
+    dataset: str,
+    data_root: str | Path | None = None,
+    splits: list[str] | None = None,
+    limit: int | None = None,
+) -> ImageSource:
+    """Resolve a dataset name or path.
+
+    In order: `digits`; `hf:org/name`; an existing path (VTAB-1k list folder, `save_to_disk`
+    folder, or class-folder of images); a VTAB-1k task name, read from
+    `<data_root or $SIDETUNE_DATA>/<task>/` when present, else from its hub copy.
+    """
+    source = _resolve(dataset, data_root)
+    source = source.select_splits(splits).first(limit)
+    check_labels(source)
+    return source
+
+
+def _resolve(dataset: str, data_root: str | Path | None) -> ImageSource:
+    if dataset == "digits":
+        return load_digits_source()
+    if dataset.startswith("hf:"):
+        return load_hub_dataset(dataset[3:])
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return _load_folder(path)
+    if path.exists():
+        raise SidetuneError(f"Dataset path {path} is a file; pass a folder (VTAB-1k list folder, image folder or save_to_disk folder).")
+    task = VTAB_TASKS.get(dataset)
+    if task is not None:
+        folder = find_vtab_folder(task, data_root)
+        if folder is not None:
+            return load_list_folder(folder, task.name)
+        if task.hub_id is None:
+            raise SidetuneError(
+                f"No local VTAB-1k folder for {task.name} was found (looked in --data-root / "
+                f"${DATA_ROOT_ENV}) and it has no hub copy. Download the VTAB-1k release and pass "
+                f"--data-root /path/to/vtab-1k (holding {task.name}/train800.txt ...)."
+            )
+        return load_vtab_from_hub(task)
+    raise SidetuneError(
+        f"Unknown dataset '{dataset}'. Choose a VTAB-1k task ({', '.join(VTAB_TASKS)}), a bundled "
+        f"dataset ({', '.join(BUNDLED)}), a hub id as hf:org/name, or a path to a folder (VTAB-1k "
+        "list folder, class-folder of images, or datasets.save_to_disk folder)."
+    )
+
+
+def _load_folder(path: Path) -> ImageSource:
+    if is_list_folder(path):
+        return load_list_folder(path)
+    if is_saved_dataset(path):
+        return load_saved_dataset(path)
+    if is_class_folder(path):
+        return load_class_folder(path)
+    raise SidetuneError(
+        f"Folder {path} is not a dataset sidetune knows: expected VTAB-1k list files "
+        f"({', '.join(s + '.txt' for s in VTAB_SPLITS)}), a datasets.save_to_disk folder, or "
+        "class sub-folders of images."
+    )
+
+
+def find_vtab_folder(task: VtabTask, data_root: str | Path | None) -> Path | None:
+    root = data_root or os.environ.get(DATA_ROOT_ENV)
+    if not root:
+        return None
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SidetuneError(f"Data root {root} does not exist. Pass --data-root (or ${DATA_ROOT_ENV}) a VTAB-1k folder.")
+    for candidate in (task.name, *FOLDER_ALIASES.get(task.name, ())):
+        folder = root / candidate
+        if folder.is_dir() and is_list_folder(folder):
+            return folder
+    return None

@@ -1,0 +1,122 @@
+"""Local folders: VTAB-1k list-file folders and class-per-subfolder image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sidetune.datasets.catalogue import VTAB_SPLITS, VTAB_TASKS
+from sidetune.datasets.sources import IMAGE_SUFFIXES, FileSplit, ImageSource
+from sidetune.errors import SidetuneError
+
+FOLDER_SPLIT_NAMES = ("train", "val", "valid", "validation", "test", *VTAB_SPLITS)
+HOLDOUT_SEED = 0
+HOLDOUT_FRACTION = 0.2
+
+
+def is_list_folder(folder: Path) -> bool:
+    return any((folder / f"{split}.txt").is_file() for split in VTAB_SPLITS)
+
+
+def load_list_folder(folder: Path, name: str | None = None) -> ImageSource:
+    """A VTAB-1k style folder: images plus `<split>.txt` files of `relative/path label` lines."""
+    name = name or folder.name
+    splits: dict[str, FileSplit] = {}
+    for split in VTAB_SPLITS:
+        list_file = folder / f"{split}.txt"
+        if list_file.is_file():
+            splits[split] = _read_list_file(list_file, folder)
+    task = VTAB_TASKS.get(name)
+    if task is not None:
+        class_names = task.names()
+    else:
+        top = max((int(s.labels.max()) for s in splits.values() if len(s)), default=-1)
+        class_names = [str(i) for i in range(top + 1)]
+    return ImageSource(
+        name=name,
+        source=f"vtab-folder:{folder.resolve()}",
+        class_names=class_names,
+        splits=splits,
+        task=task.name if task else None,
+        group=task.group if task else None,
+    )
+
+
+def _read_list_file(list_file: Path, root: Path) -> FileSplit:
+    paths, labels = [], []
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        relative, _, label = line.strip().rpartition(" ")
+        if not relative or not label.lstrip("-").isdigit():
+            raise SidetuneError(
+                f"Line {number} of {list_file} is '{line.strip()}'; each line must be "
+                "'relative/path label' with an integer label. Fix the list file."
+            )
+        path = root / relative
+        if not path.is_file():
+            raise SidetuneError(
+                f"Image {path} (line {number} of {list_file}) does not exist. Restore the file or "
+                "remove its line from the list file."
+            )
+        paths.append(path)
+        labels.append(int(label))
+    return FileSplit(paths, np.asarray(labels, dtype=np.int64), root)
+
+
+def is_class_folder(folder: Path) -> bool:
+    return any(child.is_dir() for child in folder.iterdir())
+
+
+def load_class_folder(folder: Path) -> ImageSource:
+    """Images under `<class>/` sub-folders. If the top level holds split folders
+    (train/, val/, test/ ...) each becomes a split; otherwise a seeded, stratified
+    80/20 train/test split is drawn and recorded."""
+    subdirs = sorted(child for child in folder.iterdir() if child.is_dir())
+    split_dirs = [d for d in subdirs if d.name in FOLDER_SPLIT_NAMES]
+    notes = []
+    if split_dirs and len(split_dirs) == len(subdirs):
+        class_names = sorted({c.name for d in split_dirs for c in d.iterdir() if c.is_dir()})
+        splits = {d.name: _scan_classes(d, class_names, folder) for d in split_dirs}
+    else:
+        class_names = [d.name for d in subdirs]
+        everything = _scan_classes(folder, class_names, folder)
+        train, test = _stratified_holdout(everything.labels)
+        splits = {"train": everything.subset(train), "test": everything.subset(test)}
+        notes.append(
+            f"no split folders: a stratified {1 - HOLDOUT_FRACTION:.0%}/{HOLDOUT_FRACTION:.0%} "
+            f"train/test split with seed {HOLDOUT_SEED}"
+        )
+    if not class_names:
+        raise SidetuneError(f"Image folder {folder} has no class sub-folders. Put images under <class>/ folders.")
+    return ImageSource(folder.name, f"image-folder:{folder.resolve()}", class_names, splits, notes=notes)
+
+
+def _scan_classes(folder: Path, class_names: list[str], root: Path) -> FileSplit:
+    paths, labels = [], []
+    for label, class_name in enumerate(class_names):
+        class_dir = folder / class_name
+        if not class_dir.is_dir():
+            continue
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                paths.append(path)
+                labels.append(label)
+    if not paths:
+        raise SidetuneError(
+            f"No images found under {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files "
+            "inside class folders)."
+        )
+    return FileSplit(paths, np.asarray(labels, dtype=np.int64), root)
+
+
+def _stratified_holdout(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(HOLDOUT_SEED)
+    train, test = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = int(round(len(members) * HOLDOUT_FRACTION)) if len(members) > 1 else 0
+        test.extend(members[:count])
+        train.extend(members[count:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))

@@ -1,0 +1,184 @@
+"""Image sources: every dataset form becomes an `ImageSource` — named splits of images and
+integer labels, class names, and a fingerprint that identifies the exact data."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from sidetune.errors import SidetuneError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class ImageSplit(Protocol):
+    """One split: `labels[i]` belongs to `image(i)`; `describe(i)` names item i in errors."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+    def image(self, index: int) -> Image.Image: ...
+    def describe(self, index: int) -> str: ...
+    def fingerprint(self) -> str: ...
+    def subset(self, indices: np.ndarray) -> "ImageSplit": ...
+
+
+@dataclass
+class FileSplit:
+    """Images stored as files; labels given by a list file or by class folders."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB")
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"{path.relative_to(self.root)}|{label}|{path.stat().st_size}\n".encode())
+        return digest.hexdigest()
+
+    def subset(self, indices: np.ndarray) -> "FileSplit":
+        return FileSplit([self.paths[i] for i in indices], self.labels[indices], self.root)
+
+
+@dataclass
+class ArraySplit:
+    """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
+        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        return digest.hexdigest()
+
+    def subset(self, indices: np.ndarray) -> "ArraySplit":
+        return ArraySplit(self.images[indices], self.labels[indices], self.name)
+
+
+@dataclass
+class HubSplit:
+    """A split of a Hugging Face `datasets.Dataset` with an image column and a label column."""
+
+    dataset: object  # datasets.Dataset
+    image_column: str
+    label_column: str
+    name: str
+    labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.dataset[self.label_column], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def image(self, index: int) -> Image.Image:
+        image = self.dataset[int(index)][self.image_column]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        return image.convert("RGB")
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} row {index}"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.dataset._fingerprint}|{len(self)}".encode()).hexdigest()
+
+    def subset(self, indices: np.ndarray) -> "HubSplit":
+        return HubSplit(self.dataset.select(indices.tolist()), self.image_column, self.label_column, self.name)
+
+
+@dataclass
+class ImageSource:
+    """A dataset ready for extraction."""
+
+    name: str
+    source: str
+    class_names: list[str]
+    splits: dict[str, ImageSplit]
+    task: str | None = None  # VTAB-1k task name when the data follows that protocol
+    group: str | None = None
+    notes: list[str] = field(default_factory=list)
+    limit: int | None = None
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256("|".join(self.class_names).encode())
+        for name, split in sorted(self.splits.items()):
+            digest.update(f"{name}:{len(split)}:{split.fingerprint()}\n".encode())
+        return digest.hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "vtab_task": self.task,
+            "vtab_group": self.group,
+            "class_names": self.class_names,
+            "num_classes": len(self.class_names),
+            "split_sizes": {name: len(split) for name, split in self.splits.items()},
+            "limit": self.limit,
+            "notes": self.notes,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def select_splits(self, wanted: list[str] | None) -> "ImageSource":
+        if not wanted:
+            return self
+        missing = [name for name in wanted if name not in self.splits]
+        if missing:
+            raise SidetuneError(
+                f"Dataset {self.name} has no split {', '.join(missing)}; it has "
+                f"{', '.join(self.splits)}. Pass --splits with some of those."
+            )
+        return _replace_splits(self, {name: self.splits[name] for name in wanted})
+
+    def first(self, limit: int | None) -> "ImageSource":
+        """The first `limit` images of every split (a quick trial run)."""
+        if limit is None:
+            return self
+        splits = {name: split.subset(np.arange(min(limit, len(split)))) for name, split in self.splits.items()}
+        source = _replace_splits(self, splits)
+        source.limit = limit
+        return source
+
+
+def _replace_splits(source: ImageSource, splits: dict[str, ImageSplit]) -> ImageSource:
+    return ImageSource(source.name, source.source, source.class_names, splits, source.task,
+                       source.group, list(source.notes), source.limit)
+
+
+def check_labels(source: ImageSource) -> None:
+    """Every label must index a class name."""
+    for name, split in source.splits.items():
+        if len(split) and (split.labels.min() < 0 or split.labels.max() >= len(source.class_names)):
+            raise SidetuneError(
+                f"Split {name} of {source.name} has labels from {split.labels.min()} to "
+                f"{split.labels.max()}, outside the {len(source.class_names)} classes. Fix the "
+                "label column or list file; labels are integers 0..classes-1."
+            )
