@@ -199,14 +199,17 @@ def _load_weight_file(model: nn.Module, path: Path) -> None:
             ".safetensors file, a torch state dict (.pth/.pt/.bin) or the original .npz."
         ) from error
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("head.")}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    misshapen = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+    if missing or unexpected or misshapen:
         raise SidetuneError(
-            f"Weights file {path} does not fit {type(model).__name__}: missing "
-            f"{len(result.missing_keys)} keys (e.g. {result.missing_keys[:3]}), unexpected "
-            f"{len(result.unexpected_keys)} (e.g. {result.unexpected_keys[:3]}). Pass the --model "
-            "that these weights were trained as."
+            f"Weights file {path} does not fit {type(model).__name__}: missing {len(missing)} keys "
+            f"(e.g. {missing[:3]}), unexpected {len(unexpected)} (e.g. {unexpected[:3]}), wrong shape "
+            f"{len(misshapen)} (e.g. {misshapen[:3]}). Pass the --model these weights were trained as."
         )
+    model.load_state_dict(state)
 
 
 def state_dict_sha256(model: nn.Module) -> str:

@@ -1,0 +1,122 @@
+"""Bad input gets one clear paragraph naming the thing and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sidetune
+from sidetune import SidetuneError
+from conftest import TINY_MODEL, tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def extract_tiny(dataset, out, **options):
+    options.setdefault("pretrained", False)
+    options.setdefault("workers", 0)
+    return sidetune.extract(options.pop("model", TINY_MODEL), str(dataset), out, **options)
+
+
+def test_unknown_model_lists_the_aliases(tmp_path):
+    with pytest.raises(SidetuneError, match="Unknown model 'vit_b61'.*vit_b16.*vit_g14") as error:
+        extract_tiny("digits", tmp_path / "cache", model="vit_b61")
+    assert "vit_b16" in str(error.value)
+
+
+def test_unknown_dataset_lists_the_choices(tmp_path):
+    with pytest.raises(SidetuneError, match="Unknown dataset 'dtdd'.*dtd.*sun397.*digits.*hf:org/name"):
+        extract_tiny("dtdd", tmp_path / "cache")
+
+
+def test_unknown_spec_lists_the_specs(tmp_path):
+    with pytest.raises(SidetuneError, match="Unknown cache spec 'gap7'.*default.*gap2"):
+        extract_tiny("digits", tmp_path / "cache", spec="gap7")
+
+
+def test_missing_split_lists_the_splits_present(tmp_path):
+    with pytest.raises(SidetuneError, match="no split validation; it has train800, val200, train800val200, test"):
+        extract_tiny("digits", tmp_path / "cache", splits=["validation"])
+
+
+def test_unreadable_image_is_named_even_from_a_worker_process(class_folder, tmp_path):
+    broken = class_folder / "square" / "3.png"
+    broken.write_bytes(b"this is not a png")
+    with pytest.raises(SidetuneError, match=r"Could not read image .*square/3\.png"):
+        extract_tiny(class_folder, tmp_path / "cache", workers=1)
+
+
+def test_unwritable_output_fails_before_the_model_is_even_resolved(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SidetuneError, match="Cannot write the cache to .*a-file/cache"):
+        extract_tiny("digits", blocker / "cache", model="no-such-model")
+
+
+def test_cache_from_other_preprocessing_is_refused_and_overwrite_replaces_it(tmp_path):
+    extract_tiny("digits", tmp_path / "cache", splits=["test"], limit=8, spec="cls")
+    with pytest.raises(SidetuneError, match="built differently: preprocessing.*--overwrite"):
+        extract_tiny("digits", tmp_path / "cache", splits=["test"], limit=8, spec="cls", preprocess="inception")
+    extract_tiny("digits", tmp_path / "cache", splits=["test"], limit=8, spec="cls", preprocess="inception", overwrite=True)
+    assert sidetune.open_cache(tmp_path / "cache").manifest["preprocessing"]["name"] == "inception"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"spec": "mean"}, "spec"),
+    ({"limit": 9}, "dataset.fingerprint"),
+    ({"weights": "OTHER"}, "backbone.weights_sha256"),
+])
+def test_cache_from_other_spec_dataset_or_weights_is_refused(tmp_path, tiny_weights, change, field):
+    extract_tiny("digits", tmp_path / "cache", splits=["test"], limit=8, spec="cls")
+    options = {"splits": ["test"], "limit": 8, "spec": "cls", **change}
+    if options.get("weights") == "OTHER":
+        options["weights"] = tiny_weights
+    with pytest.raises(SidetuneError, match=f"built differently: {field}"):
+        extract_tiny("digits", tmp_path / "cache", **options)
+
+
+def test_fp16_overflow_is_reported_not_stored_as_inf(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_vit()
+    with torch.no_grad():
+        model.patch_embed.proj.weight.mul_(1e6)
+    weights = tmp_path / "huge.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    with pytest.raises(SidetuneError, match="overflow float16.*stage 0.*dtype: bfloat16 or float32"):
+        extract_tiny("digits", tmp_path / "cache", splits=["test"], limit=4, weights=weights)
+    assert not sidetune.open_cache(tmp_path / "cache").split("test").complete
+    wide = tmp_path / "fp32.yaml"
+    wide.write_text("dtype: float32\n")
+    extract_tiny("digits", tmp_path / "wide", splits=["test"], limit=4, weights=weights, spec=str(wide))
+    stored = sidetune.open_cache(tmp_path / "wide").split("test")
+    assert np.isfinite(stored.load()).all() and max(stored.record["absmax"]) > 65504
+
+
+def test_pretrained_weights_without_hub_explain_how_to_pass_weights(tmp_path):
+    with pytest.raises(SidetuneError, match="Could not fetch pretrained weights for vit_base_patch16_224.orig_in21k.*--weights FILE"):
+        sidetune.extract("vit_b16", "digits", tmp_path / "cache", splits=["test"], limit=2, workers=0)
+
+
+def test_vtab_task_without_local_folder_or_hub_names_the_data_root_fix(tmp_path):
+    with pytest.raises(SidetuneError, match="Could not load the Hugging Face dataset tanganke/dtd.*--data-root"):
+        extract_tiny("dtd", tmp_path / "cache")
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path, tiny_weights):
+    with pytest.raises(SidetuneError, match="does not fit VisionTransformer: .*wrong shape [1-9]"):
+        extract_tiny("digits", tmp_path / "cache", model="vit_ti16", weights=tiny_weights, limit=2)
+
+
+def test_cli_prints_one_paragraph_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sidetune", "extract", "--model", "nope", "--dataset", "digits",
+         "--out", str(tmp_path / "c"), "--no-pretrained"],
+        capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200",
+                                             "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2
+    assert "Unknown model 'nope'" in result.stderr and "Traceback" not in result.stderr
