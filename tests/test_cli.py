@@ -1,0 +1,46 @@
+"""The command line as a user types it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import sidetune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sidetune_cli(*args, cwd=None):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sidetune", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_extract_then_info_shows_splits_sizes_and_completion(tmp_path):
+    result = sidetune_cli("extract", "--model", "test_vit", "--no-pretrained", "--dataset", "digits",
+                          "--splits", "val200,test", "--limit", "16", "--spec", "cls", "--workers", "0",
+                          "--out", str(tmp_path / "digits"))
+    assert result.returncode == 0, result.stderr
+    info = sidetune_cli("info", str(tmp_path / "digits"))
+    assert info.returncode == 0, info.stderr
+    for text in ("test_vit", "val200", "(16, 7, 1, 64)", "complete", "vtab: 160x160 bicubic"):
+        assert text in info.stderr
+
+
+def test_extract_defaults_to_cache_slash_dataset_in_the_working_directory(tmp_path):
+    result = sidetune_cli("extract", "--model", "test_vit", "--no-pretrained", "--dataset", "digits",
+                          "--splits", "test", "--limit", "4", "--spec", "cls", "--workers", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sidetune.open_cache(tmp_path / "cache" / "digits").split("test").complete
+
+
+def test_info_json_prints_the_manifest(tmp_path):
+    sidetune.extract("test_vit", "digits", tmp_path / "c", splits=["test"], limit=4, spec="cls",
+                     pretrained=False, workers=0)
+    result = sidetune_cli("info", str(tmp_path / "c"), "--json")
+    manifest = json.loads(result.stdout)
+    assert manifest["format_version"] == 1 and manifest["splits"]["test"]["complete"] is True
+
+
+def test_info_on_a_missing_cache_says_how_to_create_one(tmp_path):
+    result = sidetune_cli("info", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "sidetune extract" in result.stderr
