@@ -160,3 +160,43 @@ def test_manifest_records_backbone_preprocessing_and_statistics(class_folder, tm
     assert len(absmax) == 7 and all(value > 0 for value in absmax)
     assert torch.__version__.startswith(manifest["versions"]["torch"])
     assert {"timm", "zarr", "python"} <= set(manifest["versions"])
+
+
+def save_original_vit_npz(model, path) -> None:
+    """Write a timm ViT in the original (google-research/vision_transformer) .npz naming."""
+    p = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    heads = model.blocks[0].attn.num_heads
+    width = model.embed_dim
+    w = {
+        "embedding/kernel": p["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": p["patch_embed.proj.bias"],
+        "cls": p["cls_token"],
+        "Transformer/posembed_input/pos_embedding": p["pos_embed"],
+        "Transformer/encoder_norm/scale": p["norm.weight"],
+        "Transformer/encoder_norm/bias": p["norm.bias"],
+    }
+    for i in range(len(model.blocks)):
+        b, out = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        qkv_w = p[b + "attn.qkv.weight"].reshape(3, width, width)
+        qkv_b = p[b + "attn.qkv.bias"].reshape(3, heads, width // heads)
+        for j, name in enumerate(("query", "key", "value")):
+            w[f"{out}MultiHeadDotProductAttention_1/{name}/kernel"] = qkv_w[j].T.reshape(width, heads, -1)
+            w[f"{out}MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j]
+        w[f"{out}MultiHeadDotProductAttention_1/out/kernel"] = (
+            p[b + "attn.proj.weight"].reshape(width, heads, -1).transpose(1, 2, 0))
+        w[f"{out}MultiHeadDotProductAttention_1/out/bias"] = p[b + "attn.proj.bias"]
+        for norm, name in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            w[f"{out}{name}/scale"], w[f"{out}{name}/bias"] = p[b + norm + ".weight"], p[b + norm + ".bias"]
+        for r in range(2):
+            w[f"{out}MlpBlock_3/Dense_{r}/kernel"] = p[b + f"mlp.fc{r + 1}.weight"].T
+            w[f"{out}MlpBlock_3/Dense_{r}/bias"] = p[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)
+
+
+def test_original_npz_weights_load_to_the_same_backbone(tmp_path):
+    from sidetune.backbones import load_backbone, state_dict_sha256
+
+    save_original_vit_npz(tiny_vit(seed=5), tmp_path / "vit.npz")
+    backbone = load_backbone(TINY_MODEL, weights=tmp_path / "vit.npz")
+    assert backbone.weights_sha256 == state_dict_sha256(tiny_vit(seed=5))
+    assert backbone.weights_source == f"file:{tmp_path / 'vit.npz'}"
