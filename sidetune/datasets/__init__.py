@@ -57,7 +57,11 @@ def _resolve(dataset: str, data_root: str | Path | None) -> ImageSource:
                 f"${DATA_ROOT_ENV}) and it has no hub copy. Download the VTAB-1k release and pass "
                 f"--data-root /path/to/vtab-1k (holding {task.name}/train800.txt ...)."
             )
-        return load_vtab_from_hub(task)
+        source = load_vtab_from_hub(task)
+        if data_root or os.environ.get(DATA_ROOT_ENV):
+            source.notes.insert(0, f"no {task.name}/ folder with VTAB-1k list files under "
+                                   f"{data_root or os.environ[DATA_ROOT_ENV]}; using the hub copy")
+        return source
     raise SidetuneError(
         f"Unknown dataset '{dataset}'. Choose a VTAB-1k task ({', '.join(VTAB_TASKS)}), a bundled "
         f"dataset ({', '.join(BUNDLED)}), a hub id as hf:org/name, or a path to a folder (VTAB-1k "

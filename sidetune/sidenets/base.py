@@ -1,0 +1,135 @@
+"""What every side network shares: stacked parameters with a leading config axis K, seeded
+per-config initialisation, the frozen final norm, pooling and the classifier head.
+
+A side network sees a batch of cached tokens (B, S, T, D) — the stages it declared, in
+increasing order — and returns logits (K, B, C): one set per stacked configuration."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sidetune.errors import SidetuneError
+
+POOLS = ("cls", "mean")
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """What a side network needs to know about the cached features (all from the manifest)."""
+
+    depth: int
+    width: int
+    num_tokens: int
+    num_prefix_tokens: int
+    num_classes: int
+    stages: tuple[int, ...]  # the stages the cache stores
+    token_selection: str
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """One generator per (config seed, parameter name): a parameter's initial value never
+    depends on which other configs or parameters exist."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+
+
+def uniform_fan_in(fan_in: int) -> Callable[[torch.Tensor, torch.Generator], None]:
+    """nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda tensor, generator: tensor.uniform_(-bound, bound, generator=generator)
+
+
+def zeros(tensor: torch.Tensor, generator: torch.Generator) -> None:
+    tensor.zero_()
+
+
+def ones(tensor: torch.Tensor, generator: torch.Generator) -> None:
+    tensor.fill_(1.0)
+
+
+class SideNet(nn.Module):
+    """Base class. Subclasses call `self.stacked(name, shape, init, decay)` to create
+    parameters and implement `stages_needed` and `represent`."""
+
+    name: ClassVar[str]
+    token_selections: ClassVar[tuple[str, ...]] = ("all",)
+
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls"):
+        super().__init__()
+        if pool not in POOLS:
+            raise SidetuneError(f"Unknown pooling '{pool}'. Choose one of: {', '.join(POOLS)}.")
+        self.layout = layout
+        self.num_configs = num_configs
+        self.pool = pool
+        self.initialisers: dict[str, Callable] = {}
+        self.no_decay: set[str] = set()
+        d, c = layout.width, layout.num_classes
+        self.stacked("head.weight", (d, c), uniform_fan_in(d))
+        self.stacked("head.bias", (c,), uniform_fan_in(d), decay=False)
+
+    def stacked(self, name: str, shape: tuple[int, ...], init: Callable, decay: bool = True) -> nn.Parameter:
+        parameter = nn.Parameter(torch.empty(self.num_configs, *shape))
+        self.register_parameter(name.replace(".", "_"), parameter)
+        self.initialisers[name.replace(".", "_")] = init
+        if not decay:
+            self.no_decay.add(name.replace(".", "_"))
+        return parameter
+
+    def reset_parameters(self, seeds: list[int]) -> None:
+        if len(seeds) != self.num_configs:
+            raise ValueError(f"{len(seeds)} seeds for {self.num_configs} configs")
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                for k, seed in enumerate(seeds):
+                    self.initialisers[name](parameter[k], param_generator(seed, name))
+
+    def set_final_norm(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
+        """The backbone's frozen final LayerNorm, read from the cache (identity if absent)."""
+        self.register_buffer("final_norm_weight", weight)
+        self.register_buffer("final_norm_bias", bias)
+        self.final_norm_eps = eps
+
+    # --- to implement -----------------------------------------------------------------
+    def stages_needed(self) -> list[int]:
+        raise NotImplementedError
+
+    def represent(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S, T, D) cached tokens -> (K, B, T, D) representation before the final norm."""
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        y = self.represent(tokens)
+        if self.final_norm_weight is not None:
+            y = F.layer_norm(y, (y.shape[-1],), self.final_norm_weight, self.final_norm_bias, self.final_norm_eps)
+        pooled = self.pool_tokens(y)
+        return torch.einsum("kbd,kdc->kbc", pooled, self.head_weight) + self.head_bias[:, None, :]
+
+    def pool_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """(K, B, T, D) -> (K, B, D)."""
+        if self.layout.token_selection != "all" or y.shape[2] == 1:
+            return y[:, :, 0]
+        if self.pool == "cls":
+            if self.layout.num_prefix_tokens < 1:
+                raise SidetuneError("pool 'cls' needs a CLS token, but the backbone has none; use --pool mean.")
+            return y[:, :, 0]
+        return y[:, :, self.layout.num_prefix_tokens:].mean(dim=2)
+
+    def decay_mask(self, name: str) -> bool:
+        return name not in self.no_decay
+
+    def trainable_parameters_per_config(self) -> int:
+        return sum(p[0].numel() for p in self.parameters())
+
+
+def layer_norm_stacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the last axis with per-config affine parameters (K, D); x is (K, ..., D)."""
+    x = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (weight.shape[1],)
+    return x * weight.view(shape) + bias.view(shape)

@@ -1,0 +1,54 @@
+"""LoSA, Low-rank Side Adaptation (Mercea et al., CVPR 2024), as reconstructed in
+docs/methods.md: h_0 = 0; a = z_l + h_{l-1}; h_l = h_{l-1} + M_l(a), where M_l mixes tokens
+then channels through low-rank residual MLPs; y = z_N + h_N."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sidetune.sidenets.base import FeatureLayout, SideNet, layer_norm_stacked, ones, uniform_fan_in, zeros
+
+
+class LoSA(SideNet):
+    name = "losa"
+
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls",
+                 token_rank: int = 16, channel_rank: int = 16):
+        super().__init__(layout, num_configs, pool)
+        self.token_rank, self.channel_rank = token_rank, channel_rank
+        d, t = layout.width, layout.num_tokens
+        for layer in range(1, layout.depth + 1):
+            prefix = f"mixer{layer}"
+            for norm in ("token_norm", "channel_norm"):
+                self.stacked(f"{prefix}.{norm}_weight", (d,), ones, decay=False)
+                self.stacked(f"{prefix}.{norm}_bias", (d,), zeros, decay=False)
+            self.stacked(f"{prefix}.w_t1", (t, token_rank), uniform_fan_in(t))
+            self.stacked(f"{prefix}.b_t1", (token_rank,), uniform_fan_in(t), decay=False)
+            self.stacked(f"{prefix}.w_t2", (token_rank, t), zeros)
+            self.stacked(f"{prefix}.b_t2", (t,), zeros, decay=False)
+            self.stacked(f"{prefix}.w_c1", (d, channel_rank), uniform_fan_in(d))
+            self.stacked(f"{prefix}.b_c1", (channel_rank,), uniform_fan_in(d), decay=False)
+            self.stacked(f"{prefix}.w_c2", (channel_rank, d), zeros)
+            self.stacked(f"{prefix}.b_c2", (d,), zeros, decay=False)
+
+    def stages_needed(self) -> list[int]:
+        return list(range(1, self.layout.depth + 1))
+
+    def represent(self, tokens: torch.Tensor) -> torch.Tensor:
+        k = self.num_configs
+        h = torch.zeros(k, *tokens[:, 0].shape, dtype=tokens.dtype, device=tokens.device)
+        for layer in range(1, self.layout.depth + 1):
+            a = tokens[:, layer - 1] + h
+            h = h + self._mix(a, f"mixer{layer}") - a
+        return tokens[:, -1] + h
+
+    def _mix(self, a: torch.Tensor, prefix: str) -> torch.Tensor:
+        p = lambda name: getattr(self, f"{prefix}_{name}")
+        x = layer_norm_stacked(a, p("token_norm_weight"), p("token_norm_bias")).transpose(2, 3)  # (K,B,D,T)
+        x = F.gelu(torch.einsum("kbdt,ktr->kbdr", x, p("w_t1")) + p("b_t1")[:, None, None])
+        x = torch.einsum("kbdr,krt->kbdt", x, p("w_t2")) + p("b_t2")[:, None, None]
+        t = a + x.transpose(2, 3)
+        x = layer_norm_stacked(t, p("channel_norm_weight"), p("channel_norm_bias"))
+        x = F.gelu(torch.einsum("kbtd,kdr->kbtr", x, p("w_c1")) + p("b_c1")[:, None, None])
+        return t + torch.einsum("kbtr,krd->kbtd", x, p("w_c2")) + p("b_c2")[:, None, None]

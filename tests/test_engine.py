@@ -1,0 +1,110 @@
+"""Stage two: side networks trained from a digits cache by the stacked engine."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sidetune
+from sidetune.engine import TrainConfig, build_sidenet, load_split, train_group
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory) -> sidetune.Cache:
+    out = tmp_path_factory.mktemp("stage2") / "digits"
+    sidetune.extract("test_vit", "digits", out, splits=["train800", "val200"], pretrained=False, workers=0)
+    return sidetune.open_cache(out)
+
+
+def train(cache, configs, epochs=4):
+    """Train dicts of TrainConfig fields, method options (rank, pool, ...) mixed in."""
+    fields = set(TrainConfig.__dataclass_fields__)
+    built = []
+    for config in configs:
+        options = tuple(sorted((k, v) for k, v in config.items() if k not in fields))
+        given = {k: v for k, v in config.items() if k in fields}
+        built.append(TrainConfig(**{"epochs": epochs, "warmup_epochs": 1, "batch_size": 64, **given, "options": options}))
+    return train_group(cache, built, "train800", "val200")
+
+
+def test_zero_initialised_last_gives_the_linear_probe_logits_at_step_0(digits_cache):
+    tokens, _ = load_split(digits_cache, "val200", list(range(7)), torch.device("cpu"))
+    last = build_sidenet(digits_cache, "last", {"rank": 8}, 1)
+    linear = build_sidenet(digits_cache, "linear", {}, 1)
+    last.reset_parameters([3]), linear.reset_parameters([3])
+    with torch.no_grad():
+        torch.testing.assert_close(last(tokens.float()), linear(tokens[:, [6]].float()), atol=1e-5, rtol=1e-5)
+
+
+def test_losa_starts_at_the_frozen_features(digits_cache):
+    tokens, _ = load_split(digits_cache, "val200", list(range(7)), torch.device("cpu"))
+    losa = build_sidenet(digits_cache, "losa", {}, 2)
+    losa.reset_parameters([0, 1])
+    with torch.no_grad():
+        represented = losa.represent(tokens[:, 1:].float())
+    torch.testing.assert_close(represented, tokens[:, 6].float().expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("method, lr, epochs", [("linear", 3e-1, 30), ("last", 3e-3, 4), ("losa", 3e-3, 4)])
+def test_every_method_learns_digits_well_above_chance(digits_cache, method, lr, epochs):
+    [result] = train(digits_cache, [{"method": method, "lr": lr}], epochs=epochs)
+    assert result.status == "ok"
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert result.top1 > 50.0  # chance is 10%
+
+
+def test_last_parameter_count_follows_the_formula(digits_cache):
+    d, r, classes, modules = 64, 8, 10, 6
+    net = build_sidenet(digits_cache, "last", {"rank": r, "depth": 1}, 1)
+    assert net.trainable_parameters_per_config() == modules * (4 * d * r + 2 * d) + d * classes + classes
+    gap2 = build_sidenet(digits_cache, "last", {"rank": r, "gap": 2, "depth": 2}, 1)
+    assert gap2.trainable_parameters_per_config() == 3 * 2 * (4 * d * r + 2 * d) + d * classes + classes
+
+
+def test_a_config_trained_in_a_stack_matches_it_trained_alone(digits_cache):
+    stacked = train(digits_cache, [{"method": "last", "rank": 8, "lr": lr, "seed": s}
+                                   for lr, s in ((1e-3, 0), (3e-3, 1), (1e-2, 2))], epochs=2)
+    [alone] = train(digits_cache, [{"method": "last", "rank": 8, "lr": 3e-3, "seed": 1}], epochs=2)
+    for name, value in alone.state.items():
+        torch.testing.assert_close(stacked[1].state[name], value, atol=1e-5, rtol=1e-4)
+    assert stacked[1].top1 == alone.top1
+
+
+def test_a_diverging_config_is_frozen_and_the_others_finish_unchanged(digits_cache):
+    healthy = {"method": "linear", "lr": 1e-2, "seed": 0}
+    with_bad = train(digits_cache, [healthy, {"method": "linear", "lr": 1e38, "seed": 1}], epochs=2)
+    [alone] = train(digits_cache, [healthy], epochs=2)
+    assert with_bad[1].status == "failed" and "loss became" in with_bad[1].failure
+    assert with_bad[0].status == "ok" and with_bad[0].top1 == alone.top1
+    torch.testing.assert_close(with_bad[0].state["head_weight"], alone.state["head_weight"])
+
+
+def test_method_needing_stages_the_cache_lacks_names_a_spec(tmp_path):
+    sidetune.extract("test_vit", "digits", tmp_path / "c", splits=["val200"], limit=8, spec="final",
+                     pretrained=False, workers=0)
+    with pytest.raises(sidetune.SidetuneError, match="Method last reads stages .*--spec default"):
+        build_sidenet(sidetune.open_cache(tmp_path / "c"), "last", {}, 1)
+
+
+def test_stage_two_trains_where_timm_cannot_be_imported(digits_cache):
+    script = f"""
+import sys
+sys.modules["timm"] = None  # any `import timm` now raises ImportError
+import sidetune
+from sidetune.engine import TrainConfig, train_group
+cache = sidetune.open_cache({str(digits_cache.path)!r})
+[result] = train_group(cache, [TrainConfig(method="linear", lr=0.3, epochs=3, warmup_epochs=0)], "train800", "val200")
+assert "timm" not in [m for m in sys.modules if sys.modules[m] is not None]
+assert result.status == "ok" and result.epoch_losses[-1] < result.epoch_losses[0], result.epoch_losses
+print("top1", result.top1)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) > 10.0  # chance
