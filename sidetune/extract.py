@@ -22,7 +22,7 @@ from sidetune.backbones import Backbone, Preprocessing, forward_stages, load_bac
 from sidetune.cache.manifest import build_manifest
 from sidetune.cache.spec import CacheSpec, load_spec
 from sidetune.cache.store import FLOAT16_MAX, CacheWriter, SplitWriter
-from sidetune.datasets import ImageSource, ImageSplit, load_source
+from sidetune.datasets import ImageSplit, load_source
 from sidetune.errors import SidetuneError
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -17,6 +17,17 @@ import torch
 from PIL import Image
 
 TINY_MODEL = "test_vit"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def extract_tiny(dataset, out, **options):
+    """`sidetune.extract` with test_vit (seeded random weights unless `weights` is given),
+    in-process image loading; any extract option can be overridden."""
+    import sidetune
+
+    options.setdefault("pretrained", False)
+    options.setdefault("workers", 0)
+    return sidetune.extract(options.pop("model", TINY_MODEL), str(dataset), out, **options)
 
 
 def tiny_vit(seed: int = 1) -> torch.nn.Module:

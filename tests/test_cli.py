@@ -3,11 +3,9 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import sidetune
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def sidetune_cli(*args, cwd=None):

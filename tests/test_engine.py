@@ -1,18 +1,14 @@
 """Stage two: side networks trained from a digits cache by the stacked engine."""
 
-import math
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import sidetune
+from conftest import ROOT
 from sidetune.engine import TrainConfig, build_sidenet, load_split, train_group
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +9,7 @@ import torch
 
 import sidetune
 from sidetune import SidetuneError
-from conftest import TINY_MODEL, tiny_vit
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def extract_tiny(dataset, out, **options):
-    options.setdefault("pretrained", False)
-    options.setdefault("workers", 0)
-    return sidetune.extract(options.pop("model", TINY_MODEL), str(dataset), out, **options)
+from conftest import ROOT, extract_tiny, tiny_vit
 
 
 def test_unknown_model_lists_the_aliases(tmp_path):

@@ -1,18 +1,11 @@
 """Stage one as a user runs it: shapes, labels, class names and the numbers in the cache."""
 
 import numpy as np
-import pytest
 import torch
 
 import sidetune
 from sidetune.backbones import Preprocessing
-from conftest import TINY_MODEL, tiny_vit
-
-
-def extract_tiny(dataset, out, **options):
-    options.setdefault("pretrained", False)
-    options.setdefault("workers", 0)
-    return sidetune.extract(TINY_MODEL, str(dataset), out, **options)
+from conftest import TINY_MODEL, extract_tiny, tiny_vit
 
 
 def preprocess_split(cache, split_name, source_split):

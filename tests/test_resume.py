@@ -13,9 +13,8 @@ import pytest
 import zarr
 
 import sidetune
+from conftest import ROOT
 from sidetune.extract import ProgressSink
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_shard_spec(tmp_path: Path) -> Path:
