@@ -69,6 +69,15 @@ def test_cache_from_other_spec_dataset_or_weights_is_refused(tmp_path, tiny_weig
         extract_tiny("digits", tmp_path / "cache", **options)
 
 
+def test_overwrite_never_deletes_a_folder_that_is_not_a_cache(tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    with pytest.raises(SidetuneError, match="refuses to delete .*thesis.*not a sidetune cache"):
+        extract_tiny("digits", precious, splits=["test"], limit=2, spec="cls", overwrite=True)
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+
+
 def test_fp16_overflow_is_reported_not_stored_as_inf(tmp_path):
     from safetensors.torch import save_file
 

@@ -54,6 +54,18 @@ class SplitWriter:
         self.group["shard_complete"][shard] = 1
 
 
+def _remove_cache(path: Path) -> None:
+    """Delete a sidetune cache folder, and never anything else."""
+    is_cache = (path / "zarr.json").is_file() and MANIFEST_KEY in zarr.open_group(str(path), mode="r").attrs
+    leftovers = {p.name for p in path.iterdir()} <= {".sidetune-write-probe"}
+    if not (is_cache or leftovers):
+        raise SidetuneError(
+            f"--overwrite refuses to delete {path}: it is not a sidetune cache. Point --out at a "
+            "cache folder or a new folder."
+        )
+    shutil.rmtree(path)
+
+
 class CacheWriter:
     """Creates a cache (or reopens a compatible one) and hands out split writers."""
 
@@ -69,7 +81,7 @@ class CacheWriter:
         refused unless `overwrite`, which deletes it first."""
         path = Path(path)
         if overwrite and path.exists():
-            shutil.rmtree(path)
+            _remove_cache(path)
         if (path / "zarr.json").is_file():
             root = zarr.open_group(str(path), mode="r+")
             existing = root.attrs.get(MANIFEST_KEY)
