@@ -45,6 +45,7 @@ def extract(
 ) -> None:
     """Stage one: run the frozen backbone over a dataset once and write its feature cache."""
     import sidetune
+    from sidetune.extract import default_cache_path
 
     with RichProgress() as progress:
         reports = sidetune.extract(
@@ -53,7 +54,7 @@ def extract(
             precision=precision, batch_size=batch_size, workers=workers, limit=limit,
             overwrite=overwrite, progress=progress, log=lambda message: console.print(f"[dim]{message}"),
         )
-    out = out or Path("cache") / Path(dataset.removeprefix("hf:")).name
+    out = out or default_cache_path(dataset)
     incomplete = [r.name for r in reports if not r.complete]
     if incomplete:
         raise SidetuneError(f"Splits {', '.join(incomplete)} of {out} are incomplete; rerun the same command to finish them.")

@@ -70,7 +70,7 @@ def extract(
 
     Returns one report per split. Raises SidetuneError for any problem with the inputs,
     before any compute where it can be known in advance."""
-    out = Path(out) if out is not None else Path("cache") / Path(dataset.removeprefix("hf:")).name
+    out = Path(out) if out is not None else default_cache_path(dataset)
     check_writable(out)
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
     torch_device, autocast_dtype = resolve_compute(device, precision)
@@ -283,6 +283,11 @@ def _precision_name(autocast_dtype: torch.dtype | None) -> str:
 def default_workers(device: torch.device) -> int:
     cpus = os.cpu_count() or 1
     return min(8, cpus) if device.type == "cuda" else max(0, min(4, cpus // 2))
+
+
+def default_cache_path(dataset: str) -> Path:
+    """Where `extract` writes when no --out is given: ./cache/<dataset name>."""
+    return Path("cache") / Path(dataset.removeprefix("hf:")).name
 
 
 def check_writable(out: Path) -> None:

@@ -74,11 +74,12 @@ class SideNet(nn.Module):
         self.stacked("head.bias", (c,), uniform_fan_in(d), decay=False)
 
     def stacked(self, name: str, shape: tuple[int, ...], init: Callable, decay: bool = True) -> nn.Parameter:
+        key = name.replace(".", "_")  # module attribute names cannot contain dots
         parameter = nn.Parameter(torch.empty(self.num_configs, *shape))
-        self.register_parameter(name.replace(".", "_"), parameter)
-        self.initialisers[name.replace(".", "_")] = init
+        self.register_parameter(key, parameter)
+        self.initialisers[key] = init
         if not decay:
-            self.no_decay.add(name.replace(".", "_"))
+            self.no_decay.add(key)
         return parameter
 
     def reset_parameters(self, seeds: list[int]) -> None:
