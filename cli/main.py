@@ -113,6 +113,100 @@ def _human_bytes(count: int) -> str:
 
 
 @app.command()
+def train(
+    cache: Path = typer.Option(..., help="A cache folder written by `sidetune extract`."),
+    method: str = typer.Option("last", help="Side network: last, losa or linear."),
+    rank: Optional[int] = typer.Option(None, min=1, help="LAST: attention rank r (default 16)."),
+    gap: Optional[int] = typer.Option(None, min=1, help="LAST: read every g-th stage (default 1)."),
+    depth: Optional[int] = typer.Option(None, min=1, help="LAST: attention modules per group (default 1)."),
+    heads: Optional[int] = typer.Option(None, min=1, help="LAST: attention heads, dividing the rank (default 1)."),
+    token_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: token-mixing rank (default 16)."),
+    channel_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: channel-mixing rank (default 16)."),
+    pool: Optional[str] = typer.Option(None, help="cls (default) or mean of the patch tokens."),
+    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
+                                               help="Standardise pooled features with training-split statistics (linear: on; others: off)."),
+    epochs: int = typer.Option(100, min=1, help="Training epochs."),
+    lr: Optional[float] = typer.Option(None, min=0, help="Peak learning rate (default: 1e-3; linear 0.1)."),
+    wd: float = typer.Option(1e-4, min=0, help="AdamW weight decay (never on norms and biases)."),
+    warmup_epochs: Optional[int] = typer.Option(None, min=0, help="Linear warmup epochs before the cosine decay. Default: a tenth of --epochs."),
+    batch_size: int = typer.Option(64, min=1, help="Images per step."),
+    label_smoothing: float = typer.Option(0.0, min=0, max=1, help="Label smoothing."),
+    seed: int = typer.Option(0, help="Initialisation seed."),
+    data_seed: int = typer.Option(0, help="Batch-order seed."),
+    train_split: Optional[str] = typer.Option(None, help="Default: train800val200 when the cache has it, else train."),
+    eval_split: Optional[str] = typer.Option(None, help="Default: test."),
+    eval_every: int = typer.Option(0, min=0, help="Also evaluate every N epochs and keep the best state (best.safetensors)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<cache>-<method>-<timestamp>."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard. Default: half the free memory."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run (or one with other settings) at --out."),
+) -> None:
+    """Stage two: train one side network from the cache into a run directory (never loads the backbone)."""
+    from cli.progress import TrainProgress
+    from sidetune.engine import TrainConfig
+    from sidetune.train import train as train_run
+
+    given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "token_rank": token_rank,
+             "channel_rank": channel_rank, "pool": pool, "standardize": standardize}
+    options = {name: value for name, value in given.items() if value is not None}
+    fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
+                  seed=seed, data_seed=data_seed)
+    fields.update({name: value for name, value in (("lr", lr), ("warmup_epochs", warmup_epochs)) if value is not None})
+    config = TrainConfig.create(method, options, **fields)
+    budget = None if memory_budget is None else int(memory_budget * 2**30)
+    with TrainProgress(f"{method}", epochs) as progress:
+        run_dir, result = train_run(
+            cache, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
+            eval_every=eval_every, memory_budget=budget, overwrite=overwrite, on_epoch=progress.epoch_done,
+            log=lambda message: console.print(f"[dim]{message}"),
+        )
+    show_run(run_dir)
+
+
+def show_run(run_dir: Path) -> None:
+    from sidetune.runs import open_run
+
+    run = open_run(run_dir)
+    metrics = run.metrics
+    table = Table("method", "train split", "eval split", "top-1", "best (epoch)", "params", "seconds", title=str(run_dir))
+    best = f"{metrics['best_top1']:.2f} ({metrics['best_epoch']})" if metrics.get("best_top1") is not None else "-"
+    table.add_row(metrics["method"], metrics["train_split"], metrics["eval_split"], f"{metrics['top1']:.2f}",
+                  best, f"{metrics['params']:,}", f"{metrics['seconds']:.1f}")
+    console.print(table)
+    console.print(f"[green]Run saved:[/] {run_dir} (metrics.json, model.safetensors, log.jsonl, curve.png)")
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
+    run: Path = typer.Option(..., help="A run directory written by `sidetune train`."),
+    which: str = typer.Option("last", help="last (final epoch) or best (best on the eval split; needs --eval-every)."),
+    weights: Optional[Path] = typer.Option(None, help="The backbone weights file, if it has moved since extraction (or offline)."),
+    top: int = typer.Option(3, min=1, help="Classes shown per image."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines (path, top classes, logits) instead of a table."),
+) -> None:
+    """Classify new images with a trained run: the cache's backbone and preprocessing, then the side network."""
+    from sidetune.predict import predict as predict_images
+    from sidetune.runs import open_run
+
+    if which not in ("last", "best"):
+        raise SidetuneError(f"--which must be last or best, not '{which}'.")
+    predictions = predict_images(run, images, which=which, weights=weights, device=device, batch_size=batch_size)
+    class_names = open_run(run).class_names
+    if as_json:
+        for prediction in predictions:
+            typer.echo(json.dumps({"path": str(prediction.path), "top": prediction.top(class_names, top),
+                                   "logits": prediction.logits.tolist()}))
+        return
+    table = Table("image", *[f"#{i + 1}" for i in range(min(top, len(class_names)))])
+    for prediction in predictions:
+        table.add_row(str(prediction.path), *[f"{name} ({p:.1%})" for name, p in prediction.top(class_names, top)])
+    console.print(table)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("cache/digits"), help="Where to write the demo cache."),
     model: str = typer.Option("test_vit", help="A small timm ViT, randomly initialised."),
@@ -154,5 +248,5 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {error}")
         raise SystemExit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished shards are kept; rerun the same command to resume.")
+        console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume.")
         raise SystemExit(130)

@@ -47,3 +47,36 @@ class RichProgress(ProgressSink):
 
     def advance(self, images: int) -> None:
         self.progress.advance(self.task, images)
+
+
+class TrainProgress:
+    """A rich bar over epochs: loss, training accuracy, eval accuracy when measured, and
+    throughput in images per second (x configurations)."""
+
+    def __init__(self, description: str, epochs: int):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("train {task.fields[train]}"),
+            TextColumn("eval {task.fields[eval]}"), TextColumn("{task.fields[rate]} img/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        )
+        self.task = self.progress.add_task(description, total=epochs, loss="-", train="-", eval="-", rate="-")
+
+    def __enter__(self) -> "TrainProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def epoch_done(self, stats) -> None:
+        fields = {"loss": _mean(stats.loss, "{:.4f}"), "train": _mean(stats.train_top1, "{:.1f}%"),
+                  "rate": f"{stats.images_per_second:,.0f}"}
+        if stats.eval_top1 is not None:
+            fields["eval"] = _mean(stats.eval_top1, "{:.1f}%")
+        self.progress.update(self.task, completed=stats.epoch, **fields)
+
+
+def _mean(values: list[float], fmt: str) -> str:
+    finite = [v for v in values if v == v]
+    return fmt.format(sum(finite) / len(finite)) if finite else "-"

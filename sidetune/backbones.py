@@ -158,6 +158,32 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
     return Backbone(model, alias, timm_name, source, state_dict_sha256(model))
 
 
+def load_recorded_backbone(record: dict, weights: str | Path | None = None) -> Backbone:
+    """The backbone a cache manifest records (its `backbone` section), loaded the way it was
+    loaded then, and checked against the recorded weight hash. `weights` points at the
+    weights file when it has moved (or supplies hub weights offline)."""
+    source, timm_name = record["weights_source"], record["timm_name"]
+    if weights is not None:
+        backbone = load_backbone(timm_name, weights=weights)
+    elif source.startswith("file:"):
+        path = Path(source[len("file:"):])
+        if not path.is_file():
+            raise SidetuneError(f"The cache was built with the weights file {path}, which is not there any more. "
+                                "Pass its new location with --weights.")
+        backbone = load_backbone(timm_name, weights=path)
+    elif source.startswith("random("):
+        backbone = load_backbone(timm_name, pretrained=False)
+    else:  # timm:<hub id> or local-dir:<folder>
+        backbone = load_backbone(timm_name, pretrained=True)
+    if backbone.weights_sha256 != record["weights_sha256"]:
+        raise SidetuneError(
+            f"The weights loaded for {timm_name} ({backbone.weights_source}, sha256 {backbone.weights_sha256[:12]}) are "
+            f"not the ones the cache was built with ({source}, sha256 {record['weights_sha256'][:12]}). Pass the "
+            "original weights with --weights."
+        )
+    return backbone
+
+
 def _create(timm_name: str, pretrained: bool) -> nn.Module:
     import timm
 

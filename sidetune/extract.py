@@ -147,7 +147,7 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
                     f"Could not read image {errors[0]}. Fix or remove it (and its line in the list "
                     "file, if any), then rerun the same command: finished shards are kept."
                 )
-            stacked = _forward(backbone, spec, stages, images.to(device, non_blocking=True))
+            stacked = stored_tokens(backbone, spec, stages, images.to(device, non_blocking=True))
             absmax = stacked.abs().amax(dim=(0, 2, 3)).float().cpu().numpy()
             _check_range(stacked, absmax, spec, stages, name, split, indices)
             tokens = stacked.to(spec.torch_dtype()).cpu()
@@ -159,8 +159,9 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
     return SplitReport(name, len(split), len(pending), skipped, time.perf_counter() - started, complete)
 
 
-def _forward(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor) -> torch.Tensor:
-    """(B, S, T, D) float32 stored-token tensor for one batch."""
+def stored_tokens(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor) -> torch.Tensor:
+    """(B, S, T, D) float32 tokens of one batch, as the cache stores them before the cast to
+    the spec's dtype. Extraction and `predict` both compute features through here."""
     outputs = [
         spec.select_tokens(x, backbone.num_prefix_tokens).float()
         for x in forward_stages(backbone.model, images, stages)

@@ -76,3 +76,23 @@ def vtab_folder(tmp_path) -> Path:
     for split, split_lines in lines.items():
         (root / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """digits (train800, val200, test) through the random test_vit, every stage and token."""
+    import sidetune
+
+    out = tmp_path_factory.mktemp("stage2") / "digits"
+    extract_tiny("digits", out, splits=["train800", "val200", "test"])
+    return sidetune.open_cache(out)
+
+
+def config(method: str = "linear", epochs: int = 4, **fields):
+    """A TrainConfig for tests: method options and training fields mixed, short warmup."""
+    from sidetune.engine import TrainConfig
+    from sidetune.sidenets import method_options
+
+    options = {k: fields.pop(k) for k in list(fields) if k in method_options(method)}
+    fields.setdefault("warmup_epochs", 1)
+    return TrainConfig.create(method, options, epochs=epochs, **fields)

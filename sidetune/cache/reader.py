@@ -63,7 +63,7 @@ class CachedSplit:
 
     def iter_shards(self, stages: Sequence[int] | None = None) -> Iterator[tuple[slice, np.ndarray]]:
         """(image slice, tokens) per shard, reading only the requested stages."""
-        self._require_complete()
+        self.require_complete()
         positions = self.stage_positions(stages)
         every_stage = positions == list(range(len(self.stages)))
         shard = self.tokens.shards[0] if self.tokens.shards else self.tokens.chunks[0]
@@ -80,7 +80,7 @@ class CachedSplit:
             out[rows] = block
         return out
 
-    def _require_complete(self) -> None:
+    def require_complete(self) -> None:
         if not self.complete:
             raise SidetuneError(
                 f"Split {self.name} is incomplete ({self.shards_done}/{self.record['num_shards']} shards). "

@@ -59,17 +59,23 @@ class SideNet(nn.Module):
 
     name: ClassVar[str]
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
+    default_lr: ClassVar[float] = 1e-3  # METHODS.md's AdamW default for side networks
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls"):
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = False):
         super().__init__()
         if pool not in POOLS:
             raise SidetuneError(f"Unknown pooling '{pool}'. Choose one of: {', '.join(POOLS)}.")
         self.layout = layout
         self.num_configs = num_configs
         self.pool = pool
+        self.standardize = standardize
         self.initialisers: dict[str, Callable] = {}
         self.no_decay: set[str] = set()
         d, c = layout.width, layout.num_classes
+        # Per-feature statistics of the frozen pooled features on the training split, applied
+        # before the classifier when `standardize` is on (identity otherwise).
+        self.register_buffer("feature_mean", torch.zeros(d))
+        self.register_buffer("feature_scale", torch.ones(d))
         self.stacked("head.weight", (d, c), uniform_fan_in(d))
         self.stacked("head.bias", (c,), uniform_fan_in(d), decay=False)
 
@@ -106,11 +112,53 @@ class SideNet(nn.Module):
 
     # --- shared --------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        y = self.represent(tokens)
+        pooled = self.head_features(self.represent(tokens))
+        pooled = (pooled - self.feature_mean) / self.feature_scale
+        return torch.einsum("kbd,kdc->kbc", pooled, self.head_weight) + self.head_bias[:, None, :]
+
+    def head_features(self, y: torch.Tensor) -> torch.Tensor:
+        """(K, B, T, D) representation -> (K, B, D): the frozen final norm, then pooling."""
         if self.final_norm_weight is not None:
             y = F.layer_norm(y, (y.shape[-1],), self.final_norm_weight, self.final_norm_bias, self.final_norm_eps)
-        pooled = self.pool_tokens(y)
-        return torch.einsum("kbd,kdc->kbc", pooled, self.head_weight) + self.head_bias[:, None, :]
+        return self.pool_tokens(y)
+
+    @torch.no_grad()
+    def fit_standardizer(self, last_stage: torch.Tensor, batch_size: int = 256) -> None:
+        """Set the feature statistics from the frozen last-stage tokens (N, T, D) of the
+        training split; a no-op unless `standardize` is on."""
+        if not self.standardize:
+            return
+        total = torch.zeros(self.layout.width, dtype=torch.float64, device=last_stage.device)
+        total_sq = torch.zeros_like(total)
+        for begin in range(0, len(last_stage), batch_size):
+            pooled = self.head_features(last_stage[begin:begin + batch_size].float().unsqueeze(0))[0].double()
+            total += pooled.sum(0)
+            total_sq += (pooled * pooled).sum(0)
+        mean = total / len(last_stage)
+        variance = (total_sq / len(last_stage) - mean * mean).clamp_min(0)
+        self.feature_mean.copy_(mean.float())
+        self.feature_scale.copy_(variance.sqrt().clamp_min(1e-6).float())
+
+    def config_state(self, index: int) -> dict[str, torch.Tensor]:
+        """The trained state of one configuration: its slice of every parameter, plus the
+        frozen final norm and the feature statistics; `load_config_state` restores it."""
+        state = {name: p[index] for name, p in self.named_parameters()}
+        state.update((name, buffer) for name, buffer in self.named_buffers() if buffer is not None)
+        return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
+
+    @torch.no_grad()
+    def load_config_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a `config_state` into every configuration of this network."""
+        expected = {name for name, _ in self.named_parameters()} | {n for n, b in self.named_buffers() if b is not None}
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise SidetuneError(f"Side-network state does not match the {self.name} network built from the run's "
+                                f"config (missing {missing}, unexpected {unexpected}); was the run's model file replaced?")
+        for name, parameter in self.named_parameters():
+            parameter.copy_(state[name].unsqueeze(0).expand_as(parameter))
+        for name, buffer in self.named_buffers():
+            if buffer is not None:
+                buffer.copy_(state[name])
 
     def pool_tokens(self, y: torch.Tensor) -> torch.Tensor:
         """(K, B, T, D) -> (K, B, D)."""

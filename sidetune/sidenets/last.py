@@ -15,8 +15,9 @@ class LAST(SideNet):
     name = "last"
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", rank: int = 16,
-                 gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True):
-        super().__init__(layout, num_configs, pool)
+                 gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True,
+                 standardize: bool = False):
+        super().__init__(layout, num_configs, pool, standardize)
         if layout.depth % gap:
             raise SidetuneError(f"LAST gap {gap} must divide the backbone depth {layout.depth}; choose a divisor.")
         if rank % heads:

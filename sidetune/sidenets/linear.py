@@ -1,15 +1,20 @@
-"""Linear probe: the frozen final norm on the last stage, pool (CLS or mean), a linear layer."""
+"""Linear probe: the frozen final norm on the last stage, pool (CLS or mean), per-feature
+standardisation (statistics of the training split; on by default), a linear layer."""
 
 from __future__ import annotations
 
 import torch
 
-from sidetune.sidenets.base import SideNet
+from sidetune.sidenets.base import FeatureLayout, SideNet
 
 
 class LinearProbe(SideNet):
     name = "linear"
     token_selections = ("all", "cls", "mean")
+    default_lr = 0.1  # standardised features and a convex loss take a large step
+
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = True):
+        super().__init__(layout, num_configs, pool, standardize)
 
     def stages_needed(self) -> list[int]:
         return [self.layout.depth]

@@ -14,8 +14,8 @@ class LoSA(SideNet):
     name = "losa"
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls",
-                 token_rank: int = 16, channel_rank: int = 16):
-        super().__init__(layout, num_configs, pool)
+                 token_rank: int = 16, channel_rank: int = 16, standardize: bool = False):
+        super().__init__(layout, num_configs, pool, standardize)
         self.token_rank, self.channel_rank = token_rank, channel_rank
         d, t = layout.width, layout.num_tokens
         for layer in range(1, layout.depth + 1):

@@ -1,0 +1,162 @@
+"""Bringing a cached split onto the training device: resident when it fits the memory budget,
+streamed shard by shard otherwise.
+
+Both kinds hand out batches already on the device. `ResidentFeatures` loads the split once and
+gathers every batch on the device. `StreamedFeatures` reads windows of whole shards (the most
+that fit the budget), shuffles within a window, and reads the next window on a background
+thread while the current one trains. zarr is read in whole shards only, never per batch."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sidetune.cache.reader import Cache, CachedSplit
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (B, S, T, D) tokens, (B,) labels
+BUDGET_FRACTION = 0.5  # of the device's free memory, for the features of one split
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes a split's features may occupy on `device`: half of what is free now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * BUDGET_FRACTION)
+    return int(_available_host_memory() * BUDGET_FRACTION)
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ResidentFeatures:
+    """A whole split in device memory; batches are gathered on the device."""
+
+    streamed = False
+
+    def __init__(self, split: CachedSplit, stages: Sequence[int], device: torch.device):
+        self.num_images = split.num_images
+        self.tokens = torch.from_numpy(split.load(stages)).to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+
+    def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches in a random order drawn from `shuffle`, or in stored order when None."""
+        if shuffle is None:
+            for begin in range(0, self.num_images, batch_size):
+                yield self.tokens[begin:begin + batch_size], self.labels[begin:begin + batch_size]
+            return
+        order = torch.randperm(self.num_images, generator=shuffle).to(self.tokens.device)
+        for begin in range(0, self.num_images, batch_size):
+            index = order[begin:begin + batch_size]
+            yield self.tokens[index], self.labels[index]
+
+
+class StreamedFeatures:
+    """A split read a window of whole shards at a time, the next window prefetched on a thread.
+
+    With a `shuffle` generator, the shard order is shuffled and images are shuffled within each
+    window; a batch may span two windows (the remainder of one is carried into the next)."""
+
+    streamed = True
+
+    def __init__(self, split: CachedSplit, stages: Sequence[int], device: torch.device, budget_bytes: int):
+        self.split, self.stages, self.device = split, list(stages), device
+        self.num_images = split.num_images
+        self.labels_host = torch.from_numpy(split.labels)
+        self.labels = self.labels_host.to(device)
+        tokens = split.tokens
+        self.shard_size = tokens.shards[0] if tokens.shards else tokens.chunks[0]
+        image_bytes = int(np.prod(tokens.shape[2:])) * len(self.stages) * tokens.dtype.itemsize
+        # Two windows live at once (the one training, the one being read).
+        self.shards_per_window = max(1, budget_bytes // (2 * image_bytes * self.shard_size))
+        self.num_shards = -(-self.num_images // self.shard_size)
+
+    def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
+        shard_order = list(range(self.num_shards))
+        if shuffle is not None:
+            shard_order = torch.randperm(self.num_shards, generator=shuffle).tolist()
+        windows = [shard_order[i:i + self.shards_per_window] for i in range(0, self.num_shards, self.shards_per_window)]
+        carry: Batch | None = None
+        for tokens, labels in self._prefetched(windows):
+            if shuffle is not None:
+                permutation = torch.randperm(len(labels), generator=shuffle).to(self.device)
+                tokens, labels = tokens[permutation], labels[permutation]
+            if carry is not None:
+                tokens, labels = torch.cat([carry[0], tokens]), torch.cat([carry[1], labels])
+                carry = None
+            full = len(labels) - len(labels) % batch_size
+            for begin in range(0, full, batch_size):
+                yield tokens[begin:begin + batch_size], labels[begin:begin + batch_size]
+            if full < len(labels):
+                carry = tokens[full:], labels[full:]
+        if carry is not None:
+            yield carry
+
+    def _read_window(self, shards: list[int]) -> Batch:
+        positions = self.split.stage_positions(self.stages)
+        blocks, labels = [], []
+        for shard in shards:
+            rows = slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
+            block = self.split.tokens[rows]
+            blocks.append(block[:, positions] if positions != list(range(block.shape[1])) else block)
+            labels.append(self.labels_host[rows])
+        tokens = torch.from_numpy(np.concatenate(blocks))
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory()
+        return tokens.to(self.device, non_blocking=True), torch.cat(labels).to(self.device, non_blocking=True)
+
+    def _prefetched(self, windows: list[list[int]]) -> Iterator[Batch]:
+        ready: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def read_all() -> None:
+            try:
+                for window in windows:
+                    if stop.is_set():
+                        return
+                    ready.put(self._read_window(window))
+            except BaseException as error:  # surfaced in the consuming thread
+                ready.put(error)
+            ready.put(None)
+
+        reader = threading.Thread(target=read_all, daemon=True, name="sidetune-prefetch")
+        reader.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # the consumer stopped early: let the reader finish its current window and exit
+            stop.set()
+            while reader.is_alive():
+                try:
+                    ready.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+
+def load_features(cache: Cache, split: str, stages: Sequence[int], device: torch.device,
+                  budget_bytes: int | None = None) -> ResidentFeatures | StreamedFeatures:
+    """The split's features for training or evaluation: resident when the requested stages
+    fit `budget_bytes` (default: half the device's free memory), streamed otherwise."""
+    cached = cache.split(split)
+    budget = default_memory_budget(device) if budget_bytes is None else budget_bytes
+    tokens = cached.tokens
+    needed = cached.num_images * int(np.prod(tokens.shape[2:])) * len(stages) * tokens.dtype.itemsize
+    if needed <= budget:
+        return ResidentFeatures(cached, stages, device)
+    cached.stage_positions(stages)  # refuse missing stages before any thread starts
+    cached.require_complete()
+    return StreamedFeatures(cached, stages, device, budget)

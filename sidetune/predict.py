@@ -1,0 +1,98 @@
+"""Inference after training: images -> the backbone recorded in the run's cache manifest ->
+the trained side network -> class probabilities.
+
+Features are computed exactly as extraction computed them (same preprocessing, precision,
+stages, token selection and storage dtype), so an image that is in the cache gets the logits
+the cached path gives. Unlike stage two, this imports timm: it runs the backbone."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from PIL import Image
+
+from sidetune.errors import SidetuneError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Prediction:
+    path: Path
+    logits: torch.Tensor  # (C,)
+    probabilities: torch.Tensor  # (C,)
+
+    def top(self, class_names: list[str], k: int = 5) -> list[tuple[str, float]]:
+        values, indices = self.probabilities.topk(min(k, len(class_names)))
+        return [(class_names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def image_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders expanded (recursively, sorted) to the images they hold."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise SidetuneError(f"Folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise SidetuneError(f"No such image or folder: {item}.")
+    if not paths:
+        raise SidetuneError("No images given; pass image files or folders.")
+    return paths
+
+
+def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "last",
+            weights: str | Path | None = None, device: str = "auto", batch_size: int = 32) -> list[Prediction]:
+    """Classify images with a finished run: its side network (`which`: 'last' or 'best') on
+    the features of the backbone its cache was built with."""
+    from sidetune.backbones import Preprocessing, load_recorded_backbone
+    from sidetune.cache.spec import spec_from_record
+    from sidetune.engine import TrainConfig, resolve_device, restore_sidenet
+    from sidetune.extract import stored_tokens
+    from sidetune.runs import open_run
+
+    run = open_run(run_dir)
+    paths = image_paths(inputs)
+    manifest = run.cache_manifest
+    torch_device = resolve_device(device)
+    net = restore_sidenet(manifest, TrainConfig.from_record(run.config["config"]), run.state(which)).to(torch_device)
+    backbone = load_recorded_backbone(manifest["backbone"], weights)
+    backbone.model.to(torch_device)
+    transform = Preprocessing.from_record(manifest["preprocessing"]).transform()
+    spec = spec_from_record(manifest["spec"])
+    stages = list(manifest["layout"]["stages"])
+    needed = net.stages_needed()
+    positions = [stages.index(stage) for stage in needed]
+    autocast_dtype = PRECISIONS[manifest["compute"]["precision"]]
+    autocast = torch.autocast(torch_device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    predictions = []
+    with torch.inference_mode():
+        for begin in range(0, len(paths), batch_size):
+            batch_paths = paths[begin:begin + batch_size]
+            images = torch.stack([transform(_read_image(path)) for path in batch_paths]).to(torch_device)
+            with autocast:
+                tokens = stored_tokens(backbone, spec, stages, images)
+            tokens = tokens.to(spec.torch_dtype())[:, positions].float()
+            logits = net(tokens)[0].float().cpu()
+            for path, row in zip(batch_paths, logits):
+                predictions.append(Prediction(path, row, row.softmax(-1)))
+    return predictions
+
+
+def _read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:
+        raise SidetuneError(f"Could not read image {path} ({type(error).__name__}: {error}). "
+                            "Pass image files (or folders of them) that PIL can open.") from error

@@ -1,0 +1,35 @@
+"""Result records as files people read: learning curves (PNG) now; tables and sweep plots
+build on the same helpers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def plot_learning_curve(history: list[dict], path: Path, title: str, eval_split: str = "eval") -> None:
+    """Training loss (left axis) and accuracy (right axis: training, and the eval split where
+    it was measured) per epoch, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=120)
+    loss_axis.plot(epochs, [row["loss"] for row in history], color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("loss", color="tab:blue")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(epochs, [row["train_top1"] for row in history], color="tab:orange", label="training top-1")
+    evaluated = [(row["epoch"], row["eval_top1"]) for row in history if not math.isnan(row.get("eval_top1", math.nan))]
+    if evaluated:
+        accuracy_axis.plot(*zip(*evaluated), "o-", color="tab:green", label=f"{eval_split} top-1")
+    accuracy_axis.set_ylabel("top-1 (%)")
+    accuracy_axis.set_ylim(0, 100)
+    handles = loss_axis.get_legend_handles_labels()[0] + accuracy_axis.get_legend_handles_labels()[0]
+    figure.legend(handles, [h.get_label() for h in handles], loc="lower center", ncols=len(handles), frameon=False)
+    loss_axis.set_title(title)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,137 @@
+"""Run directories: what `sidetune train` leaves behind, and reading it back.
+
+    runs/<name>/
+      config.json        the training config, the splits, and the cache's manifest (no split data)
+      log.jsonl          one line per epoch: loss, training accuracy, eval accuracy when measured
+      metrics.json       written last: the final result (its presence marks a finished run)
+      model.safetensors  the side network's final state (best.safetensors: best on the eval split)
+      curve.png          the learning curve
+      checkpoint.pt      while training: the state to resume from (removed when finished)
+
+A run is self-contained: `open_run` rebuilds the side network without the cache."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sidetune.errors import SidetuneError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.jsonl"
+MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"
+CURVE_FILE = "curve.png"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def default_run_dir(cache_path: str | Path, method: str, now: dt.datetime | None = None) -> Path:
+    """runs/<cache name>-<method>-<YYYYmmdd-HHMMSS>."""
+    stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(str(cache_path).rstrip('/')).name}-{method}-{stamp}"
+
+
+def write_json(path: Path, record: dict | list) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    os.replace(temporary, path)
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def save_checkpoint(path: Path, state) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, never downloaded
+
+
+def prepare_run_dir(out: Path, config_record: dict, overwrite: bool) -> bool:
+    """Create `out` for a run with this config; True when an interrupted run of the same
+    config is there to resume. A finished run, another config's run, or a folder that is not
+    a run is refused (a finished or different run may be replaced with `overwrite`)."""
+    config_path = out / CONFIG_FILE
+    if out.exists() and not config_path.is_file() and any(out.iterdir()):
+        raise SidetuneError(f"{out} exists and is not a sidetune run directory; choose another --out.")
+    if config_path.is_file():
+        if overwrite:
+            shutil.rmtree(out)
+        elif (out / METRICS_FILE).is_file():
+            raise SidetuneError(f"{out} already holds a finished run. Choose another --out, or pass --overwrite to replace it.")
+        elif _comparable(json.loads(config_path.read_text())) != _comparable(config_record):
+            raise SidetuneError(f"{out} holds an unfinished run with other settings. Rerun with its settings to resume "
+                                "it, choose another --out, or pass --overwrite to replace it.")
+        else:
+            return (out / CHECKPOINT_FILE).is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(config_path, config_record)
+    return False
+
+
+def _comparable(record: dict) -> str:
+    return json.dumps({k: v for k, v in record.items() if k not in ("created", "device")}, sort_keys=True, default=_jsonable)
+
+
+@dataclass
+class Run:
+    """A finished run read back from its directory."""
+
+    path: Path
+    config: dict  # config.json
+    metrics: dict  # metrics.json
+
+    @property
+    def cache_manifest(self) -> dict:
+        return self.config["cache_manifest"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.cache_manifest["dataset"]["class_names"])
+
+    def state(self, which: str = "last") -> dict[str, torch.Tensor]:
+        """The side network's state: 'last' (final epoch) or 'best' (best on the eval split)."""
+        path = self.path / (MODEL_FILE if which == "last" else BEST_FILE)
+        if not path.is_file():
+            raise SidetuneError(f"Run {self.path} has no {path.name}"
+                                + (" (the best state is kept when training with --eval-every)." if which == "best" else "."))
+        return load_state(path)
+
+
+def open_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise SidetuneError(f"{path} is not a sidetune run directory (no {CONFIG_FILE}); pass a folder written by `sidetune train`.")
+    if not (path / METRICS_FILE).is_file():
+        raise SidetuneError(f"Run {path} did not finish (no {METRICS_FILE}). Rerun the same `sidetune train` command to resume it.")
+    return Run(path, json.loads((path / CONFIG_FILE).read_text()), json.loads((path / METRICS_FILE).read_text()))

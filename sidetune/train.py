@@ -1,0 +1,136 @@
+"""The `train` recipe: one side-network configuration from a cache into a run directory.
+
+    import sidetune
+    from sidetune.engine import TrainConfig
+    run_dir, result = sidetune.train("cache/dtd", TrainConfig.create("last", {"rank": 16}))
+
+It is the engine with K = 1 plus the files of a run (sidetune/runs.py). Like all of stage
+two it never imports timm or the backbone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from sidetune import runs
+from sidetune.cache.reader import Cache, open_cache
+from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, resolve_device, train_group
+from sidetune.errors import SidetuneError
+from sidetune.results import plot_learning_curve
+
+VTAB_DEFAULT = ("train800val200", "test")
+PLAIN_DEFAULT = ("train", "test")
+
+
+def default_splits(cache: Cache, train_split: str | None = None, eval_split: str | None = None) -> tuple[str, str]:
+    """The VTAB-1k pair (train800val200 -> test) when the cache has train800val200, else
+    train -> test; an explicit split wins. A missing split is refused, listing those present."""
+    present = list(cache.splits)
+    default = VTAB_DEFAULT if VTAB_DEFAULT[0] in present else PLAIN_DEFAULT
+    chosen = (train_split or default[0], eval_split or default[1])
+    for role, split in zip(("training", "evaluation"), chosen):
+        if split not in present:
+            option = "--train-split" if role == "training" else "--eval-split"
+            raise SidetuneError(f"Cache {cache.path} has no {role} split '{split}'; it has {', '.join(present)}. "
+                                f"Pass {option} with one of those (or extract the split with --splits).")
+    return chosen
+
+
+def train(
+    cache: str | Path | Cache,
+    config: TrainConfig,
+    *,
+    out: str | Path | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    device: str = "auto",
+    eval_every: int = 0,
+    memory_budget: int | None = None,
+    overwrite: bool = False,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    checkpoint_seconds: float = 30.0,
+) -> tuple[Path, TrainResult]:
+    """Train one configuration and write its run directory; an interrupted run in `out` with
+    the same settings resumes from its last checkpoint. Returns (run directory, result)."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    train_split, eval_split = default_splits(cache, train_split, eval_split)
+    torch_device = resolve_device(device)
+    out = Path(out) if out is not None else runs.default_run_dir(cache.path, config.method)
+    manifest = {k: v for k, v in cache.manifest.items() if k != "splits"}
+    record = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cache": str(cache.path), "train_split": train_split, "eval_split": eval_split,
+        "eval_every": eval_every, "device": torch_device.type, "config": config.describe(),
+        "cache_manifest": manifest,
+    }
+    resume = None
+    if runs.prepare_run_dir(out, record, overwrite):
+        resume = runs.load_checkpoint(out / runs.CHECKPOINT_FILE)
+        log(f"resuming {out} from epoch {resume.epoch} of {config.epochs}")
+    _rewrite_log(out, resume)
+
+    def epoch_done(stats: EpochStats) -> None:
+        with open(out / runs.LOG_FILE, "a") as handle:
+            handle.write(json.dumps(stats.row(0)) + "\n")
+        if on_epoch is not None:
+            on_epoch(stats)
+
+    last_saved = time.monotonic()
+
+    def checkpoint(state: GroupState) -> None:
+        nonlocal last_saved
+        if time.monotonic() - last_saved >= checkpoint_seconds and state.epoch < config.epochs:
+            runs.save_checkpoint(out / runs.CHECKPOINT_FILE, state)
+            last_saved = time.monotonic()
+
+    [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
+                           memory_budget=memory_budget, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint)
+    if result.status != "ok":
+        raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
+    runs.save_state(out / runs.MODEL_FILE, result.state)
+    if result.best_state is not None:
+        runs.save_state(out / runs.BEST_FILE, result.best_state)
+    title = f"{cache.manifest['dataset']['name']}: {config.method}, {train_split} -> {eval_split}"
+    plot_learning_curve(result.history, out / runs.CURVE_FILE, title, eval_split)
+    runs.write_json(out / runs.METRICS_FILE, metrics_record(cache, config, result, train_split, eval_split, torch_device.type))
+    (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
+    return out, result
+
+
+def metrics_record(cache: Cache, config: TrainConfig, result: TrainResult, train_split: str, eval_split: str,
+                   device: str) -> dict:
+    """metrics.json: the result, and every hyperparameter flat beside it."""
+    class_names = cache.class_names
+    return {
+        "method": config.method,
+        "status": result.status,
+        "top1": result.top1,
+        "eval_split": eval_split,
+        "train_split": train_split,
+        "epochs": config.epochs,
+        "params": result.params,
+        "seconds": round(result.seconds, 3),
+        "seed": config.seed,
+        "hyperparameters": config.hyperparameters(),
+        **config.hyperparameters(),
+        "best_top1": result.best_top1,
+        "best_epoch": result.best_epoch,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "per_class_top1": {name: None if math.isnan(value) else value
+                           for name, value in zip(class_names, result.per_class or [])},
+        "cache": str(cache.path),
+        "dataset": cache.manifest["dataset"]["name"],
+        "backbone": cache.manifest["backbone"]["alias"] or cache.manifest["backbone"]["timm_name"],
+        "device": device,
+    }
+
+
+def _rewrite_log(out: Path, resume: GroupState | None) -> None:
+    """log.jsonl holds exactly the epochs behind the state training continues from."""
+    rows = [stats.row(0) for stats in resume.history] if resume is not None else []
+    (out / runs.LOG_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -1,0 +1,107 @@
+"""`sidetune train`: run directories, split defaults, resume, best state, and no timm."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import sidetune
+from conftest import ROOT, config, extract_tiny
+from sidetune.engine import TrainConfig, restore_sidenet
+from sidetune.runs import open_run
+from sidetune.train import default_splits, train
+
+
+def test_train_command_writes_a_run_where_timm_cannot_be_imported(digits_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    script = (
+        "import sys; sys.modules['timm'] = None\n"  # any `import timm` now raises ImportError
+        "from cli.main import main\n"
+        f"sys.argv = ['sidetune', 'train', '--cache', {str(digits_cache.path)!r}, '--method', 'linear', "
+        f"'--epochs', '3', '--train-split', 'train800', '--eval-split', 'val200', '--out', {str(run_dir)!r}]\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.json", "model.safetensors", "log.jsonl", "curve.png"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("method", "top1", "eval_split", "train_split", "epochs", "params", "seconds", "seed",
+                "lr", "weight_decay", "warmup_epochs", "batch_size", "label_smoothing", "pool", "standardize"):
+        assert key in metrics, key
+    assert metrics["method"] == "linear" and metrics["epochs"] == 3 and metrics["params"] == 64 * 10 + 10
+    assert metrics["top1"] > 30.0  # chance is 10%
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2, 3] and log[-1]["loss"] < log[0]["loss"]
+    assert Image.open(run_dir / "curve.png").size[0] > 100
+    assert f"{metrics['top1']:.2f}" in done.stderr  # the results table
+
+
+def test_splits_default_to_vtab_then_train_test_and_a_missing_one_lists_those_present(tmp_path, vtab_folder, class_folder):
+    extract_tiny(vtab_folder, tmp_path / "vtab")
+    extract_tiny(class_folder, tmp_path / "folders")
+    vtab, folders = sidetune.open_cache(tmp_path / "vtab"), sidetune.open_cache(tmp_path / "folders")
+    assert default_splits(vtab) == ("train800val200", "test")
+    assert default_splits(vtab, "train800", "val200") == ("train800", "val200")
+    assert default_splits(folders) == ("train", "test")
+    with pytest.raises(sidetune.SidetuneError, match="no evaluation split 'val200'; it has train, test"):
+        default_splits(folders, eval_split="val200")
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(digits_cache, tmp_path):
+    settings = config("last", epochs=4, rank=4)
+    _, uninterrupted = train(digits_cache, settings, out=tmp_path / "whole", train_split="train800", eval_split="val200")
+
+    def stop_after_two(stats):
+        if stats.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_cache, settings, out=tmp_path / "cut", train_split="train800", eval_split="val200",
+              on_epoch=stop_after_two, checkpoint_seconds=0)
+    with pytest.raises(sidetune.SidetuneError, match="did not finish"):
+        open_run(tmp_path / "cut")
+    epochs_seen = []
+    _, resumed = train(digits_cache, settings, out=tmp_path / "cut", train_split="train800", eval_split="val200",
+                       on_epoch=lambda stats: epochs_seen.append(stats.epoch))
+    assert epochs_seen == [3, 4]
+    for name, value in uninterrupted.state.items():
+        assert torch.equal(resumed.state[name], value), name
+    assert resumed.top1 == uninterrupted.top1
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4]
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
+def test_a_finished_run_is_refused_unless_overwritten(digits_cache, tmp_path):
+    settings = config("linear", epochs=1)
+    train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200")
+    with pytest.raises(sidetune.SidetuneError, match="already holds a finished run.*--overwrite"):
+        train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200")
+    train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200", overwrite=True)
+
+
+def test_the_best_state_is_the_best_evaluated_epoch(digits_cache, tmp_path):
+    run_dir, result = train(digits_cache, config("linear", epochs=6, lr=1.0), out=tmp_path / "run",
+                            train_split="train800", eval_split="val200", eval_every=2)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    evaluated = {row["epoch"]: row["eval_top1"] for row in log if "eval_top1" in row}
+    assert sorted(evaluated) == [2, 4, 6]
+    run = open_run(run_dir)
+    assert run.metrics["best_top1"] == max(evaluated.values())
+    assert evaluated[run.metrics["best_epoch"]] == run.metrics["best_top1"]
+    net = restore_sidenet(run.cache_manifest, TrainConfig.from_record(run.config["config"]), run.state("best"))
+    cached = digits_cache.split("val200")
+    with torch.no_grad():
+        predictions = net(torch.from_numpy(cached.load([6])).float())[0].argmax(-1)
+    top1 = float((predictions == torch.from_numpy(cached.labels)).float().mean() * 100)
+    assert top1 == pytest.approx(run.metrics["best_top1"])
+
+
+def test_an_option_the_method_lacks_is_refused_with_its_options():
+    with pytest.raises(sidetune.SidetuneError, match="linear has no option rank; its options are pool"):
+        TrainConfig.create("linear", {"rank": 8})
