@@ -210,11 +210,17 @@ def predict(
 def demo(
     out: Path = typer.Option(Path("cache/digits"), help="Where to write the demo cache."),
     model: str = typer.Option("test_vit", help="A small timm ViT, randomly initialised."),
+    run: Path = typer.Option(Path("runs/digits-demo"), help="Where to write the demo run."),
 ) -> None:
-    """Offline end-to-end run: scikit-learn's digits through a small random timm ViT into a cache."""
+    """Offline end to end: scikit-learn's digits through a small random timm ViT into a cache,
+    then a LAST side network trained from it (train800val200 -> test)."""
     extract(model=model, dataset="digits", out=out, spec="default", splits=None, data_root=None,
             weights=None, pretrained=False, preprocess="vtab", device="auto", precision="auto",
             batch_size=64, workers=None, limit=None, overwrite=False)
+    train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
+          pool=None, standardize=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
+          label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
+          device="auto", memory_budget=None, overwrite=True)
 
 
 @app.command()

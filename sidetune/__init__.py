@@ -4,14 +4,20 @@ from the cache.
     import sidetune
     sidetune.extract("vit_b16", "dtd")            # stage one: writes ./cache/dtd
     cache = sidetune.open_cache("cache/dtd")      # the manifest, splits and arrays
+    run_dir, result = sidetune.train("cache/dtd", sidetune.TrainConfig.create("last", {"rank": 16}))
+    sidetune.predict(run_dir, ["photo.jpg"])      # the backbone again, then the side network
 
 Importing sidetune never imports timm: stage two runs where timm is not installed.
 """
 
 from sidetune.cache import Cache, CachedSplit, CacheSpec, load_spec, open_cache
 from sidetune.errors import SidetuneError
+from sidetune.engine import TrainConfig, TrainResult
 from sidetune.extract import extract
+from sidetune.predict import predict
+from sidetune.train import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Cache", "CachedSplit", "CacheSpec", "SidetuneError", "extract", "load_spec", "open_cache"]
+__all__ = ["Cache", "CachedSplit", "CacheSpec", "SidetuneError", "TrainConfig", "TrainResult", "extract",
+           "load_spec", "open_cache", "predict", "train"]
