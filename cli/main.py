@@ -207,6 +207,82 @@ def predict(
 
 
 @app.command()
+def sweep(
+    cache: Path = typer.Option(..., help="A cache folder written by `sidetune extract`."),
+    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa or linear."),
+    grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
+    lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
+    wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),
+    rank: Optional[str] = typer.Option(None, help="LAST ranks, comma-separated."),
+    gap: Optional[str] = typer.Option(None, help="LAST gaps, comma-separated."),
+    depth: Optional[str] = typer.Option(None, help="LAST depths, comma-separated."),
+    heads: Optional[str] = typer.Option(None, help="LAST head counts, comma-separated."),
+    token_rank: Optional[str] = typer.Option(None, help="LoSA token ranks, comma-separated."),
+    channel_rank: Optional[str] = typer.Option(None, help="LoSA channel ranks, comma-separated."),
+    pool: Optional[str] = typer.Option(None, help="Poolings (cls, mean), comma-separated."),
+    seed: Optional[str] = typer.Option(None, help="Initialisation seeds, comma-separated."),
+    label_smoothing: Optional[str] = typer.Option(None, help="Label smoothings, comma-separated."),
+    epochs: Optional[str] = typer.Option(None, help="Epochs (default 100), comma-separated."),
+    warmup_epochs: Optional[str] = typer.Option(None, help="Warmup epochs (default: a tenth of the epochs)."),
+    batch_size: Optional[str] = typer.Option(None, help="Batch sizes (default 64), comma-separated."),
+    protocol: str = typer.Option("auto", help="vtab (select on train800 -> val200, retrain on train800val200, report test), none, or auto (vtab when the cache has those splits)."),
+    top_k: int = typer.Option(1, min=1, help="VTAB protocol: how many selected configurations to retrain."),
+    train_split: Optional[str] = typer.Option(None, help="Protocol none: training split."),
+    eval_split: Optional[str] = typer.Option(None, help="Protocol none: evaluation split."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory. Default: runs/<cache>-sweep-<timestamp>."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    max_stack: int = typer.Option(64, min=1, help="Most configurations trained stacked in one group."),
+    memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard."),
+) -> None:
+    """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
+    from cli.progress import TrainProgress
+    from sidetune.sweep import expand_grid, load_grid, sweep as run_sweep, train_command
+
+    file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
+    method = method or file_method or "last"
+    listed = {"lr": lr, "weight_decay": wd, "rank": rank, "gap": gap, "depth": depth, "heads": heads,
+              "token_rank": token_rank, "channel_rank": channel_rank, "pool": pool, "seed": seed,
+              "label_smoothing": label_smoothing, "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
+    for name, text in listed.items():
+        if text is not None:
+            values[name] = [_number(part) for part in _split_list(text)]
+            fixed.pop(name, None)
+    configs = expand_grid(method, values, fixed)
+    budget = None if memory_budget is None else int(memory_budget * 2**30)
+    console.print(f"[bold]{len(configs)}[/] configurations of {method}")
+    with TrainProgress() as progress:
+        report = run_sweep(cache, configs, out=out, protocol=protocol, top_k=top_k, train_split=train_split,
+                           eval_split=eval_split, device=device, max_stack=max_stack, memory_budget=budget,
+                           on_stack=progress.stack_started, on_epoch=progress.epoch_done)
+    varying = [k for k in report.rows[0].record() if k not in ("config_id", "phase", "status", "top1", "seconds", "failure",
+                                                               "train_split", "eval_split", "params")
+               and len({str(r.record()[k]) for r in report.rows}) > 1]
+    table = Table("#", "phase", *varying, "split", "top-1", "status", "seconds",
+                  title=f"{report.out} ({report.protocol} protocol)")
+    for row in sorted(report.rows, key=lambda r: (r.phase != "final", -(r.top1 if r.top1 is not None else -1))):
+        record = row.record()
+        table.add_row(str(row.config_id), row.phase, *[str(record[k]) for k in varying], row.eval_split,
+                      "-" if row.top1 is None else f"{row.top1:.2f}",
+                      row.status if row.status == "ok" else f"[red]{row.status}", f"{row.seconds:.1f}")
+    console.print(table)
+    console.print(f"[green]Best:[/] config {report.best.config_id}, {report.best.eval_split} top-1 {report.best.top1:.2f}")
+    console.print(f"Train it alone with:\n  {train_command(cache, report.best.config)}")
+    console.print(f"Results: {report.out}/results.jsonl, results.csv, sweep.png")
+
+
+def _number(text: str):
+    """'3e-4' -> 0.0003, '16' -> 16, 'cls' -> 'cls', 'true' -> True."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("cache/digits"), help="Where to write the demo cache."),
     model: str = typer.Option("test_vit", help="A small timm ViT, randomly initialised."),

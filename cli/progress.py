@@ -51,16 +51,19 @@ class RichProgress(ProgressSink):
 
 class TrainProgress:
     """A rich bar over epochs: loss, training accuracy, eval accuracy when measured, and
-    throughput in images per second (x configurations)."""
+    throughput in images per second (x configurations); the mean over stacked configurations.
+    A sweep adds one bar per stack (`stack_started`)."""
 
-    def __init__(self, description: str, epochs: int):
+    def __init__(self, description: str | None = None, epochs: int | None = None):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("train {task.fields[train]}"),
             TextColumn("eval {task.fields[eval]}"), TextColumn("{task.fields[rate]} img/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console,
         )
-        self.task = self.progress.add_task(description, total=epochs, loss="-", train="-", eval="-", rate="-")
+        self.task = None
+        if description is not None:
+            self.add(description, epochs)
 
     def __enter__(self) -> "TrainProgress":
         self.progress.start()
@@ -68,6 +71,12 @@ class TrainProgress:
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
+
+    def add(self, description: str, epochs: int) -> None:
+        self.task = self.progress.add_task(description, total=epochs, loss="-", train="-", eval="-", rate="-")
+
+    def stack_started(self, number: int, total: int, configs: list) -> None:
+        self.add(f"{configs[0].method} stack {number + 1}/{total} ({len(configs)} configs)", configs[0].epochs)
 
     def epoch_done(self, stats) -> None:
         fields = {"loss": _mean(stats.loss, "{:.4f}"), "train": _mean(stats.train_top1, "{:.1f}%"),

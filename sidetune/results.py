@@ -33,3 +33,37 @@ def plot_learning_curve(history: list[dict], path: Path, title: str, eval_split:
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_sweep(records: list[dict], path: Path, title: str) -> None:
+    """Score against the learning rate (or the first other setting that varies), one line per
+    combination of the remaining varying settings (e.g. one per rank), written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    ignored = {"config_id", "phase", "status", "top1", "seconds", "params", "failure", "train_split", "eval_split"}
+    varying = [key for key in records[0] if key not in ignored and len({str(r.get(key)) for r in records}) > 1]
+    x_key = "lr" if "lr" in varying else (varying[0] if varying else "config_id")
+    line_keys = [key for key in varying if key != x_key]
+    lines: dict[tuple, list[tuple[float, float]]] = {}
+    for record in records:
+        if record["status"] == "ok":
+            lines.setdefault(tuple(record[k] for k in line_keys), []).append((record[x_key], record["top1"]))
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, points in lines.items():
+        points.sort(key=lambda point: point[0])
+        label = ", ".join(f"{name}={value}" for name, value in zip(line_keys, key)) or None
+        axis.plot(*zip(*points), "o-", label=label)
+    numeric = all(isinstance(r[x_key], (int, float)) and not isinstance(r[x_key], bool) for r in records)
+    if numeric and x_key in ("lr", "weight_decay") and min(r[x_key] for r in records) > 0:
+        axis.set_xscale("log")
+    axis.set_xlabel(x_key)
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title(title)
+    if any(key for key in lines if key):
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

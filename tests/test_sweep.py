@@ -1,0 +1,89 @@
+"""`sidetune sweep`: grids, stacking, the VTAB-1k protocol, isolation, results files."""
+
+import csv
+import json
+import shlex
+
+import pytest
+from typer.testing import CliRunner
+
+import sidetune
+from cli.main import app
+from conftest import extract_tiny
+from sidetune.sweep import expand_grid, plan_stacks, sweep
+
+
+@pytest.fixture(scope="module")
+def small_vtab_cache(tmp_path_factory):
+    """digits with all four VTAB-1k splits, 64 images each."""
+    out = tmp_path_factory.mktemp("sweep") / "digits"
+    extract_tiny("digits", out, limit=64)
+    return sidetune.open_cache(out)
+
+
+def test_a_grid_expands_to_every_combination_with_options_resolved():
+    configs = expand_grid("last", {"lr": [1e-3, 3e-3], "rank": [4, 8]}, {"epochs": 3})
+    assert [(c.lr, dict(c.options)["rank"]) for c in configs] == [(1e-3, 4), (1e-3, 8), (3e-3, 4), (3e-3, 8)]
+    assert all(c.epochs == 3 and dict(c.options)["gap"] == 1 for c in configs)
+    with pytest.raises(sidetune.SidetuneError, match="Unknown sweep setting token_rank for method last"):
+        expand_grid("last", {"token_rank": [4]})
+
+
+def test_same_shape_configs_stack_and_stacks_respect_the_maximum():
+    configs = expand_grid("last", {"lr": [1e-3, 3e-3, 1e-2], "rank": [4, 8]})
+    assert plan_stacks(configs, max_stack=2) == [[0, 2], [4], [1, 3], [5]]
+    assert plan_stacks(configs, max_stack=64) == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_vtab_protocol_selects_on_val200_and_reports_the_retrained_best_on_test(small_vtab_cache, tmp_path):
+    configs = expand_grid("linear", {"lr": [1e-3, 0.3], "seed": [0, 1]}, {"epochs": 3})
+    report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", top_k=2)
+    assert report.protocol == "vtab"
+    selected = [row for row in report.rows if row.phase == "select"]
+    assert len(selected) == 4 and {(r.train_split, r.eval_split) for r in selected} == {("train800", "val200")}
+    ranked = sorted(selected, key=lambda r: -r.top1)
+    final = [row for row in report.rows if row.phase == "final"]
+    assert [r.config_id for r in final] == [r.config_id for r in ranked[:2]]
+    assert {(r.train_split, r.eval_split) for r in final} == {("train800val200", "test")}
+    assert report.best.phase == "final" and report.best.top1 == max(r.top1 for r in final)
+    with open(tmp_path / "sweep" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {"config_id", "phase", "lr", "seed", "pool", "top1", "seconds", "status"} <= set(rows[0])
+    assert len((tmp_path / "sweep" / "results.jsonl").read_text().splitlines()) == 6
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
+
+
+def test_the_best_configs_train_command_reproduces_its_reported_result(small_vtab_cache, tmp_path):
+    configs = expand_grid("last", {"lr": [1e-3, 1e-2]}, {"epochs": 2, "rank": 4})
+    report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep")
+    command = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["train_command"]
+    arguments = shlex.split(command)[1:] + ["--out", str(tmp_path / "alone")]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    assert (metrics["train_split"], metrics["eval_split"]) == ("train800val200", "test")
+    assert metrics["top1"] == report.best.top1
+
+
+def test_a_diverging_config_fails_alone_and_the_others_match_a_sweep_without_it(small_vtab_cache, tmp_path):
+    healthy = expand_grid("linear", {"lr": [0.01, 0.1]}, {"epochs": 2})
+    diverging = expand_grid("linear", {"lr": [1e38]}, {"epochs": 2})
+    with_bad = sweep(small_vtab_cache, healthy + diverging, out=tmp_path / "a", protocol="none",
+                     train_split="train800", eval_split="val200")
+    without = sweep(small_vtab_cache, healthy, out=tmp_path / "b", protocol="none",
+                    train_split="train800", eval_split="val200")
+    assert [r.status for r in with_bad.rows] == ["ok", "ok", "failed"]
+    assert [r.top1 for r in with_bad.rows[:2]] == [r.top1 for r in without.rows]
+    assert "loss became" in with_bad.rows[2].failure
+
+
+def test_sweep_command_reads_a_yaml_grid_and_prints_the_ranked_table(small_vtab_cache, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("method: linear\nepochs: 2\ngrid:\n  lr: [0.01, 0.1]\n  weight_decay: [0.0001, 0.01]\n")
+    result = CliRunner().invoke(app, ["sweep", "--cache", str(small_vtab_cache.path), "--grid", str(grid),
+                                      "--protocol", "none", "--train-split", "train800", "--eval-split", "val200",
+                                      "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["lr"], r["weight_decay"]) for r in records) == [(0.01, 0.0001), (0.01, 0.01), (0.1, 0.0001), (0.1, 0.01)]
+    assert "sidetune train --cache" in result.output
