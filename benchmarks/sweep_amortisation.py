@@ -1,0 +1,53 @@
+"""Sweep amortisation on CPU: wall time of K stacked configurations vs one, in one process.
+
+    python benchmarks/sweep_amortisation.py [--cache DIR] [--out benchmarks/results/sweep_amortisation.json]
+
+Without --cache, builds the digits cache with the random test_vit (the same as `sidetune demo`).
+Reports, per method and K, the seconds for 2 epochs on train800 and the ratio to K = 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import sidetune
+from sidetune.engine import train_group
+from sidetune.sweep import expand_grid
+
+CASES = [("linear", {}), ("last", {"rank": 8}), ("losa", {"token_rank": 8, "channel_rank": 8})]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path("cache/digits"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_amortisation.json"))
+    parser.add_argument("--stacks", default="1,4,16")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    if not (args.cache / "zarr.json").exists():
+        sidetune.extract("test_vit", "digits", args.cache, pretrained=False)
+    cache = sidetune.open_cache(args.cache)
+    rows = []
+    for method, options in CASES:
+        baseline = None
+        for k in map(int, args.stacks.split(",")):
+            configs = expand_grid(method, {"seed": list(range(k))}, {"epochs": args.epochs, "warmup_epochs": 0, **options})
+            started = time.perf_counter()
+            train_group(cache, configs, "train800", "val200")
+            seconds = time.perf_counter() - started
+            baseline = baseline or seconds
+            rows.append({"method": method, "configs": k, "seconds": round(seconds, 3), "ratio_to_one": round(seconds / baseline, 2)})
+            print(rows[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "sweep_amortisation", "device": "cpu", "threads": torch.get_num_threads(),
+                                    "machine": platform.processor() or platform.machine(), "epochs": args.epochs,
+                                    "cache": str(args.cache), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
