@@ -49,6 +49,14 @@ def test_last_parameter_count_follows_the_formula(digits_cache):
     assert gap2.trainable_parameters_per_config() == 3 * 2 * (4 * d * r + 2 * d) + d * classes + classes
 
 
+def test_losa_and_linear_parameter_counts_follow_the_formulas(digits_cache):
+    d, t, classes, layers, rt, rc = 64, 101, 10, 6, 4, 8
+    losa = build_sidenet(digits_cache, "losa", {"token_rank": rt, "channel_rank": rc}, 1)
+    per_layer = 4 * d + 2 * t * rt + rt + t + 2 * d * rc + rc + d
+    assert losa.trainable_parameters_per_config() == layers * per_layer + d * classes + classes
+    assert build_sidenet(digits_cache, "linear", {}, 1).trainable_parameters_per_config() == d * classes + classes
+
+
 def test_a_config_trained_in_a_stack_matches_it_trained_alone(digits_cache):
     stacked = train(digits_cache, [{"method": "last", "rank": 8, "lr": lr, "seed": s}
                                    for lr, s in ((1e-3, 0), (3e-3, 1), (1e-2, 2))], epochs=2)
