@@ -236,6 +236,7 @@ def sweep(
 ) -> None:
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
+    from sidetune.results import varying_settings
     from sidetune.sweep import expand_grid, load_grid, sweep as run_sweep, train_command
 
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
@@ -254,9 +255,8 @@ def sweep(
         report = run_sweep(cache, configs, out=out, protocol=protocol, top_k=top_k, train_split=train_split,
                            eval_split=eval_split, device=device, max_stack=max_stack, memory_budget=budget,
                            on_stack=progress.stack_started, on_epoch=progress.epoch_done)
-    varying = [k for k in report.rows[0].record() if k not in ("config_id", "phase", "status", "top1", "seconds", "failure",
-                                                               "train_split", "eval_split", "params")
-               and len({str(r.record()[k]) for r in report.rows}) > 1]
+    records = [row.record() for row in report.rows]
+    varying = varying_settings(records)
     table = Table("#", "phase", *varying, "split", "top-1", "status", "seconds",
                   title=f"{report.out} ({report.protocol} protocol)")
     for row in sorted(report.rows, key=lambda r: (r.phase != "final", -(r.top1 if r.top1 is not None else -1))):

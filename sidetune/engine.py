@@ -19,6 +19,7 @@ import torch
 
 from sidetune.cache.loader import ResidentFeatures, StreamedFeatures, load_features
 from sidetune.cache.reader import Cache
+from sidetune.compute import autocast
 from sidetune.errors import SidetuneError
 from sidetune.sidenets import SIDENETS, FeatureLayout, SideNet, create_sidenet, resolve_options
 
@@ -48,11 +49,12 @@ class TrainConfig:
         refused), the method's default learning rate unless `lr` is given, and a tenth of the
         epochs as warmup unless `warmup_epochs` is given."""
         options = resolve_options(method, options or {})  # refuses an unknown method first
+        epochs = fields.setdefault("epochs", cls.epochs)
         fields.setdefault("lr", SIDENETS[method].default_lr)
-        fields.setdefault("warmup_epochs", fields.get("epochs", cls.epochs) // 10)
-        if fields["warmup_epochs"] > fields.get("epochs", cls.epochs):
+        fields.setdefault("warmup_epochs", epochs // 10)
+        if fields["warmup_epochs"] > epochs:
             raise SidetuneError(f"Warmup ({fields['warmup_epochs']} epochs) is longer than training "
-                                f"({fields.get('epochs', cls.epochs)} epochs); lower --warmup-epochs.")
+                                f"({epochs} epochs); lower --warmup-epochs.")
         return cls(method=method, options=options, **fields)
 
     def group_key(self) -> tuple:
@@ -146,15 +148,6 @@ def restore_sidenet(manifest: dict, config: TrainConfig, state: dict[str, torch.
     return net.eval()
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto`: CUDA when present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SidetuneError(f"Device {device} was requested but CUDA is not available here; use --device cpu (or auto).")
-    return torch.device(device)
-
-
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -221,7 +214,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     train_data = load_features(cache, train_split, stages, device, memory_budget)
     eval_data = None
     if net.standardize:
-        _fit_standardizer(net, train_data, first.batch_size)
+        net.fit_standardizer(tokens[:, -1] for tokens, _ in train_data.batches(256))
 
     k = len(configs)
     lr = torch.tensor([c.lr for c in configs], device=device)
@@ -237,7 +230,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     steps_per_epoch = math.ceil(num_images / first.batch_size)
     total_steps = steps_per_epoch * first.epochs
     warmup_steps = steps_per_epoch * first.warmup_epochs
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    mixed_precision = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
     for epoch in range(state.epoch, first.epochs):
         epoch_started = time.perf_counter()
         step = epoch * steps_per_epoch
@@ -246,7 +239,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         shuffle = torch.Generator().manual_seed(first.data_seed * 100_003 + epoch)
         net.train()
         for tokens, labels in train_data.batches(first.batch_size, shuffle):
-            with autocast:
+            with mixed_precision:
                 logits = net(tokens.float())
             losses = cross_entropy_per_config(logits.float(), labels, smoothing)
             finite = torch.isfinite(losses)
@@ -264,7 +257,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         eval_top1 = None
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == first.epochs):
             eval_data = eval_data or load_features(cache, eval_split, stages, device, memory_budget)
-            predictions, eval_labels = predict(net, eval_data, first.batch_size)
+            predictions, eval_labels = predicted_classes(net, eval_data, first.batch_size)
             eval_top1 = [math.nan if j in state.failures else float((predictions[j] == eval_labels).float().mean() * 100)
                          for j in range(k)]
             for j, top1 in enumerate(eval_top1):
@@ -284,7 +277,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
 
     if eval_data is None:
         eval_data = load_features(cache, eval_split, stages, device, memory_budget)
-    predictions, eval_labels = predict(net, eval_data, first.batch_size)
+    predictions, eval_labels = predicted_classes(net, eval_data, first.batch_size)
     seconds = time.perf_counter() - started
     params = net.trainable_parameters_per_config()
     results = []
@@ -300,14 +293,6 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         top1, per_class = accuracy(predictions[j], eval_labels, len(cache.class_names))
         results.append(TrainResult(config, "ok", top1, per_class, **common))
     return results
-
-
-def _fit_standardizer(net: SideNet, data: ResidentFeatures | StreamedFeatures, batch_size: int) -> None:
-    """Feature statistics from the frozen last stage of the training split, read once."""
-    if isinstance(data, ResidentFeatures):
-        net.fit_standardizer(data.tokens[:, -1])
-    else:
-        net.fit_standardizer(torch.cat([tokens[:, -1] for tokens, _ in data.batches(batch_size)]))
 
 
 def _restore(net: SideNet, fresh: GroupState, saved: GroupState, device: torch.device) -> GroupState:
@@ -353,7 +338,7 @@ def _adamw_step(net: SideNet, moments: dict, lr: torch.Tensor, weight_decay: tor
 
 
 @torch.no_grad()
-def predict(net: SideNet, data: ResidentFeatures | StreamedFeatures, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predicted_classes(net: SideNet, data: ResidentFeatures | StreamedFeatures, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, N) predicted classes for a split in stored order, and its (N,) labels, on the CPU."""
     net.eval()
     predictions = [net(tokens.float()).argmax(-1).cpu() for tokens, _ in data.batches(batch_size)]

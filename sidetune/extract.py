@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,11 +21,10 @@ from sidetune.backbones import Backbone, Preprocessing, forward_stages, load_bac
 from sidetune.cache.manifest import build_manifest
 from sidetune.cache.spec import CacheSpec, load_spec
 from sidetune.cache.store import FLOAT16_MAX, CacheWriter, SplitWriter
+from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import ImageSplit, load_source
 from sidetune.errors import SidetuneError
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -87,7 +85,7 @@ def extract(
         spec=cache_spec.describe(),
         stages=stages,
         num_tokens=token_shape[1],
-        compute={"precision": _precision_name(autocast_dtype), "device": torch_device.type},
+        compute={"precision": precision_name(autocast_dtype), "device": torch_device.type},
     )
     writer = CacheWriter.open(out, manifest, overwrite=overwrite)
     norm = backbone.final_norm()
@@ -138,8 +136,7 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode(), autocast:
+    with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode(), autocast(device, autocast_dtype):
         assembler = _ShardAssembler(split_writer, pending)
         for images, indices, errors in loader:
             if errors:
@@ -260,25 +257,6 @@ def _collate(items):
 def _batch_bounds(start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:
     for begin in range(start, stop, batch_size):
         yield begin, min(begin + batch_size, stop)
-
-
-def resolve_compute(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
-    """`auto` device: CUDA when present. `auto` precision: bf16 autocast on CUDA, fp32 on CPU."""
-    if device not in DEVICES:
-        raise SidetuneError(f"Unknown device '{device}'. Choose one of: {', '.join(DEVICES)}.")
-    if precision not in PRECISIONS:
-        raise SidetuneError(f"Unknown precision '{precision}'. Choose one of: {', '.join(PRECISIONS)}.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SidetuneError("--device cuda was requested but no CUDA GPU is available. Use --device cpu or auto.")
-    resolved = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    if precision == "auto":
-        precision = "bf16" if resolved.type == "cuda" else "fp32"
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return resolved, autocast_dtype
-
-
-def _precision_name(autocast_dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
 
 
 def default_workers(device: torch.device) -> int:

@@ -7,7 +7,6 @@ the cached path gives. Unlike stage two, this imports timm: it runs the backbone
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -18,7 +17,6 @@ from PIL import Image
 from sidetune.errors import SidetuneError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -56,7 +54,8 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     the features of the backbone its cache was built with."""
     from sidetune.backbones import Preprocessing, load_recorded_backbone
     from sidetune.cache.spec import spec_from_record
-    from sidetune.engine import TrainConfig, resolve_device, restore_sidenet
+    from sidetune.compute import AUTOCAST_DTYPES, autocast, resolve_device
+    from sidetune.engine import TrainConfig, restore_sidenet
     from sidetune.extract import stored_tokens
     from sidetune.runs import open_run
 
@@ -72,15 +71,14 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     stages = list(manifest["layout"]["stages"])
     needed = net.stages_needed()
     positions = [stages.index(stage) for stage in needed]
-    autocast_dtype = PRECISIONS[manifest["compute"]["precision"]]
-    autocast = torch.autocast(torch_device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    mixed_precision = autocast(torch_device, AUTOCAST_DTYPES[manifest["compute"]["precision"]])
 
     predictions = []
     with torch.inference_mode():
         for begin in range(0, len(paths), batch_size):
             batch_paths = paths[begin:begin + batch_size]
             images = torch.stack([transform(_read_image(path)) for path in batch_paths]).to(torch_device)
-            with autocast:
+            with mixed_precision:
                 tokens = stored_tokens(backbone, spec, stages, images)
             tokens = tokens.to(spec.torch_dtype())[:, positions].float()
             logits = net(tokens)[0].float().cpu()

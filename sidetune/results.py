@@ -35,6 +35,14 @@ def plot_learning_curve(history: list[dict], path: Path, title: str, eval_split:
     plt.close(figure)
 
 
+RESULT_FIELDS = {"config_id", "phase", "status", "top1", "seconds", "params", "failure", "train_split", "eval_split"}
+
+
+def varying_settings(records: list[dict]) -> list[str]:
+    """The settings (hyperparameters, options) that take more than one value across records."""
+    return [key for key in records[0] if key not in RESULT_FIELDS and len({str(r.get(key)) for r in records}) > 1]
+
+
 def plot_sweep(records: list[dict], path: Path, title: str) -> None:
     """Score against the learning rate (or the first other setting that varies), one line per
     combination of the remaining varying settings (e.g. one per rank), written as a PNG."""
@@ -43,8 +51,7 @@ def plot_sweep(records: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    ignored = {"config_id", "phase", "status", "top1", "seconds", "params", "failure", "train_split", "eval_split"}
-    varying = [key for key in records[0] if key not in ignored and len({str(r.get(key)) for r in records}) > 1]
+    varying = varying_settings(records)
     x_key = "lr" if "lr" in varying else (varying[0] if varying else "config_id")
     line_keys = [key for key in varying if key != x_key]
     lines: dict[tuple, list[tuple[float, float]]] = {}

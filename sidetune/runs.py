@@ -18,6 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -38,11 +39,15 @@ def default_run_dir(cache_path: str | Path, method: str, now: dt.datetime | None
     return Path("runs") / f"{Path(str(cache_path).rstrip('/')).name}-{method}-{stamp}"
 
 
-def write_json(path: Path, record: dict | list) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` to a temporary file beside `path`, then rename: a reader never sees half a file."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    write(temporary)
     os.replace(temporary, path)
+
+
+def write_json(path: Path, record: dict | list) -> None:
+    _write_atomically(path, lambda target: target.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n"))
 
 
 def _jsonable(value):
@@ -56,9 +61,7 @@ def _jsonable(value):
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(temporary))
-    os.replace(temporary, path)
+    _write_atomically(path, lambda target: save_file({n: t.contiguous() for n, t in state.items()}, str(target)))
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -68,9 +71,7 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, state) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    _write_atomically(path, lambda target: torch.save(state, target))
 
 
 def load_checkpoint(path: Path):

@@ -24,7 +24,8 @@ import yaml
 
 from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
-from sidetune.engine import EpochStats, TrainConfig, TrainResult, resolve_device, train_group
+from sidetune.engine import EpochStats, TrainConfig, TrainResult, train_group
+from sidetune.compute import resolve_device
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_sweep
 from sidetune.sidenets import method_options

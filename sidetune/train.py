@@ -18,7 +18,8 @@ from typing import Callable
 
 from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
-from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, resolve_device, train_group
+from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, train_group
+from sidetune.compute import resolve_device
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_learning_curve
 

@@ -4,7 +4,7 @@ import torch
 
 from conftest import config
 from sidetune.cache.loader import ResidentFeatures, StreamedFeatures, load_features
-from sidetune.engine import build_sidenet, predict, train_group
+from sidetune.engine import build_sidenet, predicted_classes, train_group
 
 CPU = torch.device("cpu")
 LAST_STAGE = [6]
@@ -34,8 +34,8 @@ def test_streamed_batches_cover_every_image_once_per_epoch(digits_cache):
 def test_streamed_evaluation_equals_resident_evaluation(digits_cache):
     net = build_sidenet(digits_cache, "linear", {}, 2)
     net.reset_parameters([0, 1])
-    resident = predict(net, load_features(digits_cache, "test", LAST_STAGE, CPU), 64)
-    streamed = predict(net, load_features(digits_cache, "test", LAST_STAGE, CPU, budget_bytes=10**6), 64)
+    resident = predicted_classes(net, load_features(digits_cache, "test", LAST_STAGE, CPU), 64)
+    streamed = predicted_classes(net, load_features(digits_cache, "test", LAST_STAGE, CPU, budget_bytes=10**6), 64)
     assert torch.equal(resident[0], streamed[0]) and torch.equal(resident[1], streamed[1])
 
 

@@ -44,8 +44,6 @@ def _available_host_memory() -> int:
 class ResidentFeatures:
     """A whole split in device memory; batches are gathered on the device."""
 
-    streamed = False
-
     def __init__(self, split: CachedSplit, stages: Sequence[int], device: torch.device):
         self.num_images = split.num_images
         self.tokens = torch.from_numpy(split.load(stages)).to(device)
@@ -69,18 +67,14 @@ class StreamedFeatures:
     With a `shuffle` generator, the shard order is shuffled and images are shuffled within each
     window; a batch may span two windows (the remainder of one is carried into the next)."""
 
-    streamed = True
-
     def __init__(self, split: CachedSplit, stages: Sequence[int], device: torch.device, budget_bytes: int):
         self.split, self.stages, self.device = split, list(stages), device
         self.num_images = split.num_images
         self.labels_host = torch.from_numpy(split.labels)
         self.labels = self.labels_host.to(device)
-        tokens = split.tokens
-        self.shard_size = tokens.shards[0] if tokens.shards else tokens.chunks[0]
-        image_bytes = int(np.prod(tokens.shape[2:])) * len(self.stages) * tokens.dtype.itemsize
+        self.shard_size = split.shard_size
         # Two windows live at once (the one training, the one being read).
-        self.shards_per_window = max(1, budget_bytes // (2 * image_bytes * self.shard_size))
+        self.shards_per_window = max(1, budget_bytes // (2 * split.image_nbytes(stages) * self.shard_size))
         self.num_shards = -(-self.num_images // self.shard_size)
 
     def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
@@ -105,12 +99,10 @@ class StreamedFeatures:
             yield carry
 
     def _read_window(self, shards: list[int]) -> Batch:
-        positions = self.split.stage_positions(self.stages)
         blocks, labels = [], []
         for shard in shards:
             rows = slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
-            block = self.split.tokens[rows]
-            blocks.append(block[:, positions] if positions != list(range(block.shape[1])) else block)
+            blocks.append(self.split.read_rows(rows, self.stages))
             labels.append(self.labels_host[rows])
         tokens = torch.from_numpy(np.concatenate(blocks))
         if self.device.type == "cuda":
@@ -153,10 +145,7 @@ def load_features(cache: Cache, split: str, stages: Sequence[int], device: torch
     fit `budget_bytes` (default: half the device's free memory), streamed otherwise."""
     cached = cache.split(split)
     budget = default_memory_budget(device) if budget_bytes is None else budget_bytes
-    tokens = cached.tokens
-    needed = cached.num_images * int(np.prod(tokens.shape[2:])) * len(stages) * tokens.dtype.itemsize
-    if needed <= budget:
+    if cached.num_images * cached.image_nbytes(stages) <= budget:  # image_nbytes refuses missing stages
         return ResidentFeatures(cached, stages, device)
-    cached.stage_positions(stages)  # refuse missing stages before any thread starts
-    cached.require_complete()
+    cached.require_complete()  # before any thread starts
     return StreamedFeatures(cached, stages, device, budget)

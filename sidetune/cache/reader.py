@@ -61,16 +61,29 @@ class CachedSplit:
             )
         return [self.stages.index(s) for s in stages]
 
+    @property
+    def shard_size(self) -> int:
+        """Images per shard: the unit of writing, resuming and reading."""
+        return self.tokens.shards[0] if self.tokens.shards else self.tokens.chunks[0]
+
+    def image_nbytes(self, stages: Sequence[int] | None = None) -> int:
+        """Bytes one image takes in memory with the requested stages."""
+        shape = self.tokens.shape
+        return len(self.stage_positions(stages)) * int(np.prod(shape[2:])) * self.tokens.dtype.itemsize
+
+    def read_rows(self, rows: slice, stages: Sequence[int] | None = None) -> np.ndarray:
+        """Tokens of the images in `rows` (whole shards, to read fast), the requested stages only."""
+        positions = self.stage_positions(stages)
+        block = self.tokens[rows]  # a chunk holds every stage: read whole, then select
+        return block if positions == list(range(len(self.stages))) else block[:, positions]
+
     def iter_shards(self, stages: Sequence[int] | None = None) -> Iterator[tuple[slice, np.ndarray]]:
         """(image slice, tokens) per shard, reading only the requested stages."""
         self.require_complete()
-        positions = self.stage_positions(stages)
-        every_stage = positions == list(range(len(self.stages)))
-        shard = self.tokens.shards[0] if self.tokens.shards else self.tokens.chunks[0]
-        for start in range(0, self.num_images, shard):
-            rows = slice(start, min(start + shard, self.num_images))
-            block = self.tokens[rows]  # a chunk holds every stage: read whole, then select
-            yield rows, block if every_stage else block[:, positions]
+        self.stage_positions(stages)  # refuse missing stages before reading
+        for start in range(0, self.num_images, self.shard_size):
+            rows = slice(start, min(start + self.shard_size, self.num_images))
+            yield rows, self.read_rows(rows, stages)
 
     def load(self, stages: Sequence[int] | None = None) -> np.ndarray:
         """The whole split as one (N, S', T, D) array of the requested stages."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -123,19 +123,20 @@ class SideNet(nn.Module):
         return self.pool_tokens(y)
 
     @torch.no_grad()
-    def fit_standardizer(self, last_stage: torch.Tensor, batch_size: int = 256) -> None:
-        """Set the feature statistics from the frozen last-stage tokens (N, T, D) of the
-        training split; a no-op unless `standardize` is on."""
+    def fit_standardizer(self, last_stage_batches: Iterable[torch.Tensor]) -> None:
+        """Set the feature statistics from the frozen last-stage tokens of the training split,
+        given as (B, T, D) batches; a no-op unless `standardize` is on."""
         if not self.standardize:
             return
-        total = torch.zeros(self.layout.width, dtype=torch.float64, device=last_stage.device)
-        total_sq = torch.zeros_like(total)
-        for begin in range(0, len(last_stage), batch_size):
-            pooled = self.head_features(last_stage[begin:begin + batch_size].float().unsqueeze(0))[0].double()
+        total = torch.zeros(self.layout.width, dtype=torch.float64, device=self.feature_mean.device)
+        total_sq, count = torch.zeros_like(total), 0
+        for tokens in last_stage_batches:
+            pooled = self.head_features(tokens.float().unsqueeze(0))[0].double()
             total += pooled.sum(0)
             total_sq += (pooled * pooled).sum(0)
-        mean = total / len(last_stage)
-        variance = (total_sq / len(last_stage) - mean * mean).clamp_min(0)
+            count += len(pooled)
+        mean = total / count
+        variance = (total_sq / count - mean * mean).clamp_min(0)
         self.feature_mean.copy_(mean.float())
         self.feature_scale.copy_(variance.sqrt().clamp_min(1e-6).float())
 
