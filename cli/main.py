@@ -231,11 +231,12 @@ def sweep(
     eval_split: Optional[str] = typer.Option(None, help="Protocol none: evaluation split."),
     out: Optional[Path] = typer.Option(None, help="Sweep directory. Default: runs/<cache>-sweep-<timestamp>."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    max_stack: int = typer.Option(64, min=1, help="Most configurations trained stacked in one group."),
+    max_stack: Optional[int] = typer.Option(None, min=1, help="At most this many configurations per stack. Default: as many as fit the device's memory (measured)."),
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard."),
 ) -> None:
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
+    from sidetune.distributed import launched_rank
     from sidetune.results import varying_settings
     from sidetune.sweep import expand_grid, load_grid, sweep as run_sweep, train_command
 
@@ -250,11 +251,15 @@ def sweep(
             fixed.pop(name, None)
     configs = expand_grid(method, values, fixed)
     budget = None if memory_budget is None else int(memory_budget * 2**30)
-    console.print(f"[bold]{len(configs)}[/] configurations of {method}")
-    with TrainProgress() as progress:
+    main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
+    if main_rank:
+        console.print(f"[bold]{len(configs)}[/] configurations of {method}")
+    with TrainProgress(quiet=not main_rank) as progress:
         report = run_sweep(cache, configs, out=out, protocol=protocol, top_k=top_k, train_split=train_split,
                            eval_split=eval_split, device=device, max_stack=max_stack, memory_budget=budget,
                            on_stack=progress.stack_started, on_epoch=progress.epoch_done)
+    if not main_rank:
+        return
     records = [row.record() for row in report.rows]
     varying = varying_settings(records)
     table = Table("#", "phase", *varying, "split", "top-1", "status", "seconds",

@@ -54,12 +54,12 @@ class TrainProgress:
     throughput in images per second (x configurations); the mean over stacked configurations.
     A sweep adds one bar per stack (`stack_started`)."""
 
-    def __init__(self, description: str | None = None, epochs: int | None = None):
+    def __init__(self, description: str | None = None, epochs: int | None = None, quiet: bool = False):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("train {task.fields[train]}"),
             TextColumn("eval {task.fields[eval]}"), TextColumn("{task.fields[rate]} img/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
         )
         self.task = None
         if description is not None:

@@ -6,6 +6,7 @@ from the cache.
     cache = sidetune.open_cache("cache/dtd")      # the manifest, splits and arrays
     run_dir, result = sidetune.train("cache/dtd", sidetune.TrainConfig.create("last", {"rank": 16}))
     sidetune.predict(run_dir, ["photo.jpg"])      # the backbone again, then the side network
+    sidetune.sweep("cache/dtd", sidetune.expand_grid("last", {"lr": [1e-3, 3e-3], "rank": [8, 16]}))
 
 Importing sidetune never imports timm: stage two runs where timm is not installed.
 """
@@ -15,9 +16,10 @@ from sidetune.errors import SidetuneError
 from sidetune.engine import TrainConfig, TrainResult
 from sidetune.extract import extract
 from sidetune.predict import predict
+from sidetune.sweep import expand_grid, sweep
 from sidetune.train import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Cache", "CachedSplit", "CacheSpec", "SidetuneError", "TrainConfig", "TrainResult", "extract",
-           "load_spec", "open_cache", "predict", "train"]
+__all__ = ["Cache", "CachedSplit", "CacheSpec", "SidetuneError", "TrainConfig", "TrainResult", "expand_grid",
+           "extract", "load_spec", "open_cache", "predict", "sweep", "train"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -39,3 +40,18 @@ def precision_name(autocast_dtype: torch.dtype | None) -> str:
 def autocast(device: torch.device, autocast_dtype: torch.dtype | None) -> AbstractContextManager:
     """Autocast to `autocast_dtype` on `device`, or full precision when it is None."""
     return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

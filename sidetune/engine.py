@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -148,6 +149,11 @@ def restore_sidenet(manifest: dict, config: TrainConfig, state: dict[str, torch.
     return net.eval()
 
 
+def training_autocast(device: torch.device) -> AbstractContextManager:
+    """Side networks train under bf16 autocast on CUDA and in full precision on the CPU."""
+    return autocast(device, torch.bfloat16 if device.type == "cuda" else None)
+
+
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -230,7 +236,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     steps_per_epoch = math.ceil(num_images / first.batch_size)
     total_steps = steps_per_epoch * first.epochs
     warmup_steps = steps_per_epoch * first.warmup_epochs
-    mixed_precision = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
+    mixed_precision = training_autocast(device)
     for epoch in range(state.epoch, first.epochs):
         epoch_started = time.perf_counter()
         step = epoch * steps_per_epoch

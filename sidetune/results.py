@@ -35,7 +35,8 @@ def plot_learning_curve(history: list[dict], path: Path, title: str, eval_split:
     plt.close(figure)
 
 
-RESULT_FIELDS = {"config_id", "phase", "status", "top1", "seconds", "params", "failure", "train_split", "eval_split"}
+RESULT_FIELDS = {"config_id", "phase", "status", "top1", "seconds", "params", "failure", "train_split", "eval_split",
+                 "process_rank"}
 
 
 def varying_settings(records: list[dict]) -> list[str]:

@@ -4,8 +4,9 @@
 
 A grid expands to `TrainConfig`s; configs that share a group key (same method, options,
 epochs, batch size, batch order) are stacked and trained together by the engine, sharing every
-batch; different shapes form separate groups, and a large group is cut into stacks of at most
-`max_stack`. With the VTAB-1k protocol every config trains on train800 and is scored on
+batch; different shapes form separate groups, and a group is cut into stacks that fit the
+device's memory (sidetune/stacking.py). Under torchrun the configs are shared out between the
+ranks. With the VTAB-1k protocol every config trains on train800 and is scored on
 val200; the best (top-k) is retrained on train800val200 and reported on test. Selection never
 sees test."""
 
@@ -20,18 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
-from sidetune.engine import EpochStats, TrainConfig, TrainResult, train_group
 from sidetune.compute import resolve_device
+from sidetune.datasets.catalogue import VTAB_SPLITS
+from sidetune.distributed import World, current_world
+from sidetune.engine import EpochStats, TrainConfig, TrainResult, train_group
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_sweep
 from sidetune.sidenets import method_options
+from sidetune.stacking import plan_stacks, stack_capacity
 from sidetune.train import default_splits
 
-VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
+StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,
                "warmup_epochs": int, "batch_size": int, "data_seed": int}
 
@@ -93,11 +98,12 @@ class SweepRow:
     params: int
     config: TrainConfig
     failure: str | None = None
+    process_rank: int = 0  # the torchrun rank that trained it
 
     def record(self) -> dict:
         return {"config_id": self.config_id, "phase": self.phase, "status": self.status, "top1": self.top1,
                 "train_split": self.train_split, "eval_split": self.eval_split, "seconds": round(self.seconds, 3),
-                "params": self.params, **self.config.hyperparameters(), "failure": self.failure}
+                "params": self.params, **self.config.hyperparameters(), "failure": self.failure, "process_rank": self.process_rank}
 
 
 @dataclass
@@ -108,29 +114,31 @@ class SweepReport:
     protocol: str
 
 
-def plan_stacks(configs: list[TrainConfig], max_stack: int) -> list[list[int]]:
-    """Indices of configs grouped by group key (in first-seen order), each group cut into
-    stacks of at most `max_stack`."""
+def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
+                world: World, device: torch.device, max_stack: int | None, memory_budget: int | None,
+                on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
+    """Train configs (keyed by config id) and return every config's row, ordered by id, on
+    every rank. Each group of same-shape configs is shared out between the ranks, and each
+    rank's share is cut into stacks that fit its device's memory (and `max_stack`)."""
+    ids = list(configs)
     groups: dict[tuple, list[int]] = {}
-    for index, config in enumerate(configs):
-        groups.setdefault(config.group_key(), []).append(index)
-    return [members[i:i + max_stack] for members in groups.values() for i in range(0, len(members), max_stack)]
-
-
-def run_configs(cache: Cache, configs: list[TrainConfig], train_split: str, eval_split: str, *, device,
-                max_stack: int, memory_budget: int | None, on_stack: Callable[[int, int, list[TrainConfig]], None] | None,
-                on_epoch: Callable[[EpochStats], None] | None) -> list[TrainResult]:
-    """Train every config (stacked by group key), results in the order of `configs`."""
-    results: list[TrainResult | None] = [None] * len(configs)
-    stacks = plan_stacks(configs, max_stack)
+    for config_id in ids:
+        groups.setdefault(configs[config_id].group_key(), []).append(config_id)
+    mine = [config_id for members in groups.values() for config_id in world.share(members)]
+    capacity = {}
+    for key, members in groups.items():
+        fit = stack_capacity(cache, configs[members[0]], train_split, eval_split, device, memory_budget=memory_budget)
+        capacity[key] = min(fit, max_stack) if max_stack else fit
+    ordered = [configs[config_id] for config_id in mine]
+    rows = []
+    stacks = plan_stacks(ordered, capacity)
     for number, stack in enumerate(stacks):
         if on_stack is not None:
-            on_stack(number, len(stacks), [configs[i] for i in stack])
-        stack_results = train_group(cache, [configs[i] for i in stack], train_split, eval_split, device,
-                                    memory_budget=memory_budget, on_epoch=on_epoch)
-        for index, result in zip(stack, stack_results):
-            results[index] = result
-    return results  # type: ignore[return-value]
+            on_stack(number, len(stacks), [ordered[i] for i in stack])
+        results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
+                              memory_budget=memory_budget, on_epoch=on_epoch)
+        rows += [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
+    return sorted((row for rank_rows in world.all_gather(rows) for row in rank_rows), key=lambda row: row.config_id)
 
 
 def sweep(
@@ -143,16 +151,20 @@ def sweep(
     train_split: str | None = None,
     eval_split: str | None = None,
     device: str = "auto",
-    max_stack: int = 64,
+    max_stack: int | None = None,
     memory_budget: int | None = None,
-    on_stack: Callable[[int, int, list[TrainConfig]], None] | None = None,
+    on_stack: StackCallback | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> SweepReport:
     """Train every configuration and write results.jsonl, results.csv and sweep.png to `out`.
 
     protocol 'vtab' (the default when the cache has the VTAB-1k splits): select on
     train800 -> val200, retrain the top-k on train800val200, report on test. 'none': train on
-    one split and score on another (defaults as for `train`)."""
+    one split and score on another (defaults as for `train`). Stacks hold as many configs as
+    fit the device's memory, at most `max_stack`.
+
+    Under torchrun each rank trains its share of the configs and writes ranks/rank-R.jsonl;
+    rank 0 writes the merged files. Every rank returns the merged report."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if not configs:
         raise SidetuneError("The sweep has no configurations; give at least one value for each setting.")
@@ -166,54 +178,68 @@ def sweep(
         raise SidetuneError(f"--protocol vtab needs the splits {', '.join(VTAB_SPLITS)}; cache {cache.path} lacks "
                             f"{', '.join(missing)}. Extract them, or use --protocol none.")
     torch_device = resolve_device(device)
-    out = Path(out) if out is not None else runs.default_run_dir(cache.path, "sweep")
+    world = current_world(torch_device)
+    torch_device = world.device(torch_device)
+    out = Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(cache.path, "sweep"))))
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(device=torch_device, max_stack=max_stack, memory_budget=memory_budget, on_stack=on_stack, on_epoch=on_epoch)
+    common = dict(world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget,
+                  on_stack=on_stack, on_epoch=on_epoch)
 
-    rows: list[SweepRow] = []
     if protocol == "vtab":
-        selected = run_configs(cache, configs, "train800", "val200", **common)
-        rows += [_row(i, "select", "train800", "val200", r) for i, r in enumerate(selected)]
+        rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)
         ranked = sorted((row for row in rows if row.status == "ok"), key=lambda row: -row.top1)
         if not ranked:
             raise SidetuneError("Every configuration diverged during selection; lower the learning rates.")
-        chosen = [row.config_id for row in ranked[:top_k]]
-        final = run_configs(cache, [configs[i] for i in chosen], "train800val200", "test", **common)
-        final_rows = [_row(i, "final", "train800val200", "test", r) for i, r in zip(chosen, final)]
+        chosen = {row.config_id: configs[row.config_id] for row in ranked[:top_k]}
+        final_rows = run_configs(cache, chosen, "final", "train800val200", "test", **common)
         rows += final_rows
         best = max((row for row in final_rows if row.status == "ok"), key=lambda row: row.top1, default=final_rows[0])
     else:
         train_split, eval_split = default_splits(cache, train_split, eval_split)
-        results = run_configs(cache, configs, train_split, eval_split, **common)
-        rows = [_row(i, "single", train_split, eval_split, r) for i, r in enumerate(results)]
+        rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, eval_split, **common)
         ok = [row for row in rows if row.status == "ok"]
         if not ok:
             raise SidetuneError("Every configuration diverged; lower the learning rates.")
         best = max(ok, key=lambda row: row.top1)
 
-    write_results(out, rows, {"cache": str(cache.path), "protocol": protocol, "top_k": top_k,
-                              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                              "best": best.record(), "train_command": train_command(cache.path, best.config)})
-    scored = [row for row in rows if row.phase in ("select", "single")]
-    plot_sweep([row.record() for row in scored], out / "sweep.png",
-               f"{cache.manifest['dataset']['name']}: {configs[0].method}, {scored[0].eval_split} top-1")
-    return SweepReport(out, rows, best, protocol)
+    report = SweepReport(out, rows, best, protocol)
+    if world.size > 1:
+        trained_here = [row for row in rows if row.process_rank == world.rank]
+        write_rows(out / "ranks" / f"rank-{world.rank}.jsonl", trained_here)
+        world.barrier()
+    if world.is_main:
+        write_results(report, cache, configs[0].method, top_k, world.size)
+    world.barrier()
+    return report
 
 
-def _row(config_id: int, phase: str, train_split: str, eval_split: str, result: TrainResult) -> SweepRow:
+def _row(config_id: int, phase: str, train_split: str, eval_split: str, result: TrainResult, rank: int) -> SweepRow:
     return SweepRow(config_id, phase, train_split, eval_split, result.status, result.top1, result.seconds,
-                    result.params, result.config, result.failure)
+                    result.params, result.config, result.failure, rank)
 
 
-def write_results(out: Path, rows: list[SweepRow], summary: dict) -> None:
+def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, world_size: int) -> None:
+    """results.jsonl, results.csv, sweep.json (with the best config's train command) and sweep.png."""
+    out, rows = report.out, report.rows
+    write_rows(out / "results.jsonl", rows)
     records = [row.record() for row in rows]
-    (out / "results.jsonl").write_text("".join(json.dumps(r, default=_plain) + "\n" for r in records))
     columns = list(dict.fromkeys(key for record in records for key in record))
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(records)
-    runs.write_json(out / "sweep.json", summary)
+    runs.write_json(out / "sweep.json", {
+        "cache": str(cache.path), "protocol": report.protocol, "top_k": top_k, "ranks": world_size,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "best": report.best.record(), "train_command": train_command(cache.path, report.best.config)})
+    scored = [row for row in rows if row.phase in ("select", "single")]
+    plot_sweep([row.record() for row in scored], out / "sweep.png",
+               f"{cache.manifest['dataset']['name']}: {method}, {scored[0].eval_split} top-1")
+
+
+def write_rows(path: Path, rows: list[SweepRow]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row.record(), default=_plain) + "\n" for row in rows))
 
 
 def _plain(value):

@@ -5,12 +5,14 @@ import json
 import shlex
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import sidetune
 from cli.main import app
-from conftest import extract_tiny
-from sidetune.sweep import expand_grid, plan_stacks, sweep
+from conftest import config, extract_tiny
+from sidetune.stacking import plan_stacks, stack_capacity, stack_memory
+from sidetune.sweep import expand_grid, sweep
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,38 @@ def test_a_grid_expands_to_every_combination_with_options_resolved():
 
 def test_same_shape_configs_stack_and_stacks_respect_the_maximum():
     configs = expand_grid("last", {"lr": [1e-3, 3e-3, 1e-2], "rank": [4, 8]})
-    assert plan_stacks(configs, max_stack=2) == [[0, 2], [4], [1, 3], [5]]
-    assert plan_stacks(configs, max_stack=64) == [[0, 2, 4], [1, 3, 5]]
+    assert plan_stacks(configs, 2) == [[0, 2], [4], [1, 3], [5]]
+    assert plan_stacks(configs, 64) == [[0, 2, 4], [1, 3, 5]]
+    rank4, rank8 = configs[0].group_key(), configs[1].group_key()
+    assert plan_stacks(configs, {rank4: 1, rank8: 3}) == [[0], [2], [4], [1, 3, 5]]
+
+
+def test_a_configs_memory_is_measured_and_grows_with_its_size(small_vtab_cache):
+    cpu = torch.device("cpu")
+    _, small = stack_memory(small_vtab_cache, config("last", rank=4, batch_size=16), "train800", cpu)
+    _, wide = stack_memory(small_vtab_cache, config("last", rank=32, batch_size=16), "train800", cpu)
+    _, big_batch = stack_memory(small_vtab_cache, config("last", rank=4, batch_size=64), "train800", cpu)
+    _, probe = stack_memory(small_vtab_cache, config("linear", batch_size=16), "train800", cpu)
+    assert probe * 50 < small < wide
+    assert 3 * small < big_batch < 5 * small  # activations scale with the batch
+
+
+def test_stacks_are_cut_to_the_memory_left_after_the_features(small_vtab_cache):
+    last, cpu = config("last", rank=4, batch_size=16), torch.device("cpu")
+    _, per_config = stack_memory(small_vtab_cache, last, "train800", cpu)
+    features = sum(small_vtab_cache.split(s).num_images * small_vtab_cache.split(s).image_nbytes() for s in ("train800", "val200"))
+    tight = stack_capacity(small_vtab_cache, last, "train800", "val200", cpu, available=features + 10 * per_config)
+    assert tight in (3, 4)  # 80% of 10 configs' room, less the shared batch, with 2x headroom
+    assert stack_capacity(small_vtab_cache, last, "train800", "val200", cpu, available=features) == 1
+    assert stack_capacity(small_vtab_cache, last, "train800", "val200", cpu, available=2**36) > 1000
+
+
+def test_a_sweep_cut_into_small_stacks_matches_one_stack(small_vtab_cache, tmp_path):
+    configs = expand_grid("last", {"lr": [1e-3, 3e-3, 1e-2]}, {"epochs": 2, "rank": 4})
+    stacked = sweep(small_vtab_cache, configs, out=tmp_path / "a", protocol="none", train_split="train800", eval_split="val200")
+    one_by_one = sweep(small_vtab_cache, configs, out=tmp_path / "b", protocol="none", train_split="train800",
+                       eval_split="val200", max_stack=1)
+    assert [r.top1 for r in stacked.rows] == [r.top1 for r in one_by_one.rows]
 
 
 def test_vtab_protocol_selects_on_val200_and_reports_the_retrained_best_on_test(small_vtab_cache, tmp_path):
@@ -43,7 +75,7 @@ def test_vtab_protocol_selects_on_val200_and_reports_the_retrained_best_on_test(
     assert len(selected) == 4 and {(r.train_split, r.eval_split) for r in selected} == {("train800", "val200")}
     ranked = sorted(selected, key=lambda r: -r.top1)
     final = [row for row in report.rows if row.phase == "final"]
-    assert [r.config_id for r in final] == [r.config_id for r in ranked[:2]]
+    assert sorted(r.config_id for r in final) == sorted(r.config_id for r in ranked[:2])
     assert {(r.train_split, r.eval_split) for r in final} == {("train800val200", "test")}
     assert report.best.phase == "final" and report.best.top1 == max(r.top1 for r in final)
     with open(tmp_path / "sweep" / "results.csv") as handle:

@@ -8,7 +8,6 @@ thread while the current one trains. zarr is read in whole shards only, never pe
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from sidetune.cache.reader import Cache, CachedSplit
+from sidetune.compute import free_memory
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (B, S, T, D) tokens, (B,) labels
 BUDGET_FRACTION = 0.5  # of the device's free memory, for the features of one split
@@ -24,21 +24,7 @@ BUDGET_FRACTION = 0.5  # of the device's free memory, for the features of one sp
 
 def default_memory_budget(device: torch.device) -> int:
     """Bytes a split's features may occupy on `device`: half of what is free now."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * BUDGET_FRACTION)
-    return int(_available_host_memory() * BUDGET_FRACTION)
-
-
-def _available_host_memory() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(free_memory(device) * BUDGET_FRACTION)
 
 
 class ResidentFeatures:
