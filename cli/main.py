@@ -208,7 +208,9 @@ def predict(
 
 @app.command()
 def sweep(
-    cache: Path = typer.Option(..., help="A cache folder written by `sidetune extract`."),
+    cache: Optional[Path] = typer.Option(None, help="A cache folder written by `sidetune extract`."),
+    caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache)."),
+    tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
     method: Optional[str] = typer.Option(None, help="Side network: last (default), losa or linear."),
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
@@ -237,7 +239,7 @@ def sweep(
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
     from sidetune.distributed import launched_rank
-    from sidetune.results import varying_settings
+    from sidetune.suite import sweep_tasks
     from sidetune.sweep import expand_grid, load_grid, sweep as run_sweep, train_command
 
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
@@ -251,15 +253,33 @@ def sweep(
             fixed.pop(name, None)
     configs = expand_grid(method, values, fixed)
     budget = None if memory_budget is None else int(memory_budget * 2**30)
+    if (cache is None) == (caches is None):
+        raise SidetuneError("Pass exactly one of --cache (one task) or --caches (a folder of caches, one per task).")
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     if main_rank:
         console.print(f"[bold]{len(configs)}[/] configurations of {method}")
+    options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,
+                   max_stack=max_stack, memory_budget=budget)
     with TrainProgress(quiet=not main_rank) as progress:
-        report = run_sweep(cache, configs, out=out, protocol=protocol, top_k=top_k, train_split=train_split,
-                           eval_split=eval_split, device=device, max_stack=max_stack, memory_budget=budget,
-                           on_stack=progress.stack_started, on_epoch=progress.epoch_done)
+        callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done)
+        if caches is not None:
+            suite = sweep_tasks(caches, configs, tasks="all" if tasks == "all" else _split_list(tasks), out=out,
+                                **options, **callbacks)
+        else:
+            report = run_sweep(cache, configs, out=out, **options, **callbacks)
     if not main_rank:
         return
+    if caches is not None:
+        _print_summary(suite)
+        return
+    _print_sweep(report)
+    console.print(f"Train it alone with:\n  {train_command(cache, report.best.config)}")
+    console.print(f"Results: {report.out}/results.jsonl, results.csv, sweep.png")
+
+
+def _print_sweep(report) -> None:
+    from sidetune.results import varying_settings
+
     records = [row.record() for row in report.rows]
     varying = varying_settings(records)
     table = Table("#", "phase", *varying, "split", "top-1", "status", "seconds",
@@ -271,8 +291,34 @@ def sweep(
                       row.status if row.status == "ok" else f"[red]{row.status}", f"{row.seconds:.1f}")
     console.print(table)
     console.print(f"[green]Best:[/] config {report.best.config_id}, {report.best.eval_split} top-1 {report.best.top1:.2f}")
-    console.print(f"Train it alone with:\n  {train_command(cache, report.best.config)}")
-    console.print(f"Results: {report.out}/results.jsonl, results.csv, sweep.png")
+
+
+def _print_summary(suite) -> None:
+    """Per task the best config's top-1 (beside the published number), then the VTAB-1k means."""
+    published = suite.summary["published"]
+    columns = ["task", "group", "best config", "top-1"] + (["published", "difference"] if published else [])
+    table = Table(*columns, title=f"{suite.out}: {suite.summary['method']}, top-1 of the best config per task")
+    for score in suite.scores:
+        cells = [score.task, score.group or "-", str(score.config_id), f"{score.top1:.2f}"]
+        if published:
+            cells += [f"{score.published:.2f}", f"{score.top1 - score.published:+.2f}"]
+        table.add_row(*cells)
+    ours = suite.summary["ours"]
+    label = "mean of 19" if ours["all_vtab_tasks"] else f"mean of {ours['tasks']} tasks"
+    means = [(label, ours["mean"], published and published["mean"])]
+    if ours["mean_of_group_means"] is not None:
+        groups = "/".join(ours["group_means"])
+        means.append((f"mean of group means ({groups})", ours["mean_of_group_means"],
+                      published and published["mean_of_group_means"]))
+    table.add_section()
+    for name, value, reference in means:
+        table.add_row(f"[bold]{name}", "", "", f"[bold]{value:.2f}",
+                      *([f"{reference:.2f}", f"{value - reference:+.2f}"] if published else []))
+    console.print(table)
+    if not published:
+        console.print("[dim]Published numbers are shown for LAST on caches of the pretrained vit_b16 "
+                      "(vit_base_patch16_224.orig_in21k).")
+    console.print(f"Results: {suite.out}/summary.json, summary.csv, summary.png; one sweep folder per task.")
 
 
 def _number(text: str):

@@ -75,3 +75,27 @@ def plot_sweep(records: list[dict], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_task_scores(rows: list[dict], path: Path, title: str) -> None:
+    """Top-1 per task as bars, beside the published number where there is one, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    positions = range(len(rows))
+    has_published = any(row["published"] is not None for row in rows)
+    width = 0.4 if has_published else 0.8
+    figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 4), dpi=120)
+    axis.bar([x - width / 2 * has_published for x in positions], [row["top1"] for row in rows], width, label="sidetune")
+    if has_published:
+        axis.bar([x + width / 2 for x in positions], [row["published"] or 0 for row in rows], width, label="published")
+        axis.legend(fontsize="small")
+    axis.set_xticks(list(positions), [row["task"] for row in rows], rotation=45, ha="right")
+    axis.set_ylabel("top-1 (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

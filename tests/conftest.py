@@ -3,6 +3,7 @@
 No test touches the network: the hub clients are forced offline before anything imports them."""
 
 import os
+import zlib
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -61,21 +62,24 @@ def class_folder(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
-def vtab_folder(tmp_path) -> Path:
-    """A VTAB-1k style folder: images plus the four list files (12 train, 4 val, 6 test)."""
-    root = tmp_path / "mytask"
+def write_vtab_folder(root: Path, seed: int = 0) -> Path:
+    """A VTAB-1k style folder: images plus the four list files (12 train, 4 val, 6 test), 4 labels."""
     lines = {}
     for split, count in (("train800", 12), ("val200", 4), ("test", 6)):
         lines[split] = []
         for i in range(count):
             relative = f"images/{split}_{i}.jpg"
-            write_image(root / relative, seed=hash((split, i)) % 1000)
+            write_image(root / relative, seed=zlib.crc32(f"{split}{i}".encode()) + seed)
             lines[split].append(f"{relative} {i % 4}")
     lines["train800val200"] = lines["train800"] + lines["val200"]
     for split, split_lines in lines.items():
         (root / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
     return root
+
+
+@pytest.fixture
+def vtab_folder(tmp_path) -> Path:
+    return write_vtab_folder(tmp_path / "mytask")
 
 
 @pytest.fixture(scope="session")

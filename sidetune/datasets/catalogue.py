@@ -71,3 +71,15 @@ FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
     "smallnorb_azi": ("smallnorb_azimuth",),
     "smallnorb_ele": ("smallnorb_elevation",),
 }
+
+# Published VTAB-1k top-1 with the original ImageNet-21k ViT-B/16 (`vit_b16`), as tabulated by
+# V-PETL Bench (../METHODS.md): the numbers a sweep over all 19 tasks is held against.
+PUBLISHED_BACKBONE = "vit_base_patch16_224.orig_in21k"
+PUBLISHED_TOP1: dict[str, dict[str, float]] = {
+    "last": {
+        "cifar": 66.7, "caltech101": 93.4, "dtd": 76.1, "oxford_flowers102": 99.6, "oxford_iiit_pet": 89.8,
+        "svhn": 86.1, "sun397": 54.3, "patch_camelyon": 86.2, "eurosat": 96.3, "resisc45": 86.8,
+        "diabetic_retinopathy": 75.4, "clevr_count": 81.9, "clevr_dist": 65.9, "dmlab": 49.4, "kitti": 82.6,
+        "dsprites_loc": 87.9, "dsprites_ori": 46.7, "smallnorb_azi": 32.3, "smallnorb_ele": 51.5,
+    },
+}
