@@ -202,11 +202,12 @@ Checkpointer = Callable[[GroupState], None]
 def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval_split: str,
                 device: str | torch.device = "cpu", *, eval_every: int = 0, memory_budget: int | None = None,
                 on_epoch: Callable[[EpochStats], None] | None = None, resume: GroupState | None = None,
-                checkpoint: Checkpointer | None = None) -> list[TrainResult]:
+                checkpoint: Checkpointer | None = None, compile: bool = False) -> list[TrainResult]:
     """Train configs that share a group key, stacked along the leading axis, and evaluate
     them on `eval_split` after training (and every `eval_every` epochs, which also keeps the
     best state). `on_epoch` sees each epoch's stats; `checkpoint` receives the group's state
-    after each epoch, and `resume` continues from such a state."""
+    after each epoch, and `resume` continues from such a state. `compile` runs the training
+    forward through `torch.compile` (fused kernels; a one-off compile cost per shape)."""
     keys = {c.group_key() for c in configs}
     if len(keys) != 1:
         raise ValueError("train_group needs configs with one group key; see TrainConfig.group_key")
@@ -237,6 +238,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     total_steps = steps_per_epoch * first.epochs
     warmup_steps = steps_per_epoch * first.warmup_epochs
     mixed_precision = training_autocast(device)
+    forward = torch.compile(net, dynamic=False) if compile else net
     for epoch in range(state.epoch, first.epochs):
         epoch_started = time.perf_counter()
         step = epoch * steps_per_epoch
@@ -246,7 +248,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         net.train()
         for tokens, labels in train_data.batches(first.batch_size, shuffle):
             with mixed_precision:
-                logits = net(tokens.float())
+                logits = forward(tokens.float())
             losses = cross_entropy_per_config(logits.float(), labels, smoothing)
             finite = torch.isfinite(losses)
             active = state.active

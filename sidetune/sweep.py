@@ -115,7 +115,7 @@ class SweepReport:
 
 
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
-                world: World, device: torch.device, max_stack: int | None, memory_budget: int | None,
+                world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
                 on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
     every rank. Each group of same-shape configs is shared out between the ranks, and each
@@ -136,7 +136,7 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         if on_stack is not None:
             on_stack(number, len(stacks), [ordered[i] for i in stack])
         results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
-                              memory_budget=memory_budget, on_epoch=on_epoch)
+                              memory_budget=memory_budget, on_epoch=on_epoch, compile=compile)
         rows += [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
     return sorted((row for rank_rows in world.all_gather(rows) for row in rank_rows), key=lambda row: row.config_id)
 
@@ -153,6 +153,7 @@ def sweep(
     device: str = "auto",
     max_stack: int | None = None,
     memory_budget: int | None = None,
+    compile: bool = False,
     on_stack: StackCallback | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> SweepReport:
@@ -182,7 +183,7 @@ def sweep(
     torch_device = world.device(torch_device)
     out = Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(cache.path, "sweep"))))
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget,
+    common = dict(world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
                   on_stack=on_stack, on_epoch=on_epoch)
 
     if protocol == "vtab":

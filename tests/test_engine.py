@@ -24,6 +24,33 @@ def test_zero_initialised_last_gives_the_linear_probe_logits_at_step_0(digits_ca
         torch.testing.assert_close(last(tokens.float()), linear(tokens[:, [6]].float()), atol=1e-5, rtol=1e-5)
 
 
+def test_last_computes_the_written_formula_for_every_stacked_config(digits_cache):
+    """u_0 = x_0, u_i = F_i(u_{i-1} + x_i), y = u_m - sum x_{i<m}; F_i: `depth` modules
+    h + W_o MHA_r(LN(h)), here with gap 2, depth 2, 2 heads and a non-zero W_o."""
+    tokens = load_features(digits_cache, "val200", [0, 2, 4, 6], torch.device("cpu")).tokens[:8].float()
+    net = build_sidenet(digits_cache, "last", {"rank": 8, "gap": 2, "depth": 2, "heads": 2, "zero_init_out": False}, 2)
+    net.reset_parameters([0, 1])
+    p = lambda name, j: getattr(net, name)[j]
+
+    def module(h, prefix, j):
+        x = torch.nn.functional.layer_norm(h, (64,), p(f"{prefix}_norm_weight", j), p(f"{prefix}_norm_bias", j), 1e-6)
+        q, k, v = (x @ p(f"{prefix}_w_{n}", j) for n in "qkv")
+        heads = [torch.softmax(q[..., c:c + 4] @ k[..., c:c + 4].transpose(-1, -2) / 2.0, -1) @ v[..., c:c + 4]
+                 for c in (0, 4)]
+        return h + torch.cat(heads, -1) @ p(f"{prefix}_w_o", j)
+
+    with torch.no_grad():
+        for j in range(2):
+            u = tokens[:, 0]
+            for i in range(1, 4):
+                h = u + tokens[:, i]
+                for depth in range(2):
+                    h = module(h, f"lsa{i - 1}_{depth}", j)
+                u = h
+            expected = u - tokens[:, :3].sum(1)
+            torch.testing.assert_close(net.represent(tokens)[j], expected, atol=1e-5, rtol=1e-4)
+
+
 def test_losa_starts_at_the_frozen_features(digits_cache):
     tokens = load_features(digits_cache, "val200", list(range(7)), torch.device("cpu")).tokens
     losa = build_sidenet(digits_cache, "losa", {}, 2)
@@ -101,3 +128,10 @@ def test_linear_probe_lands_within_2_points_of_sklearn_logistic_regression(digit
     sklearn_top1 = 100 * reference.score(scaler.transform(test_x), test_y)
     [ours] = train_group(digits_cache, [config("linear", epochs=50, warmup_epochs=5)], "train800", "test")
     assert abs(ours.top1 - sklearn_top1) <= 2.0, (ours.top1, sklearn_top1)
+
+
+def test_a_compiled_side_network_trains_to_the_eager_result(digits_cache):
+    eager, = train(digits_cache, [dict(method="last", rank=4, lr=3e-3)], epochs=2)
+    compiled, = train_group(digits_cache, [config("last", epochs=2, rank=4, lr=3e-3)], "train800", "val200", compile=True)
+    assert compiled.epoch_losses == pytest.approx(eager.epoch_losses, rel=1e-4)
+    assert abs(compiled.top1 - eager.top1) <= 1.0
