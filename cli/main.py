@@ -45,15 +45,19 @@ def extract(
 ) -> None:
     """Stage one: run the frozen backbone over a dataset once and write its feature cache."""
     import sidetune
+    from sidetune.distributed import launched_rank
     from sidetune.extract import default_cache_path
 
-    with RichProgress() as progress:
+    main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
+    with RichProgress(quiet=not main_rank) as progress:
         reports = sidetune.extract(
             model, dataset, out, spec=spec, splits=_split_list(splits), data_root=data_root,
             weights=weights, pretrained=pretrained, preprocess=preprocess, device=device,
             precision=precision, batch_size=batch_size, workers=workers, limit=limit,
             overwrite=overwrite, progress=progress, log=lambda message: console.print(f"[dim]{message}"),
         )
+    if not main_rank:
+        return
     out = out or default_cache_path(dataset)
     incomplete = [r.name for r in reports if not r.complete]
     if incomplete:

@@ -24,12 +24,13 @@ class RateColumn(ProgressColumn):
 
 
 class RichProgress(ProgressSink):
-    """A rich bar per split: done/total images, images/s, elapsed and remaining time."""
+    """A rich bar per split: done/total images, images/s, elapsed and remaining time (under
+    torchrun, rank 0's bar counts every rank's written shards)."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            RateColumn("img"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            RateColumn("img"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
         )
         self.task = None
 

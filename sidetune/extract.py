@@ -6,7 +6,9 @@ never recomputed; a split is marked complete only when all its shards are writte
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from sidetune.cache.spec import CacheSpec, load_spec
 from sidetune.cache.store import FLOAT16_MAX, CacheWriter, SplitWriter
 from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import ImageSplit, load_source
+from sidetune.distributed import World, current_world
 from sidetune.errors import SidetuneError
 
 
@@ -87,30 +90,41 @@ def extract(
         num_tokens=token_shape[1],
         compute={"precision": precision_name(autocast_dtype), "device": torch_device.type},
     )
-    writer = CacheWriter.open(out, manifest, overwrite=overwrite)
-    norm = backbone.final_norm()
-    if norm is not None:
-        writer.write_backbone_params({
-            "final_norm_weight": norm.weight.detach().cpu().numpy(),
-            "final_norm_bias": norm.bias.detach().cpu().numpy(),
-        })
-    for note in source.notes:
-        log(f"note: {note}")
+    world = current_world(torch_device)
+    torch_device = world.device(torch_device)
+    if world.is_main:  # rank 0 creates (or verifies) the store, the manifest and every split's arrays
+        writer = CacheWriter.open(out, manifest, overwrite=overwrite)
+        norm = backbone.final_norm()
+        if norm is not None:
+            writer.write_backbone_params({
+                "final_norm_weight": norm.weight.detach().cpu().numpy(),
+                "final_norm_bias": norm.bias.detach().cpu().numpy(),
+            })
+        for note in source.notes:
+            log(f"note: {note}")
+    world.barrier()
+    if not world.is_main:
+        writer = CacheWriter.attach(out, manifest)
 
     backbone.model.to(torch_device)
     workers = default_workers(torch_device) if workers is None else workers
-    progress = progress or ProgressSink()
+    progress = progress if progress is not None and world.is_main else ProgressSink()
     reports = []
     for name, split in source.splits.items():
         if writer.is_complete(name):
             log(f"{name}: already complete, skipped")
             reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
             continue
-        split_writer = writer.split(name, split.labels, token_shape, cache_spec.dtype,
-                                    cache_spec.chunk_images, cache_spec.shard_images, cache_spec.compressor)
+        arrays = (name, split.labels, token_shape, cache_spec.dtype, cache_spec.chunk_images,
+                  cache_spec.shard_images, cache_spec.compressor)
+        if world.is_main:
+            split_writer = writer.split(*arrays)  # creates the split's arrays
+        world.barrier()
+        if not world.is_main:
+            split_writer = writer.split(*arrays)  # opens them
         reports.append(_extract_split(
             name, split, split_writer, writer, backbone, preprocessing, cache_spec, stages,
-            torch_device, autocast_dtype, batch_size, workers, progress,
+            torch_device, autocast_dtype, batch_size, workers, progress, world,
         ))
     return reports
 
@@ -118,10 +132,13 @@ def extract(
 def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writer: CacheWriter,
                    backbone: Backbone, preprocessing: Preprocessing, spec: CacheSpec, stages: list[int],
                    device: torch.device, autocast_dtype: torch.dtype | None, batch_size: int,
-                   workers: int, progress: ProgressSink) -> SplitReport:
+                   workers: int, progress: ProgressSink, world: World) -> SplitReport:
+    """This rank's share of the split's pending shards (all of them in one process); then,
+    after every rank is done, rank 0 checks every shard and marks the split complete."""
     started = time.perf_counter()
-    pending = split_writer.pending_shards()
-    pending_images = sum(stop - start for start, stop in map(split_writer.shard_bounds, pending))
+    all_pending = world.broadcast(split_writer.pending_shards())
+    pending = world.share(all_pending)
+    pending_images = sum(stop - start for start, stop in map(split_writer.shard_bounds, all_pending))
     progress.start_split(name, len(split), len(split) - pending_images)
     batches = [
         list(range(start, stop))
@@ -136,23 +153,28 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode(), autocast(device, autocast_dtype):
-        assembler = _ShardAssembler(split_writer, pending)
-        for images, indices, errors in loader:
-            if errors:
-                raise SidetuneError(
-                    f"Could not read image {errors[0]}. Fix or remove it (and its line in the list "
-                    "file, if any), then rerun the same command: finished shards are kept."
-                )
-            stacked = stored_tokens(backbone, spec, stages, images.to(device, non_blocking=True))
-            absmax = stacked.abs().amax(dim=(0, 2, 3)).float().cpu().numpy()
-            _check_range(stacked, absmax, spec, stages, name, split, indices)
-            tokens = stacked.to(spec.torch_dtype()).cpu()
-            for shard, shard_tokens, shard_absmax in assembler.add(indices, tokens, absmax):
-                shard_writer.submit(shard, shard_tokens, shard_absmax)
-            progress.advance(len(indices))
-    complete = writer.finish_split(split_writer)
-    skipped = split_writer.num_shards - len(pending)
+    # Under torchrun, rank 0's bar counts the shards every rank has written (total throughput).
+    monitor = _ShardMonitor(split_writer, all_pending, progress) if world.size > 1 else contextlib.nullcontext()
+    with monitor:
+        with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode(), autocast(device, autocast_dtype):
+            assembler = _ShardAssembler(split_writer, pending)
+            for images, indices, errors in loader:
+                if errors:
+                    raise SidetuneError(
+                        f"Could not read image {errors[0]}. Fix or remove it (and its line in the list "
+                        "file, if any), then rerun the same command: finished shards are kept."
+                    )
+                stacked = stored_tokens(backbone, spec, stages, images.to(device, non_blocking=True))
+                absmax = stacked.abs().amax(dim=(0, 2, 3)).float().cpu().numpy()
+                _check_range(stacked, absmax, spec, stages, name, split, indices)
+                tokens = stacked.to(spec.torch_dtype()).cpu()
+                for shard, shard_tokens, shard_absmax in assembler.add(indices, tokens, absmax):
+                    shard_writer.submit(shard, shard_tokens, shard_absmax)
+                if world.size == 1:
+                    progress.advance(len(indices))
+        world.barrier()  # every rank's shards are written (its writer thread has drained)
+    complete = world.broadcast(writer.finish_split(split_writer) if world.is_main else None)
+    skipped = split_writer.num_shards - len(all_pending)
     return SplitReport(name, len(split), len(pending), skipped, time.perf_counter() - started, complete)
 
 
@@ -181,6 +203,37 @@ def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, sta
             f"Activations overflow float16 in split {split_name}: {', '.join(bad)} exceed {FLOAT16_MAX:.0f}. "
             "Nothing was stored as inf. Use a cache spec with dtype: bfloat16 or float32 (and --overwrite)."
         )
+
+
+class _ShardMonitor:
+    """Advances `progress` by the images of pending shards as any rank marks them written,
+    polling the split's small shard_complete array from a thread."""
+
+    def __init__(self, writer: SplitWriter, pending: list[int], progress: ProgressSink, every: float = 1.0):
+        self.writer, self.pending, self.progress, self.every = writer, set(pending), progress, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="sidetune-progress")
+
+    def _poll(self) -> None:
+        done = self.pending.difference(self.writer.pending_shards())
+        for shard in done:
+            start, stop = self.writer.shard_bounds(shard)
+            self.progress.advance(stop - start)
+        self.pending -= done
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every):
+            self._poll()
+
+    def __enter__(self) -> "_ShardMonitor":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        if exc[0] is None:
+            self._poll()
 
 
 class _ShardAssembler:
@@ -273,7 +326,7 @@ def check_writable(out: Path) -> None:
     """Fail before any compute if the cache folder cannot be created or written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sidetune-write-probe"
+        probe = out / f".sidetune-write-probe-{os.getpid()}"  # one per process: torchrun ranks probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:

@@ -8,12 +8,13 @@ import sys
 import pytest
 
 import sidetune
-from conftest import ROOT, extract_tiny
+from conftest import ROOT, extract_tiny, write_vtab_folder
+from test_resume import assert_same_store, small_shard_spec
 
 
 def torchrun(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node=N -m sidetune ARGUMENTS`, as a user runs it."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "sidetune", *arguments]
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
@@ -41,3 +42,29 @@ def test_a_torchrun_sweep_shares_configs_between_ranks_and_rank0_merges_them(vta
                            out=tmp_path / "one", protocol="none", train_split="train800", eval_split="val200")
     assert [row["top1"] for row in merged] == [row.top1 for row in alone.rows]
     assert finished.stderr.count("Best:") == 1  # only rank 0 reports
+
+
+def test_a_torchrun_extraction_equals_a_one_process_extraction_bitwise(tmp_path):
+    folder, spec = write_vtab_folder(tmp_path / "task"), small_shard_spec(tmp_path, shard_images=4)
+    extract_tiny(folder, tmp_path / "one", spec=str(spec))
+    finished = torchrun("extract", "--model", "test_vit", "--no-pretrained", "--dataset", str(folder),
+                        "--out", str(tmp_path / "two"), "--spec", str(spec), "--workers", "0")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_same_store(tmp_path / "one", tmp_path / "two")
+    assert all(split.complete for split in sidetune.open_cache(tmp_path / "two").splits.values())
+
+
+def test_a_failed_rank_leaves_its_shards_to_a_rerun_with_another_world_size(tmp_path):
+    folder, spec = write_vtab_folder(tmp_path / "task"), small_shard_spec(tmp_path, shard_images=4)
+    extract_tiny(folder, tmp_path / "clean", spec=str(spec))
+    broken = folder / "images" / "train800_9.jpg"  # in train800's last shard: rank 1's share
+    original = broken.read_bytes()
+    broken.write_bytes(b"x" * len(original))  # same size: the dataset's fingerprint is unchanged
+    failed = torchrun("extract", "--model", "test_vit", "--no-pretrained", "--dataset", str(folder),
+                      "--out", str(tmp_path / "cache"), "--spec", str(spec), "--workers", "0")
+    assert failed.returncode != 0 and "train800_9.jpg" in failed.stderr
+    assert not sidetune.open_cache(tmp_path / "cache").split("train800").complete
+
+    broken.write_bytes(original)
+    extract_tiny(folder, tmp_path / "cache", spec=str(spec))  # one process finishes what is missing
+    assert_same_store(tmp_path / "clean", tmp_path / "cache")

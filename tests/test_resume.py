@@ -17,9 +17,9 @@ from conftest import ROOT
 from sidetune.extract import ProgressSink
 
 
-def small_shard_spec(tmp_path: Path) -> Path:
+def small_shard_spec(tmp_path: Path, shard_images: int = 8) -> Path:
     spec = tmp_path / "small_shards.yaml"
-    spec.write_text("stages: all\ntokens: all\ndtype: float16\nshard_images: 8\n")
+    spec.write_text(f"stages: all\ntokens: all\ndtype: float16\nshard_images: {shard_images}\n")
     return spec
 
 

@@ -57,7 +57,7 @@ class SplitWriter:
 def _remove_cache(path: Path) -> None:
     """Delete a sidetune cache folder, and never anything else."""
     is_cache = (path / "zarr.json").is_file() and MANIFEST_KEY in zarr.open_group(str(path), mode="r").attrs
-    leftovers = {p.name for p in path.iterdir()} <= {".sidetune-write-probe"}
+    leftovers = all(p.name.startswith(".sidetune-write-probe") for p in path.iterdir())
     if not (is_cache or leftovers):
         raise SidetuneError(
             f"--overwrite refuses to delete {path}: it is not a sidetune cache. Point --out at a "
@@ -106,6 +106,13 @@ class CacheWriter:
         writer = cls(root, manifest)
         writer._save_manifest()
         return writer
+
+    @classmethod
+    def attach(cls, path: str | Path, manifest: dict) -> "CacheWriter":
+        """Open a cache another process (torchrun's rank 0) has just created or verified with
+        `open`, to write shards into; never writes the manifest itself."""
+        root = zarr.open_group(str(path), mode="r+")
+        return cls(root, {**manifest, **root.attrs[MANIFEST_KEY]})
 
     def write_backbone_params(self, params: dict[str, np.ndarray]) -> None:
         group = self.root.require_group("backbone")
