@@ -29,7 +29,7 @@ def _split_list(value: Optional[str]) -> Optional[list[str]]:
 def extract(
     model: str = typer.Option(..., help="Alias (vit_b16, vit_l16, vit_h14, vit_g14, vit_s16, vit_ti16), any timm ViT name, or local-dir:/folder."),
     dataset: str = typer.Option(..., help="VTAB-1k task name, digits, hf:org/name, or a folder (VTAB-1k lists, class folders, save_to_disk)."),
-    out: Optional[Path] = typer.Option(None, help="Cache folder. Default: ./cache/<dataset>."),
+    out: Optional[str] = typer.Option(None, help="Cache folder or fsspec URL (s3://, gs://, file://). Default: ./cache/<dataset>."),
     spec: str = typer.Option("default", help="Cache spec name (cache_specs/NAME.yaml) or path to a YAML spec."),
     splits: Optional[str] = typer.Option(None, help="Comma-separated splits to extract. Default: all the dataset has."),
     data_root: Optional[Path] = typer.Option(None, envvar="SIDETUNE_DATA", help="Folder holding VTAB-1k task folders."),
@@ -68,7 +68,7 @@ def extract(
 
 @app.command()
 def info(
-    cache: Path = typer.Argument(..., help="A cache folder written by `sidetune extract`."),
+    cache: str = typer.Argument(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     as_json: bool = typer.Option(False, "--json", help="Print the full manifest as JSON."),
 ) -> None:
     """Describe a cache: backbone, preprocessing, splits with sizes, shapes, bytes and completion."""
@@ -80,7 +80,7 @@ def info(
     show_info(cache)
 
 
-def show_info(path: Path) -> None:
+def show_info(path: str | Path) -> None:
     import sidetune
 
     cache = sidetune.open_cache(path)
@@ -118,7 +118,7 @@ def _human_bytes(count: int) -> str:
 
 @app.command()
 def train(
-    cache: Path = typer.Option(..., help="A cache folder written by `sidetune extract`."),
+    cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     method: str = typer.Option("last", help="Side network: last, losa or linear."),
     rank: Optional[int] = typer.Option(None, min=1, help="LAST: attention rank r (default 16)."),
     gap: Optional[int] = typer.Option(None, min=1, help="LAST: read every g-th stage (default 1)."),
@@ -213,7 +213,7 @@ def predict(
 
 @app.command()
 def sweep(
-    cache: Optional[Path] = typer.Option(None, help="A cache folder written by `sidetune extract`."),
+    cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache)."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
     method: Optional[str] = typer.Option(None, help="Side network: last (default), losa or linear."),

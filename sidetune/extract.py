@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sidetune.backbones import Backbone, Preprocessing, forward_stages, load_backbone, resolve_preprocessing
+from sidetune.cache.location import Location
 from sidetune.cache.manifest import build_manifest
 from sidetune.cache.spec import CacheSpec, load_spec
 from sidetune.cache.store import FLOAT16_MAX, CacheWriter, SplitWriter
@@ -67,12 +68,13 @@ def extract(
     progress: ProgressSink | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> list[SplitReport]:
-    """Run the frozen backbone over a dataset once and write (or resume) its feature cache.
+    """Run the frozen backbone over a dataset once and write (or resume) its feature cache at
+    `out`: a folder, or an fsspec URL (s3://bucket/caches/dtd, gs://..., file://..., memory://...).
 
     Returns one report per split. Raises SidetuneError for any problem with the inputs,
     before any compute where it can be known in advance."""
-    out = Path(out) if out is not None else default_cache_path(dataset)
-    check_writable(out)
+    out = out if out is not None else default_cache_path(dataset)
+    Location(out).check_writable()
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
     torch_device, autocast_dtype = resolve_compute(device, precision)
     source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
@@ -320,16 +322,3 @@ def default_workers(device: torch.device) -> int:
 def default_cache_path(dataset: str) -> Path:
     """Where `extract` writes when no --out is given: ./cache/<dataset name>."""
     return Path("cache") / Path(dataset.removeprefix("hf:")).name
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any compute if the cache folder cannot be created or written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".sidetune-write-probe-{os.getpid()}"  # one per process: torchrun ranks probe at once
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise SidetuneError(
-            f"Cannot write the cache to {out} ({error.strerror or error}). Choose a writable --out."
-        ) from error

@@ -12,13 +12,13 @@ only after every shard is marked.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from sidetune.cache.location import Location
 from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_KEY, identity_differences
 from sidetune.errors import SidetuneError
 
@@ -54,16 +54,16 @@ class SplitWriter:
         self.group["shard_complete"][shard] = 1
 
 
-def _remove_cache(path: Path) -> None:
-    """Delete a sidetune cache folder, and never anything else."""
-    is_cache = (path / "zarr.json").is_file() and MANIFEST_KEY in zarr.open_group(str(path), mode="r").attrs
-    leftovers = all(p.name.startswith(".sidetune-write-probe") for p in path.iterdir())
+def _remove_cache(location: Location) -> None:
+    """Delete a sidetune cache, and never anything else."""
+    is_cache = location.has("zarr.json") and MANIFEST_KEY in zarr.open_group(str(location), mode="r").attrs
+    leftovers = all(name.startswith(".sidetune-write-probe") for name in location.entries())
     if not (is_cache or leftovers):
         raise SidetuneError(
-            f"--overwrite refuses to delete {path}: it is not a sidetune cache. Point --out at a "
+            f"--overwrite refuses to delete {location}: it is not a sidetune cache. Point --out at a "
             "cache folder or a new folder."
         )
-    shutil.rmtree(path)
+    location.remove()
 
 
 class CacheWriter:
@@ -79,11 +79,11 @@ class CacheWriter:
 
         An existing cache from another backbone, weights, preprocessing, spec or dataset is
         refused unless `overwrite`, which deletes it first."""
-        path = Path(path)
-        if overwrite and path.exists():
-            _remove_cache(path)
-        if (path / "zarr.json").is_file():
-            root = zarr.open_group(str(path), mode="r+")
+        location = Location(path)
+        if overwrite and location.entries():
+            _remove_cache(location)
+        if location.has("zarr.json"):
+            root = zarr.open_group(str(location), mode="r+")
             existing = root.attrs.get(MANIFEST_KEY)
             if existing is None:
                 raise SidetuneError(f"{path} is a zarr store but not a sidetune cache. Choose another --out or pass --overwrite.")
@@ -99,10 +99,10 @@ class CacheWriter:
                     "new cache, or --overwrite to replace this one."
                 )
             manifest = {**manifest, "created": existing["created"], "splits": existing.get("splits", {})}
-        elif path.exists() and any(path.iterdir()):
+        elif any(not name.startswith(".sidetune-write-probe") for name in location.entries()):
             raise SidetuneError(f"Output folder {path} exists and is not a sidetune cache. Choose another --out or pass --overwrite.")
         else:
-            root = zarr.open_group(str(path), mode="w")
+            root = zarr.open_group(str(location), mode="w")
         writer = cls(root, manifest)
         writer._save_manifest()
         return writer
@@ -111,7 +111,7 @@ class CacheWriter:
     def attach(cls, path: str | Path, manifest: dict) -> "CacheWriter":
         """Open a cache another process (torchrun's rank 0) has just created or verified with
         `open`, to write shards into; never writes the manifest itself."""
-        root = zarr.open_group(str(path), mode="r+")
+        root = zarr.open_group(str(Location(path)), mode="r+")
         return cls(root, {**manifest, **root.attrs[MANIFEST_KEY]})
 
     def write_backbone_params(self, params: dict[str, np.ndarray]) -> None:
