@@ -4,12 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import zarr
 
 import sidetune
 from conftest import ROOT, extract_tiny, write_vtab_folder
-from test_resume import assert_same_store, small_shard_spec
+from sidetune.cache.store import SplitWriter
+from sidetune.extract import _ShardMonitor
+from test_resume import CountImages, assert_same_store, small_shard_spec
 
 
 def torchrun(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -68,3 +72,19 @@ def test_a_failed_rank_leaves_its_shards_to_a_rerun_with_another_world_size(tmp_
     broken.write_bytes(original)
     extract_tiny(folder, tmp_path / "cache", spec=str(spec))  # one process finishes what is missing
     assert_same_store(tmp_path / "clean", tmp_path / "cache")
+
+
+def test_rank0s_progress_counts_the_shards_any_rank_has_written(tmp_path):
+    extract_tiny("digits", tmp_path / "cache", splits=["val200"], limit=16, spec=str(small_shard_spec(tmp_path, 4)))
+    group = zarr.open_group(str(tmp_path / "cache" / "val200"), mode="r+")
+    tokens, absmax = group["tokens"][:], group["shard_absmax"][:]
+    group["shard_complete"][:] = 0  # as if no rank had written anything yet
+    split = SplitWriter("val200", group, 16, 4)
+    counted = CountImages()
+    with _ShardMonitor(split, [0, 1, 2, 3], counted, every=0.01):
+        for shard in (0, 3):  # written by "other ranks": the monitor only sees the store
+            split.write_shard(shard, tokens[shard * 4:(shard + 1) * 4], absmax[shard])
+        time.sleep(0.2)
+        assert counted.images == 8
+        split.write_shard(1, tokens[4:8], absmax[1])
+    assert counted.images == 12  # the last poll on exit; shard 2 is still missing
