@@ -238,7 +238,7 @@ def sweep(
     eval_split: Optional[str] = typer.Option(None, help="Protocol none: evaluation split."),
     out: Optional[Path] = typer.Option(None, help="Sweep directory. Default: runs/<cache>-sweep-<timestamp>."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    max_stack: Optional[int] = typer.Option(None, min=1, help="At most this many configurations per stack. Default: as many as fit the device's memory (measured)."),
+    max_stack: Optional[int] = typer.Option(None, min=1, help="At most this many configurations per stack. Default: as many as fit the device's memory (measured); at most 16 on the CPU."),
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard."),
     compile: bool = typer.Option(False, "--compile", help="Run the side network through torch.compile (fused kernels; compiles once per shape first)."),
 ) -> None:

@@ -33,7 +33,7 @@ from sidetune.engine import EpochStats, TrainConfig, TrainResult, train_group
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_sweep
 from sidetune.sidenets import method_options
-from sidetune.stacking import plan_stacks, stack_capacity
+from sidetune.stacking import default_stack_limit, plan_stacks, stack_capacity
 from sidetune.train import default_splits
 
 StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
@@ -125,10 +125,11 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
     for config_id in ids:
         groups.setdefault(configs[config_id].group_key(), []).append(config_id)
     mine = [config_id for members in groups.values() for config_id in world.share(members)]
+    limit = max_stack or default_stack_limit(device)
     capacity = {}
     for key, members in groups.items():
         fit = stack_capacity(cache, configs[members[0]], train_split, eval_split, device, memory_budget=memory_budget)
-        capacity[key] = min(fit, max_stack) if max_stack else fit
+        capacity[key] = min(fit, limit) if limit else fit
     ordered = [configs[config_id] for config_id in mine]
     rows = []
     stacks = plan_stacks(ordered, capacity)
@@ -162,7 +163,7 @@ def sweep(
     protocol 'vtab' (the default when the cache has the VTAB-1k splits): select on
     train800 -> val200, retrain the top-k on train800val200, report on test. 'none': train on
     one split and score on another (defaults as for `train`). Stacks hold as many configs as
-    fit the device's memory, at most `max_stack`.
+    fit the device's memory, at most `max_stack` (default: 16 on the CPU, unbounded on a GPU).
 
     Under torchrun each rank trains its share of the configs and writes ranks/rank-R.jsonl;
     rank 0 writes the merged files. Every rank returns the merged report."""
