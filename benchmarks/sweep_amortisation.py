@@ -1,8 +1,8 @@
 """Sweep amortisation on CPU: wall time of K stacked configurations vs one, in one process.
 
-    python benchmarks/sweep_amortisation.py [--cache DIR] [--out benchmarks/results/sweep_amortisation.json]
+    python benchmarks/sweep_amortisation.py [--cache DIR] [--out FILE]
 
-Without --cache, builds the digits cache with the random test_vit (the same as `sidetune demo`).
+Without --cache, builds the digits cache with the random test_vit (as `sidetune demo` does).
 Reports, per method and K, the seconds for 2 epochs on train800 (features loaded, trained,
 evaluated on val200) and the ratio to K = 1, and the seconds of K separate single-config runs
 (measured, one after another in the same process) with the speed-up of the sweep over them.
@@ -12,14 +12,13 @@ The `torch.compile` rows run each K twice: the first run (compiling) is reported
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 import sidetune
+from common import WORK, machine, write_result
 from sidetune.engine import train_group
 from sidetune.sweep import expand_grid
 
@@ -29,8 +28,8 @@ CASES = [("linear", {}, False, "1,4,16,64"), ("last", {"rank": 8}, False, "1,4,1
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path("cache/digits"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_amortisation.json"))
+    parser.add_argument("--cache", type=Path, default=WORK / "digits-test_vit")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--stacks", default=None, help="K values for every method (default: per method, up to 64).")
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
@@ -54,10 +53,8 @@ def main() -> None:
                 row.update(separate_seconds=round(separate, 3), speedup_over_separate=round(separate / seconds, 2))
             rows.append(row)
             print(rows[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "sweep_amortisation", "device": "cpu", "threads": torch.get_num_threads(),
-                                    "machine": platform.processor() or platform.machine(), "epochs": args.epochs,
-                                    "cache": str(args.cache), "rows": rows}, indent=2) + "\n")
+    write_result("sweep_amortisation", {"epochs": args.epochs, "cache": str(args.cache),
+                                        "machine": machine(torch.device("cpu")), "rows": rows}, args.out)
 
 
 def timed(work) -> float:

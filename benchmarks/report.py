@@ -1,0 +1,82 @@
+"""Render benchmarks/results/*.json into the tables of docs/benchmarks.md.
+
+    python benchmarks/report.py
+
+Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in the docs and is
+replaced whole; the prose around the tables is written by people."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from common import RESULTS
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join("" if cell is None else str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def describe(record: dict) -> str:
+    m = record["machine"]
+    where = m.get("gpu") or f"CPU ({m['cpu']}, {m['threads']} threads)"
+    return f"Measured on {where}, torch {m['torch']}."
+
+
+def stage_two(record: dict) -> str:
+    rows = [[r["batch_size"], r["method"], r["epoch_seconds"], f"{r['time_ratio_to_cache']}x",
+             round(r["peak_memory_bytes"] / 2**20), f"{r['memory_ratio_to_cache']}x"] for r in record["rows"]]
+    memory = "peak GPU memory allocated (MiB)" if record["machine"]["device"] == "cuda" else "peak RSS (MiB)"
+    return (f"{describe(record)} {record['model']} ({'pretrained' if record['pretrained'] else 'random weights'}), "
+            f"{record['images']} generated images (their train split).\n\n"
+            + table(["batch", "way", "s / epoch", "time vs cache", memory, "memory vs cache"], rows))
+
+
+def sweep_amortisation(record: dict) -> str:
+    rows = [[r["method"] + (" (compiled)" if r["compile"] else ""), r["configs"], r["seconds"], f"{r['ratio_to_one']}x",
+             r.get("separate_seconds"), f"{r['speedup_over_separate']}x" if "speedup_over_separate" in r else None,
+             r.get("first_run_seconds")] for r in record["rows"]]
+    return (f"{describe(record)} {record['epochs']} epochs of digits train800 on the test_vit cache.\n\n"
+            + table(["method", "K", "stacked (s)", "vs K = 1", "K separate runs (s)", "stacking speed-up",
+                     "first run, compiling (s)"], rows))
+
+
+def extraction(record: dict) -> str:
+    rows = [[r["measure"], r["value"], f"{r['ratio']:.0%}" if "ratio" in r else None] for r in record["rows"]]
+    return (f"{describe(record)} {record['model']}, {record['images']} images, batch {record['batch_size']}, "
+            f"{record['cache_bytes'] / 1e6:.0f} MB of cache.\n\n" + table(["measure", "value", "of the baseline"], rows))
+
+
+def loading(record: dict) -> str:
+    rows = [[r["page_cache"], r["load_seconds"], r["raw_seconds"], r["load_MBps"], r["raw_MBps"], f"{r['ratio']:.0%}"]
+            for r in record["rows"]]
+    return (f"{describe(record)} Split of {record['bytes'] / 1e6:.0f} MB.\n\n"
+            + table(["page cache", "load (s)", "raw read (s)", "load MB/s", "raw MB/s", "load speed of raw"], rows))
+
+
+RENDERERS = {"stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+
+
+def main() -> None:
+    text = DOCS.read_text()
+    for name, render in RENDERERS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            print(f"skipped {name}: no {path}")
+            continue
+        block = f"<!-- results:{name} -->\n{render(json.loads(path.read_text()))}\n<!-- /results:{name} -->"
+        pattern = re.compile(rf"<!-- results:{name} -->.*?<!-- /results:{name} -->", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"docs/benchmarks.md has no <!-- results:{name} --> block")
+        text = pattern.sub(lambda _: block, text)
+    DOCS.write_text(text)
+    print(f"updated {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
