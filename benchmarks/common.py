@@ -42,9 +42,19 @@ def generated_images(folder: Path, count: int, classes: int = 4, size: int = 224
 
 
 def peak_memory(device: torch.device) -> int:
-    """Bytes: this process's peak RSS on CPU, or the peak allocated GPU memory."""
+    """Bytes: this process's peak RSS on CPU, or the peak allocated GPU memory.
+
+    On Linux the peak is VmHWM, which starts afresh at exec; getrusage's ru_maxrss would carry
+    the parent's peak into every child process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

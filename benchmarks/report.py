@@ -63,16 +63,15 @@ RENDERERS = {"stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "
 
 
 def main() -> None:
+    """Each results/NAME.json fills the block NAME, rendered by its benchmark's renderer."""
     text = DOCS.read_text()
-    for name, render in RENDERERS.items():
-        path = RESULTS / f"{name}.json"
-        if not path.exists():
-            print(f"skipped {name}: no {path}")
-            continue
-        block = f"<!-- results:{name} -->\n{render(json.loads(path.read_text()))}\n<!-- /results:{name} -->"
+    for path in sorted(RESULTS.glob("*.json")):
+        record = json.loads(path.read_text())
+        name = path.stem
+        block = f"<!-- results:{name} -->\n{RENDERERS[record['benchmark']](record)}\n<!-- /results:{name} -->"
         pattern = re.compile(rf"<!-- results:{name} -->.*?<!-- /results:{name} -->", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"docs/benchmarks.md has no <!-- results:{name} --> block")
+            raise SystemExit(f"docs/benchmarks.md has no <!-- results:{name} --> block for {path}")
         text = pattern.sub(lambda _: block, text)
     DOCS.write_text(text)
     print(f"updated {DOCS}")
