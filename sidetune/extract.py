@@ -26,7 +26,7 @@ from sidetune.cache.spec import CacheSpec, load_spec
 from sidetune.cache.store import FLOAT16_MAX, CacheWriter, SplitWriter
 from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import ImageSplit, load_source
-from sidetune.distributed import World, current_world
+from sidetune.distributed import World, current_world, launched_rank
 from sidetune.errors import SidetuneError
 
 
@@ -74,7 +74,8 @@ def extract(
     Returns one report per split. Raises SidetuneError for any problem with the inputs,
     before any compute where it can be known in advance."""
     out = out if out is not None else default_cache_path(dataset)
-    Location(out).check_writable()
+    if launched_rank() == 0:  # under torchrun rank 0 alone touches the folder before the store exists
+        Location(out).check_writable()
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
     torch_device, autocast_dtype = resolve_compute(device, precision)
     source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
@@ -226,7 +227,10 @@ class _ShardMonitor:
 
     def _watch(self) -> None:
         while not self.stop.wait(self.every):
-            self._poll()
+            try:
+                self._poll()
+            except Exception:  # a mark being written as we read it; the display must never stop the work
+                continue
 
     def __enter__(self) -> "_ShardMonitor":
         self.thread.start()
