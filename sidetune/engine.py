@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from sidetune.cache.loader import ResidentFeatures, StreamedFeatures, load_features
+from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
 from sidetune.cache.reader import Cache
 from sidetune.compute import autocast
 from sidetune.errors import SidetuneError
@@ -202,12 +202,14 @@ Checkpointer = Callable[[GroupState], None]
 def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval_split: str,
                 device: str | torch.device = "cpu", *, eval_every: int = 0, memory_budget: int | None = None,
                 on_epoch: Callable[[EpochStats], None] | None = None, resume: GroupState | None = None,
-                checkpoint: Checkpointer | None = None, compile: bool = False) -> list[TrainResult]:
+                checkpoint: Checkpointer | None = None, compile: bool = False,
+                loaded: LoadedSplits | None = None) -> list[TrainResult]:
     """Train configs that share a group key, stacked along the leading axis, and evaluate
     them on `eval_split` after training (and every `eval_every` epochs, which also keeps the
     best state). `on_epoch` sees each epoch's stats; `checkpoint` receives the group's state
     after each epoch, and `resume` continues from such a state. `compile` runs the training
-    forward through `torch.compile` (fused kernels; a one-off compile cost per shape)."""
+    forward through `torch.compile` (fused kernels; a one-off compile cost per shape). `loaded`
+    shares the splits' features with other stacks (a sweep passes one to all its stacks)."""
     keys = {c.group_key() for c in configs}
     if len(keys) != 1:
         raise ValueError("train_group needs configs with one group key; see TrainConfig.group_key")
@@ -218,7 +220,8 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     net.reset_parameters([c.seed for c in configs])
     net.to(device)
     stages = net.stages_needed()
-    train_data = load_features(cache, train_split, stages, device, memory_budget)
+    loaded = loaded or LoadedSplits(cache, device, memory_budget)
+    train_data = loaded.get(train_split, stages)
     eval_data = None
     if net.standardize:
         net.fit_standardizer(tokens[:, -1] for tokens, _ in train_data.batches(256))
@@ -264,7 +267,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
             step += 1
         eval_top1 = None
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == first.epochs):
-            eval_data = eval_data or load_features(cache, eval_split, stages, device, memory_budget)
+            eval_data = eval_data or loaded.get(eval_split, stages)
             predictions, eval_labels = predicted_classes(net, eval_data, first.batch_size)
             eval_top1 = [math.nan if j in state.failures else float((predictions[j] == eval_labels).float().mean() * 100)
                          for j in range(k)]
@@ -284,7 +287,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
             on_epoch(stats)
 
     if eval_data is None:
-        eval_data = load_features(cache, eval_split, stages, device, memory_budget)
+        eval_data = loaded.get(eval_split, stages)
     predictions, eval_labels = predicted_classes(net, eval_data, first.batch_size)
     seconds = time.perf_counter() - started
     params = net.trainable_parameters_per_config()

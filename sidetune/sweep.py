@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from sidetune import runs
+from sidetune.cache.loader import LoadedSplits
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.datasets.catalogue import VTAB_SPLITS
@@ -131,13 +132,14 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         fit = stack_capacity(cache, configs[members[0]], train_split, eval_split, device, memory_budget=memory_budget)
         capacity[key] = min(fit, limit) if limit else fit
     ordered = [configs[config_id] for config_id in mine]
+    loaded = LoadedSplits(cache, device, memory_budget)  # stacks reading the same stages share one load
     rows = []
     stacks = plan_stacks(ordered, capacity)
     for number, stack in enumerate(stacks):
         if on_stack is not None:
             on_stack(number, len(stacks), [ordered[i] for i in stack])
         results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
-                              memory_budget=memory_budget, on_epoch=on_epoch, compile=compile)
+                              memory_budget=memory_budget, on_epoch=on_epoch, compile=compile, loaded=loaded)
         rows += [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
     return sorted((row for rank_rows in world.all_gather(rows) for row in rank_rows), key=lambda row: row.config_id)
 

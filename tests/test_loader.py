@@ -3,7 +3,7 @@
 import torch
 
 from conftest import config
-from sidetune.cache.loader import ResidentFeatures, StreamedFeatures, load_features
+from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures, load_features
 from sidetune.engine import build_sidenet, predicted_classes, train_group
 
 CPU = torch.device("cpu")
@@ -44,3 +44,12 @@ def test_training_from_a_streamed_split_learns(digits_cache):
                            memory_budget=4 * 2**20)  # all 7 stages of train800 take 70 MiB
     assert result.status == "ok"
     assert result.top1 > 30.0  # chance is 10%
+
+
+def test_stacks_share_a_split_loaded_once_until_other_stages_are_asked_for(digits_cache):
+    loaded = LoadedSplits(digits_cache, CPU)
+    first = loaded.get("val200", [0, 6])
+    assert loaded.get("val200", [0, 6]) is first
+    assert loaded.get("train800", [0, 6]) is not first and set(loaded.held) == {"val200", "train800"}
+    other = loaded.get("val200", [6])
+    assert other is not first and set(loaded.held) == {"val200"} and other.tokens.shape[1] == 1

@@ -135,3 +135,22 @@ def load_features(cache: Cache, split: str, stages: Sequence[int], device: torch
         return ResidentFeatures(cached, stages, device)
     cached.require_complete()  # before any thread starts
     return StreamedFeatures(cached, stages, device, budget)
+
+
+class LoadedSplits:
+    """The splits the last stack loaded, kept for the next one: consecutive stacks of a sweep
+    that read the same stages share one load of each split instead of reading the cache again.
+    Asking for other stages drops what is held first, so at most one stage set is in memory."""
+
+    def __init__(self, cache: Cache, device: torch.device, budget_bytes: int | None = None):
+        self.cache, self.device, self.budget_bytes = cache, device, budget_bytes
+        self.stages: tuple[int, ...] | None = None
+        self.held: dict[str, ResidentFeatures | StreamedFeatures] = {}
+
+    def get(self, split: str, stages: Sequence[int]) -> ResidentFeatures | StreamedFeatures:
+        if tuple(stages) != self.stages:
+            self.held.clear()
+            self.stages = tuple(stages)
+        if split not in self.held:
+            self.held[split] = load_features(self.cache, split, stages, self.device, self.budget_bytes)
+        return self.held[split]
