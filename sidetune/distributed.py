@@ -64,14 +64,19 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def current_world(device: torch.device | None = None) -> World:
     """The world this process runs in, read from torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK); the default process group is initialised on first use, with nccl when
     `device` is CUDA and gloo otherwise."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_world_size()
     if size == 1:
         return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(launched_rank(), size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         cuda = device is not None and device.type == "cuda"
         if cuda:

@@ -20,6 +20,7 @@ from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 from sidetune.compute import resolve_device
+from sidetune.distributed import launched_world_size
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_learning_curve
 
@@ -59,6 +60,10 @@ def train(
 ) -> tuple[Path, TrainResult]:
     """Train one configuration and write its run directory; an interrupted run in `out` with
     the same settings resumes from its last checkpoint. Returns (run directory, result)."""
+    if launched_world_size() > 1:
+        raise SidetuneError("`sidetune train` trains one configuration in one process; under torchrun every rank "
+                            "would write the same run. Run it without torchrun, or share configurations between "
+                            "ranks with `torchrun ... -m sidetune sweep`.")
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     train_split, eval_split = default_splits(cache, train_split, eval_split)
     torch_device = resolve_device(device)

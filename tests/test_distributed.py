@@ -88,3 +88,10 @@ def test_rank0s_progress_counts_the_shards_any_rank_has_written(tmp_path):
         assert counted.images == 8
         split.write_shard(1, tokens[4:8], absmax[1])
     assert counted.images == 12  # the last poll on exit; shard 2 is still missing
+
+
+def test_train_under_torchrun_is_refused_with_the_way_to_share_configs(vtab_digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(sidetune.SidetuneError, match="-m sidetune sweep"):
+        sidetune.train(vtab_digits, sidetune.TrainConfig.create("linear", epochs=1), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
