@@ -1,6 +1,6 @@
 """Cache specs: which stages and tokens a cache keeps, in which dtype, chunked and sharded how.
 
-Specs are YAML files in the repository's cache_specs/ folder (`--spec NAME`) or anywhere
+Specs are YAML files in the package's sidetune/cache_specs/ folder (`--spec NAME`) or anywhere
 (`--spec path/to/spec.yaml`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import yaml
 
 from sidetune.errors import SidetuneError
 
-SPECS_DIR = Path(__file__).resolve().parents[2] / "cache_specs"
+SPECS_DIR = Path(__file__).resolve().parents[1] / "cache_specs"  # package data: in every install
 TOKEN_MODES = ("all", "cls", "mean")
 DTYPES = ("float16", "bfloat16", "float32")
 COMPRESSORS = ("none", "zstd")
@@ -108,7 +108,7 @@ def available_specs() -> list[str]:
 
 
 def load_spec(name_or_path: str) -> CacheSpec:
-    """A spec by name (cache_specs/NAME.yaml) or by path to a YAML file."""
+    """A spec by name (sidetune/cache_specs/NAME.yaml) or by path to a YAML file."""
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         path = SPECS_DIR / f"{name_or_path}.yaml"
