@@ -121,10 +121,9 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
     every rank. Each group of same-shape configs is shared out between the ranks, and each
     rank's share is cut into stacks that fit its device's memory (and `max_stack`)."""
-    ids = list(configs)
     groups: dict[tuple, list[int]] = {}
-    for config_id in ids:
-        groups.setdefault(configs[config_id].group_key(), []).append(config_id)
+    for config_id, config in configs.items():
+        groups.setdefault(config.group_key(), []).append(config_id)
     mine = [config_id for members in groups.values() for config_id in world.share(members)]
     limit = max_stack or default_stack_limit(device)
     capacity = {}
