@@ -17,7 +17,7 @@ import datetime as dt
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -115,15 +115,50 @@ class SweepReport:
     protocol: str
 
 
+def append_rows(path: Path, rows: list[SweepRow]) -> None:
+    """Add finished rows to a rank's journal (ranks/rank-R.jsonl), one stack at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as journal:
+        for row in rows:
+            record = {f.name: getattr(row, f.name) for f in fields(row) if f.name != "config"}
+            journal.write(json.dumps({**record, "config": row.config.describe()}, default=_plain) + "\n")
+
+
+def finished_rows(out: Path, phase: str, configs: dict[int, TrainConfig], train_split: str,
+                  eval_split: str) -> dict[int, SweepRow]:
+    """The rows of `phase` that an earlier, interrupted run of this sweep finished (from every
+    rank's journal), by config id; refuses a folder that holds another sweep."""
+    done: dict[int, SweepRow] = {}
+    for path in sorted((out / "ranks").glob("rank-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if record["phase"] != phase:
+                continue
+            config = TrainConfig.from_record(record.pop("config"))
+            row = SweepRow(**record, config=config)
+            if configs.get(row.config_id) != config or (row.train_split, row.eval_split) != (train_split, eval_split):
+                raise SidetuneError(f"{out} holds a sweep with other settings (config {row.config_id} differs). Rerun "
+                                    "with its settings to resume it, or choose another --out.")
+            done[row.config_id] = row
+    return done
+
+
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
-                world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
+                out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
                 on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
-    every rank. Each group of same-shape configs is shared out between the ranks, and each
-    rank's share is cut into stacks that fit its device's memory (and `max_stack`)."""
+    every rank. Configs an interrupted run of this sweep finished are not trained again. Each
+    group of same-shape configs is shared out between the ranks, and each rank's share is cut
+    into stacks that fit its device's memory (and `max_stack`); every finished stack is
+    journaled to ranks/rank-R.jsonl."""
+    done = world.broadcast(finished_rows(out, phase, configs, train_split, eval_split) if world.is_main else None)
     groups: dict[tuple, list[int]] = {}
     for config_id, config in configs.items():
-        groups.setdefault(config.group_key(), []).append(config_id)
+        if config_id not in done:
+            groups.setdefault(config.group_key(), []).append(config_id)
     mine = [config_id for members in groups.values() for config_id in world.share(members)]
     limit = max_stack or default_stack_limit(device)
     capacity = {}
@@ -139,8 +174,11 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
             on_stack(number, len(stacks), [ordered[i] for i in stack])
         results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
                               memory_budget=memory_budget, on_epoch=on_epoch, compile=compile, loaded=loaded)
-        rows += [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
-    return sorted((row for rank_rows in world.all_gather(rows) for row in rank_rows), key=lambda row: row.config_id)
+        stack_rows = [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
+        append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
+        rows += stack_rows
+    trained = [row for rank_rows in world.all_gather(rows) for row in rank_rows]
+    return sorted([*done.values(), *trained], key=lambda row: row.config_id)
 
 
 def sweep(
@@ -166,8 +204,10 @@ def sweep(
     one split and score on another (defaults as for `train`). Stacks hold as many configs as
     fit the device's memory, at most `max_stack` (default: 16 on the CPU, unbounded on a GPU).
 
-    Under torchrun each rank trains its share of the configs and writes ranks/rank-R.jsonl;
-    rank 0 writes the merged files. Every rank returns the merged report."""
+    Every finished stack is journaled to ranks/rank-R.jsonl: rerun an interrupted sweep with
+    the same `out` and it trains only what is missing. Under torchrun each rank trains its share
+    of the configs and keeps its own journal; rank 0 writes the merged files. Every rank
+    returns the merged report."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if not configs:
         raise SidetuneError("The sweep has no configurations; give at least one value for each setting.")
@@ -185,7 +225,7 @@ def sweep(
     torch_device = world.device(torch_device)
     out = Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(cache.path, "sweep"))))
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
+    common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
                   on_stack=on_stack, on_epoch=on_epoch)
 
     if protocol == "vtab":
@@ -206,10 +246,6 @@ def sweep(
         best = max(ok, key=lambda row: row.top1)
 
     report = SweepReport(out, rows, best, protocol)
-    if world.size > 1:
-        trained_here = [row for row in rows if row.process_rank == world.rank]
-        write_rows(out / "ranks" / f"rank-{world.rank}.jsonl", trained_here)
-        world.barrier()
     if world.is_main:
         write_results(report, cache, configs[0].method, top_k, world.size)
     world.barrier()

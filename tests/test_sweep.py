@@ -119,3 +119,36 @@ def test_sweep_command_reads_a_yaml_grid_and_prints_the_ranked_table(small_vtab_
     records = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
     assert sorted((r["lr"], r["weight_decay"]) for r in records) == [(0.01, 0.0001), (0.01, 0.01), (0.1, 0.0001), (0.1, 0.01)]
     assert "sidetune train --cache" in result.output
+
+
+class StopAtStack:
+    """on_stack that acts like Ctrl-C when stack `number` is about to start."""
+
+    def __init__(self, number: int | None = None):
+        self.number, self.started = number, []
+
+    def __call__(self, number, total, configs):
+        if number == self.number:
+            raise KeyboardInterrupt
+        self.started.append([c.lr for c in configs])
+
+
+def test_an_interrupted_sweep_reruns_only_the_missing_stacks_and_ends_as_an_uninterrupted_one(small_vtab_cache, tmp_path):
+    configs = expand_grid("linear", {"lr": [0.01, 0.03, 0.1]}, {"epochs": 2})
+    splits = dict(protocol="none", train_split="train800", eval_split="val200", max_stack=1)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(small_vtab_cache, configs, out=tmp_path / "resumed", on_stack=StopAtStack(2), **splits)
+    assert not (tmp_path / "resumed" / "sweep.json").exists()
+    rerun = StopAtStack()
+    resumed = sweep(small_vtab_cache, configs, out=tmp_path / "resumed", on_stack=rerun, **splits)
+    assert rerun.started == [[0.1]]  # the two finished stacks are not trained again
+    straight = sweep(small_vtab_cache, configs, out=tmp_path / "straight", **splits)
+    assert [(r.config_id, r.top1) for r in resumed.rows] == [(r.config_id, r.top1) for r in straight.rows]
+    assert len((tmp_path / "resumed" / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_sweep_folder_holding_other_settings_is_refused(small_vtab_cache, tmp_path):
+    splits = dict(protocol="none", train_split="train800", eval_split="val200")
+    sweep(small_vtab_cache, expand_grid("linear", {"lr": [0.01]}, {"epochs": 1}), out=tmp_path / "s", **splits)
+    with pytest.raises(sidetune.SidetuneError, match="holds a sweep with other settings"):
+        sweep(small_vtab_cache, expand_grid("linear", {"lr": [0.3]}, {"epochs": 1}), out=tmp_path / "s", **splits)
