@@ -269,8 +269,12 @@ def sweep(
     with TrainProgress(quiet=not main_rank) as progress:
         callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done)
         if caches is not None:
+            def announce(name: str, number: int, total: int) -> None:
+                if main_rank:
+                    console.print(f"[bold]{name}[/] (task {number + 1}/{total})")
+
             suite = sweep_tasks(caches, configs, tasks="all" if tasks == "all" else _split_list(tasks), out=out,
-                                **options, **callbacks)
+                                on_task=announce, **options, **callbacks)
         else:
             report = run_sweep(cache, configs, out=out, **options, **callbacks)
     if not main_rank:

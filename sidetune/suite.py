@@ -13,6 +13,7 @@ import csv
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
@@ -117,17 +118,21 @@ def published_scores(backbone: dict, method: str) -> dict[str, float]:
 
 
 def sweep_tasks(root: str | Path, configs: list[TrainConfig], *, tasks: str | list[str] = "all",
-                out: str | Path | None = None, device: str = "auto", **sweep_options) -> SuiteReport:
+                out: str | Path | None = None, device: str = "auto",
+                on_task: Callable[[str, int, int], None] | None = None, **sweep_options) -> SuiteReport:
     """Run `sweep` with `configs` on each task's cache under `root` (into out/<task>/), then
-    write summary.json, summary.csv and summary.png to `out`. Under torchrun every task's sweep
-    is shared between the ranks and rank 0 writes the summary."""
+    write summary.json, summary.csv and summary.png to `out`. `on_task(name, number, total)`
+    hears each task start. Rerunning with the same `out` resumes every task's sweep. Under
+    torchrun every task's sweep is shared between the ranks and rank 0 writes the summary."""
     caches = find_caches(root, tasks)
     world = current_world(resolve_device(device))
     out = Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(root, "sweep"))))
     method = configs[0].method
     published = published_scores(next(iter(caches.values())).manifest["backbone"], method)
     sweeps, scores = {}, []
-    for name, cache in caches.items():
+    for number, (name, cache) in enumerate(caches.items()):
+        if on_task is not None:
+            on_task(name, number, len(caches))
         report = sweep(cache, configs, out=out / name, device=device, **sweep_options)
         sweeps[name] = report
         scores.append(TaskScore(name, group_of(name), report.best.top1, published.get(name), report.best.config_id,
