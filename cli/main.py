@@ -391,5 +391,6 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {error}")
         raise SystemExit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume.")
+        console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume "
+                      "(for train and sweep, with --out set to the same folder).")
         raise SystemExit(130)
