@@ -3,6 +3,7 @@ against the disk's raw sequential write, measured in one run.
 
     python benchmarks/extraction.py                                  # CPU: vit_tiny, 256 images, batch 32
     python benchmarks/extraction.py --model vit_b16 --device cuda --images 2048 --batch-size 64
+    python benchmarks/extraction.py --spec my_spec.yaml        # another cache spec
 
 - extract: `sidetune.extract` over a generated image folder (images decoded by the same worker
   processes, the backbone, the cast, shard assembly and the background shard writer); the
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument("--spec", default="default", help="Cache spec name or YAML path.")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -63,7 +65,7 @@ def main() -> None:
 
     def extract() -> float:
         reports = sidetune.extract(args.model, str(folder), cache_path, pretrained=args.pretrained, device=args.device,
-                                   batch_size=args.batch_size, overwrite=True)
+                                   batch_size=args.batch_size, spec=args.spec, overwrite=True)
         return reports[0].seconds
 
     forward_seconds, extract_seconds = [], []
