@@ -135,11 +135,11 @@ def finished_rows(out: Path, phase: str, configs: dict[int, TrainConfig], train_
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the interruption
-            if record["phase"] != phase:
-                continue
+            if record["phase"] != phase or record["config_id"] not in configs:
+                continue  # another phase, or a config this run does not ask for (e.g. a smaller --top-k)
             config = TrainConfig.from_record(record.pop("config"))
             row = SweepRow(**record, config=config)
-            if configs.get(row.config_id) != config or (row.train_split, row.eval_split) != (train_split, eval_split):
+            if configs[row.config_id] != config or (row.train_split, row.eval_split) != (train_split, eval_split):
                 raise SidetuneError(f"{out} holds a sweep with other settings (config {row.config_id} differs). Rerun "
                                     "with its settings to resume it, or choose another --out.")
             done[row.config_id] = row
