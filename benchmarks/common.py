@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sidetune.compute import proc_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / ".work"  # generated images and caches (git-ignored)
 
@@ -48,14 +50,8 @@ def peak_memory(device: torch.device) -> int:
     the parent's peak into every child process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(script: Path, case: str, arguments: dict) -> dict:

@@ -157,7 +157,8 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
         persistent_workers=False,
     )
     # Under torchrun, rank 0's bar counts the shards every rank has written (total throughput).
-    monitor = _ShardMonitor(split_writer, all_pending, progress) if world.size > 1 else contextlib.nullcontext()
+    watching = world.size > 1 and world.is_main  # the other ranks show no progress: no need to poll
+    monitor = _ShardMonitor(split_writer, all_pending, progress) if watching else contextlib.nullcontext()
     with monitor:
         with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode(), autocast(device, autocast_dtype):
             assembler = _ShardAssembler(split_writer, pending)

@@ -23,7 +23,7 @@ from sidetune.distributed import current_world
 from sidetune.engine import TrainConfig
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_task_scores
-from sidetune.sweep import SweepReport, sweep
+from sidetune.sweep import SweepReport, sweep, sweep_dir
 
 
 @dataclass
@@ -126,7 +126,7 @@ def sweep_tasks(root: str | Path, configs: list[TrainConfig], *, tasks: str | li
     torchrun every task's sweep is shared between the ranks and rank 0 writes the summary."""
     caches = find_caches(root, tasks)
     world = current_world(resolve_device(device))
-    out = Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(root, "sweep"))))
+    out = sweep_dir(out, root, world)
     method = configs[0].method
     published = published_scores(next(iter(caches.values())).manifest["backbone"], method)
     sweeps, scores = {}, []

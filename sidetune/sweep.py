@@ -159,11 +159,12 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
     for config_id, config in configs.items():
         if config_id not in done:
             groups.setdefault(config.group_key(), []).append(config_id)
-    mine = [config_id for members in groups.values() for config_id in world.share(members)]
+    shares = {key: share for key, members in groups.items() if (share := world.share(members))}
+    mine = [config_id for share in shares.values() for config_id in share]
     limit = max_stack or default_stack_limit(device)
     capacity = {}
-    for key, members in groups.items():
-        fit = stack_capacity(cache, configs[members[0]], train_split, eval_split, device, memory_budget=memory_budget)
+    for key, share in shares.items():  # measured only for the groups this rank trains
+        fit = stack_capacity(cache, configs[share[0]], train_split, eval_split, device, memory_budget=memory_budget)
         capacity[key] = min(fit, limit) if limit else fit
     ordered = [configs[config_id] for config_id in mine]
     loaded = LoadedSplits(cache, device, memory_budget)  # stacks reading the same stages share one load
@@ -179,6 +180,11 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         rows += stack_rows
     trained = [row for rank_rows in world.all_gather(rows) for row in rank_rows]
     return sorted([*done.values(), *trained], key=lambda row: row.config_id)
+
+
+def sweep_dir(out: str | Path | None, source: str | Path, world: World) -> Path:
+    """`out`, or runs/<source name>-sweep-<timestamp>, the same folder on every rank."""
+    return Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(source, "sweep"))))
 
 
 def sweep(
@@ -223,7 +229,7 @@ def sweep(
     torch_device = resolve_device(device)
     world = current_world(torch_device)
     torch_device = world.device(torch_device)
-    out = Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(cache.path, "sweep"))))
+    out = sweep_dir(out, cache.path, world)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
                   on_stack=on_stack, on_epoch=on_epoch)
