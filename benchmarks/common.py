@@ -57,7 +57,8 @@ def peak_memory(device: torch.device) -> int:
 def run_child(script: Path, case: str, arguments: dict) -> dict:
     """Run `script --child CASE --args JSON` in a fresh process; its last stdout line is JSON."""
     command = [sys.executable, str(script), "--child", case, "--args", json.dumps(arguments)]
-    finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(script.parents[1])})
+    finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(script.parents[1]), os.environ.get("PYTHONPATH")) if p)})
     if finished.returncode != 0:
         raise RuntimeError(f"{case} failed:\n{finished.stderr[-4000:]}")
     return json.loads(finished.stdout.strip().splitlines()[-1])

@@ -95,7 +95,8 @@ def _images(backbone, folder: str, device: torch.device) -> tuple[torch.Tensor, 
 def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool) -> dict:
     import sidetune
     from sidetune.backbones import forward_stages, load_backbone
-    from sidetune.engine import _adamw_step, build_sidenet, cross_entropy_per_config, training_autocast
+    from sidetune.engine import StackedStep, build_sidenet, training_autocast
+    from sidetune.optim import StackedAdamW
 
     device = torch.device(device)
     backbone = load_backbone(model, pretrained=pretrained)
@@ -105,21 +106,17 @@ def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: st
     net.reset_parameters([0])
     net.to(device)
     stages = net.stages_needed()
-    moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in net.named_parameters()}
-    lr, wd, active = (torch.tensor([v], device=device) for v in (1e-3, 1e-4, True))
+    # The side network's step exactly as the engine runs it (fused optimizer, CUDA graphs on a GPU).
+    step = StackedStep(net, StackedAdamW(net, torch.tensor([1e-3]), torch.tensor([1e-4])), torch.zeros(1), batch_size,
+                       (len(stages), backbone.num_tokens, backbone.width), torch.float16, cuda_graphs=device.type == "cuda")
 
-    def epoch(step: int) -> int:
+    def epoch(number: int) -> int:
         for begin in range(0, len(images), batch_size):
             with torch.no_grad(), training_autocast(device):
-                tokens = torch.stack([x.float() for x in forward_stages(backbone.model, images[begin:begin + batch_size], stages)], 1)
-            with training_autocast(device):
-                logits = net(tokens)
-            loss = cross_entropy_per_config(logits.float(), labels[begin:begin + batch_size], torch.zeros(1, device=device))
-            net.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            step += 1
-            _adamw_step(net, moments, lr, wd, active.bool(), step)
-        return step
+                tokens = torch.stack([x.half() for x in forward_stages(backbone.model, images[begin:begin + batch_size], stages)], 1)
+            number += 1
+            step(tokens, labels[begin:begin + batch_size], number, 1.0)
+        return number
 
     return _timed_epochs(epoch, device)
 

@@ -144,6 +144,7 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard. Default: half the free memory."),
     compile: bool = typer.Option(False, "--compile", help="Run the side network through torch.compile (fused kernels; compiles once per shape first)."),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
     overwrite: bool = typer.Option(False, help="Replace a finished run (or one with other settings) at --out."),
 ) -> None:
     """Stage two: train one side network from the cache into a run directory (never loads the backbone)."""
@@ -162,7 +163,7 @@ def train(
     with TrainProgress(f"{method}", epochs) as progress:
         run_dir, result = train_run(
             cache, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
-            eval_every=eval_every, memory_budget=budget, compile=compile, overwrite=overwrite, on_epoch=progress.epoch_done,
+            eval_every=eval_every, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs, overwrite=overwrite, on_epoch=progress.epoch_done,
             log=lambda message: console.print(f"[dim]{message}"),
         )
     show_run(run_dir)
@@ -241,6 +242,7 @@ def sweep(
     max_stack: Optional[int] = typer.Option(None, min=1, help="At most this many configurations per stack. Default: as many as fit the device's memory (measured); at most 16 on the CPU."),
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard."),
     compile: bool = typer.Option(False, "--compile", help="Run the side network through torch.compile (fused kernels; compiles once per shape first)."),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
 ) -> None:
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
@@ -265,7 +267,7 @@ def sweep(
     if main_rank:
         console.print(f"[bold]{len(configs)}[/] configurations of {method}")
     options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,
-                   max_stack=max_stack, memory_budget=budget, compile=compile)
+                   max_stack=max_stack, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs)
     with TrainProgress(quiet=not main_rank) as progress:
         callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done)
         if caches is not None:
@@ -357,7 +359,7 @@ def demo(
     train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
           pool=None, standardize=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
-          device="auto", memory_budget=None, compile=False, overwrite=True)
+          device="auto", memory_budget=None, compile=False, cuda_graphs=None, overwrite=True)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -20,12 +20,9 @@ import torch
 
 from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
 from sidetune.cache.reader import Cache
-from sidetune.compute import autocast
 from sidetune.errors import SidetuneError
+from sidetune.optim import StackedAdamW
 from sidetune.sidenets import SIDENETS, FeatureLayout, SideNet, create_sidenet, resolve_options
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -150,8 +147,12 @@ def restore_sidenet(manifest: dict, config: TrainConfig, state: dict[str, torch.
 
 
 def training_autocast(device: torch.device) -> AbstractContextManager:
-    """Side networks train under bf16 autocast on CUDA and in full precision on the CPU."""
-    return autocast(device, torch.bfloat16 if device.type == "cuda" else None)
+    """Side networks train under bf16 autocast on CUDA and in full precision on the CPU. The
+    cast-weight cache is off: it must be for CUDA-graph capture, and stacked weights are cast
+    once per step anyway."""
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -202,14 +203,19 @@ Checkpointer = Callable[[GroupState], None]
 def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval_split: str,
                 device: str | torch.device = "cpu", *, eval_every: int = 0, memory_budget: int | None = None,
                 on_epoch: Callable[[EpochStats], None] | None = None, resume: GroupState | None = None,
-                checkpoint: Checkpointer | None = None, compile: bool = False,
+                checkpoint: Checkpointer | None = None, compile: bool = False, cuda_graphs: bool | None = None,
                 loaded: LoadedSplits | None = None) -> list[TrainResult]:
     """Train configs that share a group key, stacked along the leading axis, and evaluate
     them on `eval_split` after training (and every `eval_every` epochs, which also keeps the
     best state). `on_epoch` sees each epoch's stats; `checkpoint` receives the group's state
     after each epoch, and `resume` continues from such a state. `compile` runs the training
-    forward through `torch.compile` (fused kernels; a one-off compile cost per shape). `loaded`
-    shares the splits' features with other stacks (a sweep passes one to all its stacks)."""
+    forward through `torch.compile` (fused kernels; a one-off compile cost per shape).
+    `cuda_graphs` captures each step (forward, backward, optimizer) in a CUDA graph and replays
+    it: on by default on CUDA. `loaded` shares the splits' features with other stacks (a sweep
+    passes one to all its stacks).
+
+    Nothing inside an epoch waits for the device: losses, accuracy and the failed-config mask
+    stay on it and reach the host once per epoch."""
     keys = {c.group_key() for c in configs}
     if len(keys) != 1:
         raise ValueError("train_group needs configs with one group key; see TrainConfig.group_key")
@@ -227,44 +233,36 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         net.fit_standardizer(tokens[:, -1] for tokens, _ in train_data.batches(256))
 
     k = len(configs)
-    lr = torch.tensor([c.lr for c in configs], device=device)
-    weight_decay = torch.tensor([c.weight_decay for c in configs], device=device)
-    smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
     fingerprint = [c.describe() for c in configs]
-    state = GroupState(0, {}, {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in net.named_parameters()},
-                       torch.ones(k, dtype=torch.bool, device=device), {}, [], [None] * k, fingerprint)
+    optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]), torch.tensor([c.weight_decay for c in configs]))
+    state = GroupState(0, {}, {}, torch.ones(k, dtype=torch.bool), {}, [], [None] * k, fingerprint)
     if resume is not None:
-        state = _restore(net, state, resume, device)
+        state = _restore(net, optimizer, state, resume)
+    use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    step = StackedStep(net, optimizer, torch.tensor([c.label_smoothing for c in configs]), first.batch_size,
+                       train_data.sample_shape, train_data.dtype, compile=compile, cuda_graphs=use_graphs)
+    step.active.copy_(state.active)
 
     num_images = train_data.num_images
     steps_per_epoch = math.ceil(num_images / first.batch_size)
     total_steps = steps_per_epoch * first.epochs
     warmup_steps = steps_per_epoch * first.warmup_epochs
-    mixed_precision = training_autocast(device)
-    forward = torch.compile(net, dynamic=False) if compile else net
     for epoch in range(state.epoch, first.epochs):
         epoch_started = time.perf_counter()
-        step = epoch * steps_per_epoch
-        loss_sum = torch.zeros(k, device=device)
-        correct = torch.zeros(k, device=device)
+        number = epoch * steps_per_epoch
+        step.start_epoch()
         shuffle = torch.Generator().manual_seed(first.data_seed * 100_003 + epoch)
         net.train()
-        for tokens, labels in train_data.batches(first.batch_size, shuffle):
-            with mixed_precision:
-                logits = forward(tokens.float())
-            losses = cross_entropy_per_config(logits.float(), labels, smoothing)
-            finite = torch.isfinite(losses)
-            active = state.active
-            if not bool(finite[active].all()):
-                for j in torch.nonzero(active & ~finite).flatten().tolist():
-                    state.failures[j] = f"loss became {losses[j].item()} at epoch {epoch + 1}, step {step + 1}"
-                active &= finite
-            net.zero_grad(set_to_none=True)
-            torch.where(active, losses, torch.zeros_like(losses)).sum().backward()
-            _adamw_step(net, state.moments, lr * lr_multiplier(step, total_steps, warmup_steps), weight_decay, active, step + 1)
-            loss_sum += torch.where(active, losses.detach(), torch.zeros_like(losses)) * len(labels)
-            correct += (logits.detach().argmax(-1) == labels).sum(dim=1)
-            step += 1
+        for tokens, labels in train_data.batches(first.batch_size, shuffle, out=step.inputs):
+            step(tokens, labels, number + 1, lr_multiplier(number, total_steps, warmup_steps))
+            number += 1
+        totals = step.epoch_totals()  # the epoch's one wait for the device
+        for j in range(k):
+            if j not in state.failures and not totals.active[j]:
+                at = int(totals.failed_step[j])
+                state.failures[j] = (f"loss became {totals.failed_loss[j].item()} at epoch "
+                                     f"{(at - 1) // steps_per_epoch + 1}, step {at}")
+        state.active = totals.active
         eval_top1 = None
         if eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == first.epochs):
             eval_data = eval_data or loaded.get(eval_split, stages)
@@ -274,14 +272,14 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
             for j, top1 in enumerate(eval_top1):
                 if j not in state.failures and (state.best[j] is None or top1 > state.best[j][0]):
                     state.best[j] = (top1, epoch + 1, net.config_state(j))
-        active_cpu = state.active.cpu()
-        mean_loss = torch.where(active_cpu, (loss_sum / num_images).cpu(), torch.full((k,), math.nan))
-        stats = EpochStats(epoch + 1, mean_loss.tolist(), (correct / num_images * 100).cpu().tolist(), eval_top1,
+        mean_loss = torch.where(totals.active, totals.loss_sum / num_images, torch.full((k,), math.nan))
+        stats = EpochStats(epoch + 1, mean_loss.tolist(), (totals.correct / num_images * 100).tolist(), eval_top1,
                            time.perf_counter() - started, num_images * k / (time.perf_counter() - epoch_started))
         state.history.append(stats)
         state.epoch = epoch + 1
         if checkpoint is not None:
-            state.parameters = {name: p.detach() for name, p in net.named_parameters()}
+            state.parameters = {name: p.detach().clone() for name, p in net.named_parameters()}
+            state.moments = optimizer.moments()
             checkpoint(state)
         if on_epoch is not None:
             on_epoch(stats)
@@ -306,15 +304,120 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     return results
 
 
-def _restore(net: SideNet, fresh: GroupState, saved: GroupState, device: torch.device) -> GroupState:
+@dataclass
+class EpochTotals:
+    """What the device accumulated over an epoch, on the host: per config."""
+
+    loss_sum: torch.Tensor  # sum over images of the training loss (active configs)
+    correct: torch.Tensor  # training batches classified right
+    active: torch.Tensor  # bool: still finite
+    failed_step: torch.Tensor  # the step (from 1) at which a failed config's loss became non-finite
+    failed_loss: torch.Tensor  # that loss
+
+
+class StackedStep:
+    """One training step of a stack: forward, per-config losses, the non-finite check,
+    backward and the optimizer, with only device tensors (no host synchronisation).
+
+    A config whose loss becomes non-finite is frozen from that step on (its loss is masked out
+    of the backward pass and the optimizer leaves it unchanged); the step and loss are recorded
+    on the device. With `cuda_graphs`, each batch size (the full one and the epoch's last,
+    partial one) is captured once in a CUDA graph after two warm-up steps whose effects are
+    undone, then replayed: batches are written into the static `inputs` buffers."""
+
+    def __init__(self, net: SideNet, optimizer: StackedAdamW, smoothing: torch.Tensor, batch_size: int,
+                 sample_shape: tuple[int, ...], dtype: torch.dtype, *, compile: bool = False, cuda_graphs: bool = False):
+        device = optimizer.params.device
+        k = net.num_configs
+        self.net, self.optimizer = net, optimizer
+        self.forward = torch.compile(net, dynamic=False) if compile else net
+        self.device = device
+        self.smoothing = smoothing.to(device)
+        self.active = torch.ones(k, dtype=torch.bool, device=device)
+        self.failed_step = torch.zeros(k, device=device)
+        self.failed_loss = torch.zeros(k, device=device)
+        self.loss_sum = torch.zeros(k, device=device)
+        self.correct = torch.zeros(k, device=device)
+        self.step_number = torch.ones((), device=device)  # for the optimizer's bias correction
+        self.lr_scale = torch.ones((), device=device)
+        self.autocast = training_autocast(device)
+        self.cuda_graphs = cuda_graphs
+        if cuda_graphs and device.type != "cuda":
+            raise SidetuneError("CUDA graphs need a CUDA device; train on --device cuda or turn graphs off.")
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cuda_graphs:
+            self.inputs = (torch.zeros(batch_size, *sample_shape, dtype=dtype, device=device),
+                           torch.zeros(batch_size, dtype=torch.long, device=device))
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def start_epoch(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def epoch_totals(self) -> EpochTotals:
+        values = [t.cpu() for t in (self.loss_sum, self.correct, self.active, self.failed_step, self.failed_loss)]
+        return EpochTotals(*values)
+
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, number: int, lr_scale: float) -> None:
+        """Train on one batch as update `number` (from 1) with the learning rates times `lr_scale`."""
+        self.step_number.fill_(number)
+        self.lr_scale.fill_(lr_scale)
+        if not self.cuda_graphs:
+            self._compute(tokens, labels)
+            return
+        n = len(labels)
+        static_tokens, static_labels = self.inputs[0][:n], self.inputs[1][:n]
+        if tokens.data_ptr() != static_tokens.data_ptr():
+            static_tokens.copy_(tokens)
+        if labels.data_ptr() != static_labels.data_ptr():
+            static_labels.copy_(labels)
+        if n not in self.graphs:
+            self.graphs[n] = self._capture(static_tokens, static_labels)
+        self.graphs[n].replay()
+
+    def _compute(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        with self.autocast:
+            logits = self.forward(tokens)
+        losses = cross_entropy_per_config(logits.float(), labels, self.smoothing)
+        finite = torch.isfinite(losses)
+        newly_failed = self.active & ~finite
+        self.failed_step.copy_(torch.where(newly_failed, self.step_number, self.failed_step))
+        self.failed_loss.copy_(torch.where(newly_failed, losses.detach(), self.failed_loss))
+        self.active.logical_and_(finite)
+        torch.where(self.active, losses, 0.0).sum().backward()
+        self.optimizer.step(self.lr_scale, self.step_number, self.active)
+        self.loss_sum.add_(torch.where(self.active, losses.detach(), 0.0) * len(labels))
+        self.correct.add_((logits.detach().argmax(-1) == labels).sum(dim=1))
+
+    def _capture(self, tokens: torch.Tensor, labels: torch.Tensor) -> "torch.cuda.CUDAGraph":
+        mutable = [*self.optimizer.buffers(), self.active, self.failed_step, self.failed_loss, self.loss_sum, self.correct]
+        saved = [t.clone() for t in mutable]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation must not happen during capture
+            for _ in range(2):
+                self._compute(tokens, labels)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for tensor, value in zip(mutable, saved):
+            tensor.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._compute(tokens, labels)
+        self.pool = graph.pool()
+        return graph
+
+
+def _restore(net: SideNet, optimizer: StackedAdamW, fresh: GroupState, saved: GroupState) -> GroupState:
     if saved.fingerprint != fresh.fingerprint:
         raise SidetuneError("The checkpoint was written for other configurations than these; "
                             "start a new run directory (or pass the same settings to resume).")
     with torch.no_grad():
         for name, parameter in net.named_parameters():
             parameter.copy_(saved.parameters[name])
-    saved.moments = {name: (m.to(device), v.to(device)) for name, (m, v) in saved.moments.items()}
-    saved.active = saved.active.to(device)
+    optimizer.load_moments(saved.moments)
+    saved.active = saved.active.cpu()
     return saved
 
 
@@ -327,32 +430,10 @@ def cross_entropy_per_config(logits: torch.Tensor, labels: torch.Tensor, smoothi
 
 
 @torch.no_grad()
-def _adamw_step(net: SideNet, moments: dict, lr: torch.Tensor, weight_decay: torch.Tensor,
-                active: torch.Tensor, step: int) -> None:
-    """AdamW with per-config lr and weight decay (no decay on norms and biases); inactive
-    (failed) configs are not updated."""
-    beta1, beta2 = ADAM_BETAS
-    lr = torch.where(active, lr, torch.zeros_like(lr))
-    for name, parameter in net.named_parameters():
-        if parameter.grad is None:
-            continue
-        grad = torch.nan_to_num(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        shape = (-1,) + (1,) * (parameter.dim() - 1)
-        exp_avg, exp_avg_sq = moments[name]
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_lr = lr.view(shape)
-        if net.decay_mask(name):
-            parameter.mul_(1 - step_lr * weight_decay.view(shape))
-        denominator = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(ADAM_EPS)
-        parameter.addcdiv_(exp_avg * (step_lr / (1 - beta1 ** step)), denominator, value=-1.0)
-
-
-@torch.no_grad()
 def predicted_classes(net: SideNet, data: ResidentFeatures | StreamedFeatures, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, N) predicted classes for a split in stored order, and its (N,) labels, on the CPU."""
     net.eval()
-    predictions = [net(tokens.float()).argmax(-1).cpu() for tokens, _ in data.batches(batch_size)]
+    predictions = [net(tokens).argmax(-1).cpu() for tokens, _ in data.batches(batch_size)]
     return torch.cat(predictions, dim=1), data.labels.cpu()
 
 

@@ -160,7 +160,7 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
     watching = world.size > 1 and world.is_main  # the other ranks show no progress: no need to poll
     monitor = _ShardMonitor(split_writer, all_pending, progress) if watching else contextlib.nullcontext()
     with monitor:
-        with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode(), autocast(device, autocast_dtype):
+        with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode():
             assembler = _ShardAssembler(split_writer, pending)
             for images, indices, errors in loader:
                 if errors:
@@ -168,7 +168,8 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
                         f"Could not read image {errors[0]}. Fix or remove it (and its line in the list "
                         "file, if any), then rerun the same command: finished shards are kept."
                     )
-                stacked = stored_tokens(backbone, spec, stages, images.to(device, non_blocking=True))
+                with autocast(device, autocast_dtype):  # the forward only: CPU autocast refuses cat of float16
+                    stacked = stored_tokens(backbone, spec, stages, images.to(device, non_blocking=True))
                 # max |x| per stage as max(max, -min): two reductions, no |x| copy (7x faster on CPU)
                 absmax = torch.maximum(stacked.amax(dim=(0, 2, 3)), -stacked.amin(dim=(0, 2, 3))).float().cpu().numpy()
                 _check_range(stacked, absmax, spec, stages, name, split, indices)

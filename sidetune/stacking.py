@@ -82,7 +82,7 @@ def _step_bytes(cache: Cache, config: TrainConfig, split: str, device: torch.dev
 
     with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
         with training_autocast(device):
-            logits = net(tokens.float())
+            logits = net(tokens)
         cross_entropy_per_config(logits.float(), labels, torch.zeros(k, device=device)).sum()
     state = 4 * sum(p.numel() * p.element_size() for p in net.parameters())  # weights, gradients, 2 moments
     return sum(saved.values()) + state

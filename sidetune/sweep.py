@@ -148,7 +148,7 @@ def finished_rows(out: Path, phase: str, configs: dict[int, TrainConfig], train_
 
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
                 out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
-                on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
+                cuda_graphs: bool | None, on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
     every rank. Configs an interrupted run of this sweep finished are not trained again. Each
     group of same-shape configs is shared out between the ranks, and each rank's share is cut
@@ -174,7 +174,8 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         if on_stack is not None:
             on_stack(number, len(stacks), [ordered[i] for i in stack])
         results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
-                              memory_budget=memory_budget, on_epoch=on_epoch, compile=compile, loaded=loaded)
+                              memory_budget=memory_budget, on_epoch=on_epoch, compile=compile,
+                              cuda_graphs=cuda_graphs, loaded=loaded)
         stack_rows = [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
         append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
         rows += stack_rows
@@ -200,6 +201,7 @@ def sweep(
     max_stack: int | None = None,
     memory_budget: int | None = None,
     compile: bool = False,
+    cuda_graphs: bool | None = None,
     on_stack: StackCallback | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> SweepReport:
@@ -232,7 +234,7 @@ def sweep(
     out = sweep_dir(out, cache.path, world)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
-                  on_stack=on_stack, on_epoch=on_epoch)
+                  cuda_graphs=cuda_graphs, on_stack=on_stack, on_epoch=on_epoch)
 
     if protocol == "vtab":
         rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)

@@ -53,6 +53,7 @@ def train(
     eval_every: int = 0,
     memory_budget: int | None = None,
     compile: bool = False,
+    cuda_graphs: bool | None = None,
     overwrite: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
@@ -97,7 +98,7 @@ def train(
 
     [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
                            memory_budget=memory_budget, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint,
-                           compile=compile)
+                           compile=compile, cuda_graphs=cuda_graphs)
     if result.status != "ok":
         raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
     runs.save_state(out / runs.MODEL_FILE, result.state)

@@ -1,6 +1,11 @@
-"""Shared fixtures: a tiny timm ViT with weights on disk, generated image datasets.
+"""Shared fixtures: a tiny timm ViT with weights on disk, generated image datasets, the device.
 
-No test touches the network: the hub clients are forced offline before anything imports them."""
+No test touches the network: the hub clients are forced offline before anything imports them.
+
+Tests run on the CPU by default. `python -m pytest --device cuda` runs every test that trains or
+extracts on the GPU: the `device` fixture, and `auto` everywhere else (the API's and CLI's
+default). Without `--device cuda` the GPU is hidden from the tests (CUDA_VISIBLE_DEVICES is
+emptied before anything initialises CUDA), so `auto` means the CPU."""
 
 import os
 import zlib
@@ -19,6 +24,38 @@ from PIL import Image
 
 TINY_MODEL = "test_vit"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="Where tests train and extract: cpu (default) or cuda.")
+
+
+_DEVICE = ["cpu"]
+
+
+def pytest_configure(config):
+    _DEVICE[0] = config.getoption("--device")
+    if _DEVICE[0] == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda was given but torch sees no CUDA GPU.")
+
+
+def device_under_test() -> torch.device:
+    """The device the tests train and extract on: `--device` (cpu by default)."""
+    return torch.device(_DEVICE[0])
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return device_under_test()
+
+
+def python_path() -> str:
+    """PYTHONPATH for a child process: the project first, then whatever this one was given
+    (the GPU machine finds zarr and datasets on a carried path)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def extract_tiny(dataset, out, **options):

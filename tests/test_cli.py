@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import sidetune
-from conftest import ROOT
+from conftest import python_path
 
 
 def sidetune_cli(*args, cwd=None):
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "sidetune", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 

@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 import sidetune
-from conftest import ROOT, extract_tiny, write_vtab_folder
+from conftest import python_path, extract_tiny, write_vtab_folder
 from sidetune.cache.store import SplitWriter
 from sidetune.extract import _ShardMonitor
 from test_resume import CountImages, assert_same_store, small_shard_spec
@@ -18,7 +18,7 @@ from test_resume import CountImages, assert_same_store, small_shard_spec
 
 def torchrun(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node=N -m sidetune ARGUMENTS`, as a user runs it."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(), "COLUMNS": "400"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "sidetune", *arguments]
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)

@@ -9,7 +9,7 @@ import torch
 
 import sidetune
 from sidetune import SidetuneError
-from conftest import ROOT, extract_tiny, tiny_vit
+from conftest import python_path, extract_tiny, tiny_vit
 
 
 def test_unknown_model_lists_the_aliases(tmp_path):
@@ -115,7 +115,7 @@ def test_cli_prints_one_paragraph_and_exits_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sidetune", "extract", "--model", "nope", "--dataset", "digits",
          "--out", str(tmp_path / "c"), "--no-pretrained"],
-        capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200",
+        capture_output=True, text=True, env={"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "200",
                                              "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2

@@ -58,7 +58,7 @@ def test_digits_has_vtab_shaped_splits_and_matching_labels(tmp_path):
 def test_every_stored_stage_equals_the_backbone_block_outputs(class_folder, tmp_path, tiny_weights):
     from sidetune.datasets import load_source
 
-    extract_tiny(class_folder, tmp_path / "cache", weights=tiny_weights, splits=["test"])
+    extract_tiny(class_folder, tmp_path / "cache", weights=tiny_weights, splits=["test"], precision="fp32")
     cache = sidetune.open_cache(tmp_path / "cache")
     images = preprocess_split(cache, "test", load_source(str(class_folder)).splits["test"])
     model = tiny_vit()
@@ -71,6 +71,17 @@ def test_every_stored_stage_equals_the_backbone_block_outputs(class_folder, tmp_
     stored = torch.from_numpy(cache.split("test").load().astype(np.float32))
     for stage, expected in enumerate(captured):
         torch.testing.assert_close(stored[:, stage], expected, atol=2e-3, rtol=2e-3)
+
+
+def test_bf16_extraction_stays_within_bf16_rounding_of_fp32(class_folder, tmp_path, tiny_weights):
+    """bf16 autocast is the default on a GPU: every stage within a few bf16 ulps of fp32."""
+    for precision in ("fp32", "bf16"):
+        extract_tiny(class_folder, tmp_path / precision, weights=tiny_weights, splits=["test"], precision=precision)
+    exact, rounded = (sidetune.open_cache(tmp_path / p).split("test").load().astype(np.float32) for p in ("fp32", "bf16"))
+    assert not np.array_equal(exact, rounded)  # bf16 really ran
+    for stage in range(exact.shape[1]):
+        error = np.linalg.norm(rounded[:, stage] - exact[:, stage]) / np.linalg.norm(exact[:, stage])
+        assert error < 2e-2, (stage, error)
 
 
 def test_last_stage_after_stored_final_norm_equals_forward_features(class_folder, tmp_path, tiny_weights):

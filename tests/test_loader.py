@@ -2,11 +2,11 @@
 
 import torch
 
-from conftest import config
+from conftest import config, device_under_test
 from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures, load_features
 from sidetune.engine import build_sidenet, predicted_classes, train_group
 
-CPU = torch.device("cpu")
+CPU = device_under_test()  # the device under test (named for the default)
 LAST_STAGE = [6]
 
 
@@ -34,13 +34,14 @@ def test_streamed_batches_cover_every_image_once_per_epoch(digits_cache):
 def test_streamed_evaluation_equals_resident_evaluation(digits_cache):
     net = build_sidenet(digits_cache, "linear", {}, 2)
     net.reset_parameters([0, 1])
+    net.to(CPU)
     resident = predicted_classes(net, load_features(digits_cache, "test", LAST_STAGE, CPU), 64)
     streamed = predicted_classes(net, load_features(digits_cache, "test", LAST_STAGE, CPU, budget_bytes=10**6), 64)
     assert torch.equal(resident[0], streamed[0]) and torch.equal(resident[1], streamed[1])
 
 
 def test_training_from_a_streamed_split_learns(digits_cache):
-    [result] = train_group(digits_cache, [config("last", epochs=3, rank=4, lr=3e-3)], "train800", "val200",
+    [result] = train_group(digits_cache, [config("last", epochs=3, rank=4, lr=3e-3)], "train800", "val200", CPU,
                            memory_budget=4 * 2**20)  # all 7 stages of train800 take 70 MiB
     assert result.status == "ok"
     assert result.top1 > 30.0  # chance is 10%

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 import sidetune
-from conftest import ROOT
+from conftest import python_path
 from sidetune.extract import ProgressSink
 
 
@@ -91,7 +91,7 @@ def test_killed_extract_process_resumes_to_an_identical_store(tmp_path):
     command = [sys.executable, "-m", "sidetune", "extract", "--model", "test_vit", "--no-pretrained",
                "--dataset", "digits", "--splits", "test", "--limit", "400", "--spec", str(spec),
                "--batch-size", "2", "--workers", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     subprocess.run([*command, "--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
 
     victim = subprocess.Popen([*command, "--out", str(tmp_path / "killed")], env=env,

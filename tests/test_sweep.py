@@ -5,7 +5,6 @@ import json
 import shlex
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import sidetune
@@ -39,8 +38,8 @@ def test_same_shape_configs_stack_and_stacks_respect_the_maximum():
     assert plan_stacks(configs, {rank4: 1, rank8: 3}) == [[0], [2], [4], [1, 3, 5]]
 
 
-def test_a_configs_memory_is_measured_and_grows_with_its_size(small_vtab_cache):
-    cpu = torch.device("cpu")
+def test_a_configs_memory_is_measured_and_grows_with_its_size(small_vtab_cache, device):
+    cpu = device
     _, small = stack_memory(small_vtab_cache, config("last", rank=4, batch_size=16), "train800", cpu)
     _, wide = stack_memory(small_vtab_cache, config("last", rank=32, batch_size=16), "train800", cpu)
     _, big_batch = stack_memory(small_vtab_cache, config("last", rank=4, batch_size=64), "train800", cpu)
@@ -49,8 +48,8 @@ def test_a_configs_memory_is_measured_and_grows_with_its_size(small_vtab_cache):
     assert 3 * small < big_batch < 5 * small  # activations scale with the batch
 
 
-def test_stacks_are_cut_to_the_memory_left_after_the_features(small_vtab_cache):
-    last, cpu = config("last", rank=4, batch_size=16), torch.device("cpu")
+def test_stacks_are_cut_to_the_memory_left_after_the_features(small_vtab_cache, device):
+    last, cpu = config("last", rank=4, batch_size=16), device
     _, per_config = stack_memory(small_vtab_cache, last, "train800", cpu)
     features = sum(small_vtab_cache.split(s).num_images * small_vtab_cache.split(s).image_nbytes() for s in ("train800", "val200"))
     tight = stack_capacity(small_vtab_cache, last, "train800", "val200", cpu, available=features + 10 * per_config)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import sidetune
-from conftest import ROOT, config, extract_tiny
+from conftest import python_path, config, extract_tiny
 from sidetune.engine import TrainConfig, restore_sidenet
 from sidetune.runs import open_run
 from sidetune.train import default_splits, train
@@ -26,7 +26,7 @@ def test_train_command_writes_a_run_where_timm_cannot_be_imported(digits_cache, 
         "main()\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+                          env={**os.environ, "PYTHONPATH": python_path(), "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.json", "model.safetensors", "log.jsonl", "curve.png"}
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -34,9 +34,12 @@ class ResidentFeatures:
         self.num_images = split.num_images
         self.tokens = torch.from_numpy(split.load(stages)).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
+        self.sample_shape, self.dtype = tuple(self.tokens.shape[1:]), self.tokens.dtype
 
-    def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
-        """Batches in a random order drawn from `shuffle`, or in stored order when None."""
+    def batches(self, batch_size: int, shuffle: torch.Generator | None = None,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[Batch]:
+        """Batches in a random order drawn from `shuffle`, or in stored order when None. With
+        `out` (buffers of `batch_size` rows), shuffled batches are gathered straight into them."""
         if shuffle is None:
             for begin in range(0, self.num_images, batch_size):
                 yield self.tokens[begin:begin + batch_size], self.labels[begin:begin + batch_size]
@@ -44,7 +47,13 @@ class ResidentFeatures:
         order = torch.randperm(self.num_images, generator=shuffle).to(self.tokens.device)
         for begin in range(0, self.num_images, batch_size):
             index = order[begin:begin + batch_size]
-            yield self.tokens[index], self.labels[index]
+            if out is None:
+                yield self.tokens[index], self.labels[index]
+                continue
+            tokens, labels = out[0][:len(index)], out[1][:len(index)]
+            torch.index_select(self.tokens, 0, index, out=tokens)
+            torch.index_select(self.labels, 0, index, out=labels)
+            yield tokens, labels
 
 
 class StreamedFeatures:
@@ -59,11 +68,16 @@ class StreamedFeatures:
         self.labels_host = torch.from_numpy(split.labels)
         self.labels = self.labels_host.to(device)
         self.shard_size = split.shard_size
+        self.sample_shape = (len(self.stages), *split.tokens.shape[2:])
+        self.dtype = torch.from_numpy(np.empty(0, dtype=split.tokens.dtype)).dtype
         # Two windows live at once (the one training, the one being read).
         self.shards_per_window = max(1, budget_bytes // (2 * split.image_nbytes(stages) * self.shard_size))
         self.num_shards = -(-self.num_images // self.shard_size)
 
-    def batches(self, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: torch.Generator | None = None,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[Batch]:
+        """As `ResidentFeatures.batches`; `out` is accepted for the same signature (a batch is a
+        view of the window, copied by the caller where it needs it elsewhere)."""
         shard_order = list(range(self.num_shards))
         if shuffle is not None:
             shard_order = torch.randperm(self.num_shards, generator=shuffle).tolist()

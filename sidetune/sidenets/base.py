@@ -2,7 +2,8 @@
 per-config initialisation, the frozen final norm, pooling and the classifier head.
 
 A side network sees a batch of cached tokens (B, S, T, D) — the stages it declared, in
-increasing order — and returns logits (K, B, C): one set per stacked configuration."""
+increasing order, in their stored 16-bit type (each network casts what it reads) — and returns
+logits (K, B, C): one set per stacked configuration."""
 
 from __future__ import annotations
 
@@ -102,19 +103,23 @@ class SideNet(nn.Module):
         self.register_buffer("final_norm_bias", bias)
         self.final_norm_eps = eps
 
-    # --- to implement -----------------------------------------------------------------
+    # --- to implement: stages_needed, and represent or pooled_features --------------------
     def stages_needed(self) -> list[int]:
         raise NotImplementedError
 
     def represent(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, S, T, D) cached tokens -> (K, B, T, D) representation before the final norm."""
+        """(B, S, T, D) cached tokens -> (K, B, T, D) float32 representation before the final norm."""
         raise NotImplementedError
+
+    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S, T, D) cached tokens -> (K, B, D) (or (1, B, D) when shared by every config):
+        the representation through the frozen final norm and pooling."""
+        return self.head_features(self.represent(tokens))
 
     # --- shared --------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = self.head_features(self.represent(tokens))
-        pooled = (pooled - self.feature_mean) / self.feature_scale
-        return torch.einsum("kbd,kdc->kbc", pooled, self.head_weight) + self.head_bias[:, None, :]
+        pooled = (self.pooled_features(tokens) - self.feature_mean) / self.feature_scale
+        return torch.matmul(pooled, self.head_weight) + self.head_bias[:, None, :]
 
     def head_features(self, y: torch.Tensor) -> torch.Tensor:
         """(K, B, T, D) representation -> (K, B, D): the frozen final norm, then pooling."""

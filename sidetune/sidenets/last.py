@@ -1,6 +1,22 @@
 """LAST, Low-rank Attention Side-Tuning (Tang et al., arXiv 2402.04009), as reconstructed in
 docs/methods.md: u_0 = x_0, u_i = F_i(u_{i-1} + x_i), y = u_m - sum_{i<m} x_i, where each F_i
-is `depth` residual low-rank attention modules h + W_o MHA_r(LN(h))."""
+is `depth` residual low-rank attention modules h + W_o MHA_r(LN(h)).
+
+Computed without ever forming a configuration's (B, T, D) side state. Write X_i = x_0 + ... + x_i
+(shared by every configuration) and a_j = MHA_r(LN(h)) of module j (rank r). Then every module's
+input is h = X_i + c with c = sum_j a_j W_o,j, a rank-(J r) correction, and everything LN(h)
+needs follows from low-rank products:
+
+    mean(h)  = mean(X_i) + A (W_O 1) / D
+    mean(h²) = mean(X_i²) + 2 <X_i W_Oᵀ, A> / D + <A W_O W_Oᵀ, A> / D
+    LN(h) W  = rstd (X_i (γ⊙W) + A W_O (γ⊙W) - mean(h) 1ᵀ(γ⊙W)) + βW
+
+with A = [a_1 .. a_J] and W_O = [W_o,1; ..; W_o,J] stacked. So a module costs one product of
+the shared X_i with all configurations' (D, 3r + J r) matrices (tensor-core work whose input is
+read once for the whole stack) and r-wide operations per configuration, instead of a dozen
+passes over (K, B, T, D) tensors. The head needs only y = x_m + A W_O at the CLS token, or the
+per-token LN statistics of y for the mean of patch tokens. Exact in exact arithmetic; tested
+against the written formula."""
 
 from __future__ import annotations
 
@@ -8,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import FeatureLayout, SideNet, layer_norm_stacked, ones, uniform_fan_in, zeros
+from sidetune.sidenets.base import FeatureLayout, SideNet, ones, uniform_fan_in, zeros
+
+LN_EPS = 1e-6
 
 
 class LAST(SideNet):
@@ -37,25 +55,90 @@ class LAST(SideNet):
     def stages_needed(self) -> list[int]:
         return list(range(0, self.layout.depth + 1, self.gap))
 
-    def represent(self, tokens: torch.Tensor) -> torch.Tensor:
-        k = self.num_configs
-        u = tokens[:, 0].unsqueeze(0).expand(k, -1, -1, -1)
+    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        prefix_sum = tokens[:, 0].float()
+        attended: list[torch.Tensor] = []  # a_j, (K, B, T, r) each
+        outputs: list[torch.Tensor] = []  # W_o,j, (K, r, D) each
         for i in range(1, self.groups + 1):
-            h = u + tokens[:, i]
+            prefix_sum = prefix_sum + tokens[:, i]
+            moments = prefix_sum.mean(-1), prefix_sum.square().mean(-1)  # (B, T) each, shared
             for j in range(self.depth):
-                h = h + self._attend(h, f"lsa{i - 1}_{j}")
-            u = h
-        return u - tokens[:, :-1].sum(dim=1)
+                attended.append(self._attend(prefix_sum, moments, attended, outputs, f"lsa{i - 1}_{j}"))
+                outputs.append(getattr(self, f"lsa{i - 1}_{j}_w_o"))
+        return self._head(tokens[:, -1].float(), torch.cat(attended, -1), torch.cat(outputs, 1))
 
-    def _attend(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
-        k, b, t, _ = h.shape
+    def _attend(self, x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], attended: list[torch.Tensor],
+                outputs: list[torch.Tensor], prefix: str) -> torch.Tensor:
+        """a = MHA_r(LN(x + sum_j a_j W_o,j)) for every configuration, (K, B, T, r)."""
+        k, (b, t, d), r = self.num_configs, x.shape, self.rank
         p = lambda name: getattr(self, f"{prefix}_{name}")
-        x = layer_norm_stacked(h, p("norm_weight"), p("norm_bias"))
-        # One (K, B*T, D) x (K, D, 3r) product reads x once for q, k and v (1.4x faster on CPU
-        # than three products); the parameters stay separate so states keep their names.
-        w_qkv = torch.cat([p("w_q"), p("w_k"), p("w_v")], dim=-1)
-        qkv = torch.bmm(x.reshape(k, b * t, -1), w_qkv).view(k * b, t, 3, self.heads, self.rank // self.heads)
-        q, key, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(q, key, v)  # (K*B, heads, T, r/heads)
-        attended = attended.transpose(1, 2).reshape(k, b * t, self.rank)
-        return torch.bmm(attended, p("w_o")).view(k, b, t, -1)
+        w = torch.cat([p("w_q"), p("w_k"), p("w_v")], dim=-1)  # (K, D, 3r)
+        scaled = p("norm_weight")[:, :, None] * w  # γ ⊙ W
+        bias = torch.einsum("kd,kdr->kr", p("norm_bias"), w)  # βW
+        if not attended:  # the first module: h = x_0 + x_1, no correction yet
+            mean, rstd = _normalising(*moments)
+            projected = shared_product(x, scaled)
+            qkv = rstd[None, ..., None] * (projected - mean[None, ..., None] * scaled.sum(1)[:, None, None, :])
+        else:
+            a, w_out = torch.cat(attended, -1), torch.cat(outputs, 1)  # (K, B, T, Jr), (K, Jr, D)
+            projected = shared_product(x, torch.cat([scaled, w_out.transpose(1, 2)], -1))  # (K, B, T, 3r + Jr)
+            x_scaled, x_out = projected[..., :3 * r], projected[..., 3 * r:]
+            mean, rstd = _corrected_statistics(moments, x_out, a, w_out, d)
+            projected = x_scaled + per_config(a, w_out @ scaled)  # h (γ⊙W)
+            qkv = rstd[..., None] * (projected - mean[..., None] * scaled.sum(1)[:, None, None, :])
+        qkv = qkv + bias[:, None, None, :]
+        q, key, v = qkv.reshape(k * b, t, 3, self.heads, r // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attention = F.scaled_dot_product_attention(q, key, v)  # (K*B, heads, T, r/heads)
+        return attention.transpose(1, 2).reshape(k, b, t, r)
+
+    def _head(self, last: torch.Tensor, a: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+        """The frozen final norm and pooling of y = x_m + A W_O, (K, B, D)."""
+        norm = self.final_norm_weight
+        first = self.layout.num_prefix_tokens
+        if self.pool == "cls":
+            if first < 1:
+                raise SidetuneError("pool 'cls' needs a CLS token, but the backbone has none; use --pool mean.")
+            y = last[None, :, 0] + a[:, :, 0] @ w_out  # (K, B, D)
+            return y if norm is None else F.layer_norm(y, (y.shape[-1],), norm, self.final_norm_bias, self.final_norm_eps)
+        last, a = last[:, first:], a[:, :, first:]
+        if norm is None:
+            return last.mean(1)[None] + a.mean(2) @ w_out
+        d = last.shape[-1]
+        x_out = shared_product(last, w_out.transpose(1, 2))
+        moments = last.mean(-1), last.square().mean(-1)
+        mean, rstd = _corrected_statistics(moments, x_out, a, w_out, d, self.final_norm_eps)
+        weighted = torch.einsum("kbt,btd->kbd", rstd, last) + torch.einsum("kbt,kbtj->kbj", rstd, a) @ w_out
+        centred = (weighted - (rstd * mean).sum(-1, keepdim=True)) / last.shape[1]
+        return centred * norm + self.final_norm_bias
+
+
+def shared_product(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), shared by every configuration, times per-configuration (K, D, n) weights:
+    one (B*T, D) x (D, K*n) product, returned as (K, B, T, n)."""
+    b, t, d = x.shape
+    k, _, n = weights.shape
+    out = x.reshape(b * t, d) @ weights.permute(1, 0, 2).reshape(d, k * n)
+    return out.view(b, t, k, n).permute(2, 0, 1, 3)
+
+
+def per_config(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(K, B, T, j) times per-configuration (K, j, n) weights: (K, B, T, n), one batched product."""
+    k, b, t, j = a.shape
+    return torch.bmm(a.reshape(k, b * t, j), weights).view(k, b, t, -1)
+
+
+def _normalising(mean: torch.Tensor, mean_square: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    return mean, torch.rsqrt((mean_square - mean * mean).clamp_min(0) + eps)
+
+
+def _corrected_statistics(moments: tuple[torch.Tensor, torch.Tensor], x_out: torch.Tensor, a: torch.Tensor,
+                          w_out: torch.Tensor, d: int, eps: float = LN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1/std over D of h = x + A W_O per token, (K, B, T) each, from x's own moments
+    (B, T), x W_Oᵀ (K, B, T, Jr), A (K, B, T, Jr) and W_O (K, Jr, D). In float32: the variance
+    is a difference of moments."""
+    with torch.autocast(a.device.type, enabled=False):
+        a, x_out, w_out = a.float(), x_out.float(), w_out.float()
+        mean = moments[0] + (a * w_out.sum(-1)[:, None, None, :]).sum(-1) / d
+        gram = w_out @ w_out.transpose(1, 2)  # (K, Jr, Jr)
+        square = moments[1] + (2 * (x_out * a).sum(-1) + (per_config(a, gram) * a).sum(-1)) / d
+        return _normalising(mean, square, eps)

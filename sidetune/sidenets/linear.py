@@ -19,5 +19,6 @@ class LinearProbe(SideNet):
     def stages_needed(self) -> list[int]:
         return [self.layout.depth]
 
-    def represent(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, -1].unsqueeze(0).expand(self.num_configs, -1, -1, -1)
+    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Shared by every configuration: (1, B, D), computed once."""
+        return self.head_features(tokens[:, -1].float().unsqueeze(0))

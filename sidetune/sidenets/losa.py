@@ -37,7 +37,7 @@ class LoSA(SideNet):
 
     def represent(self, tokens: torch.Tensor) -> torch.Tensor:
         k = self.num_configs
-        h = torch.zeros(k, *tokens[:, 0].shape, dtype=tokens.dtype, device=tokens.device)
+        h = torch.zeros(k, *tokens[:, 0].shape, device=tokens.device)  # float32: the stored 16-bit tokens add into it
         for layer in range(1, self.layout.depth + 1):
             a = tokens[:, layer - 1] + h
             h = h + self._mix(a, f"mixer{layer}") - a
