@@ -22,7 +22,7 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -c "import zarr, numcodecs, datasets, timm, torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-wanted=" ${*:-tests step_profile stage_two sweep_amortisation extraction} "
+wanted=" ${*:-step_profile tests stage_two sweep_amortisation extraction} "
 failed=()
 step() {  # step NAME COMMAND...: run when wanted, log to $out/NAME.log, remember a failure
     local name=$1; shift
@@ -34,10 +34,10 @@ step() {  # step NAME COMMAND...: run when wanted, log to $out/NAME.log, remembe
     echo "=== $name: exit $status in $((SECONDS - started)) s"
     [ "$status" -eq 0 ] || failed+=("$name")
 }
-step tests python3 -m pytest -q --device cuda -p no:cacheprovider ${SIDETUNE_GPU_TESTS:-}
 step step_profile python3 benchmarks/step_profile.py --device cuda --width 768 --depth 12 --stacks 1,16 --out "$out/step_profile_gpu.json"
+step tests python3 -m pytest -q --device cuda -p no:cacheprovider ${SIDETUNE_GPU_TESTS:-}
 step stage_two python3 benchmarks/stage_two.py --model vit_b16 --device cuda --batch-sizes 32,64 --images 1024 --out "$out/stage_two_gpu.json"
-step sweep_amortisation python3 benchmarks/sweep_amortisation.py --model vit_b16 --device cuda --images 1000 --stacks 1,4,16,64 --out "$out/sweep_amortisation_gpu.json"
-step extraction python3 benchmarks/extraction.py --model vit_b16 --device cuda --images 2048 --batch-size 64 --out "$out/extraction_gpu.json"
+step sweep_amortisation python3 benchmarks/sweep_amortisation.py --model vit_b16 --device cuda --images 1024 --stacks 1,4,16,64 --skip-compile --out "$out/sweep_amortisation_gpu.json"
+step extraction python3 benchmarks/extraction.py --model vit_b16 --device cuda --images 1024 --batch-size 64 --out "$out/extraction_gpu.json"
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi
 echo "all steps passed"

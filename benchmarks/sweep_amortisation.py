@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="A backbone for a generated-image cache (default: digits, test_vit).")
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--skip-compile", action="store_true", help="Leave out the torch.compile rows.")
     args = parser.parse_args()
     device = torch.device(args.device)
     splits = ("train800", "val200")
@@ -59,6 +60,8 @@ def main() -> None:
 
     rows = []
     for method, options, compile, stacks in CASES:
+        if compile and args.skip_compile:
+            continue
         baseline: list[float] = []  # the K = 1 seconds of this case
 
         def measure(row: dict, configs: list, compile: bool) -> None:

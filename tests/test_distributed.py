@@ -18,7 +18,8 @@ from test_resume import CountImages, assert_same_store, small_shard_spec
 
 def torchrun(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node=N -m sidetune ARGUMENTS`, as a user runs it."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(), "COLUMNS": "400"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(), "COLUMNS": "400",
+                   "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, also on a GPU machine with fewer GPUs than ranks
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "sidetune", *arguments]
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sidetune.errors import SidetuneError
 from sidetune.sidenets.base import FeatureLayout, SideNet, ones, uniform_fan_in, zeros
 
 LN_EPS = 1e-6
+# cuDNN's attention backward returned NaN and then faulted (illegal memory access) on these
+# r-wide heads on an H100 (torch 2.11, cuDNN 9, head dim 16); flash, memory-efficient and math
+# attention are exact here, so cuDNN is left out.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class LAST(SideNet):
@@ -88,7 +93,8 @@ class LAST(SideNet):
             qkv = rstd[..., None] * (projected - mean[..., None] * scaled.sum(1)[:, None, None, :])
         qkv = qkv + bias[:, None, None, :]
         q, key, v = qkv.reshape(k * b, t, 3, self.heads, r // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        attention = F.scaled_dot_product_attention(q, key, v)  # (K*B, heads, T, r/heads)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            attention = F.scaled_dot_product_attention(q, key, v)  # (K*B, heads, T, r/heads)
         return attention.transpose(1, 2).reshape(k, b, t, r)
 
     def _head(self, last: torch.Tensor, a: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
