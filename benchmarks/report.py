@@ -32,8 +32,9 @@ def stage_two(record: dict) -> str:
     rows = [[r["batch_size"], r["method"], r["epoch_seconds"], f"{r['time_ratio_to_cache']}x",
              round(r["peak_memory_bytes"] / 2**20), f"{r['memory_ratio_to_cache']}x"] for r in record["rows"]]
     memory = "peak GPU memory allocated (MiB)" if record["machine"]["device"] == "cuda" else "peak RSS (MiB)"
+    note = f" {record['note']}" if record.get("note") else ""
     return (f"{describe(record)} {record['model']} ({'pretrained' if record['pretrained'] else 'random weights'}), "
-            f"{record['images']} generated images (their train split).\n\n"
+            f"{record['images']} generated images (their train split).{note}\n\n"
             + table(["batch", "way", "s / epoch", "time vs cache", memory, "memory vs cache"], rows))
 
 
@@ -59,7 +60,16 @@ def loading(record: dict) -> str:
             + table(["page cache", "load (s)", "raw read (s)", "load MB/s", "raw MB/s", "load speed of raw"], rows))
 
 
-RENDERERS = {"stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+def step_profile(record: dict) -> str:
+    shapes = record["shapes"]
+    rows = [[r["method"], r["variant"], r["configs"], r["ms_per_step"] if r["ms_per_step"] is not None else "out of memory",
+             r["ms_per_config"]] for r in record["rows"]]
+    return (f"{describe(record)} One training step at width {shapes['width']}, {shapes['depth']} blocks, "
+            f"{shapes['tokens']} tokens, batch {shapes['batch_size']} (random tokens).\n\n"
+            + table(["method", "variant", "K", "ms / step", "ms / config"], rows))
+
+
+RENDERERS = {"step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def extract(
     dataset: str = typer.Option(..., help="VTAB-1k task name, digits, hf:org/name, or a folder (VTAB-1k lists, class folders, save_to_disk)."),
     out: Optional[str] = typer.Option(None, help="Cache folder or fsspec URL (s3://, gs://, file://). Default: ./cache/<dataset>."),
     spec: str = typer.Option("default", help="Cache spec name (sidetune/cache_specs/NAME.yaml) or path to a YAML spec."),
-    splits: Optional[str] = typer.Option(None, help="Comma-separated splits to extract. Default: all the dataset has."),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits to cache. Default: all the dataset has, except VTAB-1k's test (evaluated live, through the backbone)."),
     data_root: Optional[Path] = typer.Option(None, envvar="SIDETUNE_DATA", help="Folder holding VTAB-1k task folders."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights file: .safetensors, .pth/.bin, or the original .npz."),
     pretrained: bool = typer.Option(True, help="Load pretrained weights (from the hub unless --weights is given)."),
@@ -42,12 +42,17 @@ def extract(
     workers: Optional[int] = typer.Option(None, min=0, help="Image-loading worker processes. Default: by device."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of each split (a quick trial)."),
     overwrite: bool = typer.Option(False, help="Delete an existing cache at --out first."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (splits, images, bytes, free space) and exit."),
 ) -> None:
     """Stage one: run the frozen backbone over a dataset once and write its feature cache."""
     import sidetune
     from sidetune.distributed import launched_rank
-    from sidetune.extract import default_cache_path
+    from sidetune.extract import default_cache_path, plan_extraction
 
+    if dry_run:
+        show_plan(plan_extraction(model, dataset, out, spec=spec, splits=_split_list(splits), data_root=data_root,
+                                  limit=limit))
+        return
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     with RichProgress(quiet=not main_rank) as progress:
         reports = sidetune.extract(
@@ -63,7 +68,26 @@ def extract(
     if incomplete:
         raise SidetuneError(f"Splits {', '.join(incomplete)} of {out} are incomplete; rerun the same command to finish them.")
     console.print(f"[green]Cache ready:[/] {out}")
+    for report in reports:
+        if report.kind == "live":
+            console.print(f"[yellow]{report.name}[/]: {report.num_images:,} images kept out of the cache. train, sweep and "
+                          f"evaluate run them through the backbone when they report {report.name}; to cache it too, "
+                          f"pass --splits with {report.name} among the splits.")
     show_info(out)
+
+
+def show_plan(plan) -> None:
+    from sidetune.cache.plan import human_bytes
+
+    table = Table("split", "images", "kept as", "bytes", title=f"Plan for {plan.out} (spec {plan.spec})")
+    how = {"stored": "stored", "view": "rows of {parent}", "live": "live: through the backbone when evaluated"}
+    for split in plan.splits:
+        table.add_row(split.name, f"{split.num_images:,}", how[split.kind].format(parent=split.parent), human_bytes(split.nbytes))
+    table.add_row("[bold]total", "", "", f"[bold]{human_bytes(plan.nbytes)}")
+    console.print(table)
+    free = "unknown (object store)" if plan.free_bytes is None else human_bytes(plan.free_bytes)
+    verdict = "[green]fits" if plan.fits else "[red]does not fit"
+    console.print(f"free at {plan.out}: {free}: {verdict}")
 
 
 @app.command()
@@ -82,6 +106,7 @@ def info(
 
 def show_info(path: str | Path) -> None:
     import sidetune
+    from sidetune.cache.plan import human_bytes
 
     cache = sidetune.open_cache(path)
     manifest = cache.manifest
@@ -97,23 +122,20 @@ def show_info(path: str | Path) -> None:
                   f"{manifest['spec']['dtype']}, spec '{manifest['spec']['name']}', compute {manifest['compute']['precision']}")
     for note in data.get("notes", []):
         console.print(f"[yellow]note[/]           {note}")
-    table = Table("split", "images", "shape (N, S, T, D)", "on disk", "shards", "max |x|", "state")
+    table = Table("split", "images", "kept as", "shape (N, S, T, D)", "on disk", "shards", "max |x|", "state")
     for split in cache.splits.values():
-        absmax = split.record.get("absmax")
-        table.add_row(
-            split.name, f"{split.num_images:,}", str(tuple(split.tokens.shape)), _human_bytes(split.nbytes_stored),
-            f"{split.shards_done}/{split.record['num_shards']}", f"{max(absmax):.4g}" if absmax else "-",
-            "[green]complete" if split.complete else "[yellow]incomplete",
-        )
+        state = "[green]complete" if split.complete else "[yellow]incomplete"
+        if split.kind == "stored":
+            absmax = split.record.get("absmax")
+            table.add_row(split.name, f"{split.num_images:,}", "stored", str(tuple(split.tokens.shape)),
+                          human_bytes(split.nbytes_stored), f"{split.shards_done}/{split.record['num_shards']}",
+                          f"{max(absmax):.4g}" if absmax else "-", state)
+        elif split.kind == "view":
+            table.add_row(split.name, f"{split.num_images:,}", f"rows of {split.parent.name}", "-",
+                          human_bytes(split.nbytes_stored), "-", "-", state)
+        else:
+            table.add_row(split.name, f"{split.num_images:,}", "live (through the backbone)", "-", "-", "-", "-", "-")
     console.print(table)
-
-
-def _human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
-        count /= 1024
-    return str(count)
 
 
 @app.command()
@@ -145,6 +167,8 @@ def train(
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard. Default: half the free memory."),
     compile: bool = typer.Option(False, "--compile", help="Run the side network through torch.compile (fused kernels; compiles once per shape first)."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
+    weights: Optional[Path] = typer.Option(None, help="A live split's evaluation: the backbone weights file, if it moved since extraction."),
+    data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
     overwrite: bool = typer.Option(False, help="Replace a finished run (or one with other settings) at --out."),
 ) -> None:
     """Stage two: train one side network from the cache into a run directory (never loads the backbone)."""
@@ -160,9 +184,12 @@ def train(
     fields.update({name: value for name, value in (("lr", lr), ("warmup_epochs", warmup_epochs)) if value is not None})
     config = TrainConfig.create(method, options, **fields)
     budget = None if memory_budget is None else int(memory_budget * 2**30)
+    import sidetune
+
+    opened = sidetune.open_cache(cache).relocate(weights, data_root)
     with TrainProgress(f"{method}", epochs) as progress:
         run_dir, result = train_run(
-            cache, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
+            opened, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
             eval_every=eval_every, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs, overwrite=overwrite, on_epoch=progress.epoch_done,
             log=lambda message: console.print(f"[dim]{message}"),
         )
@@ -180,6 +207,30 @@ def show_run(run_dir: Path) -> None:
                   best, f"{metrics['params']:,}", f"{metrics['seconds']:.1f}")
     console.print(table)
     console.print(f"[green]Run saved:[/] {run_dir} (metrics.json, model.safetensors, log.jsonl, curve.png)")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="A run directory written by `sidetune train`."),
+    split: str = typer.Option("test", help="A split of the run's cache: cached, or live (run through the backbone)."),
+    which: str = typer.Option("last", help="last (final epoch) or best (best on the eval split; needs --eval-every)."),
+    cache: Optional[str] = typer.Option(None, help="The run's cache, if it moved since training."),
+    weights: Optional[Path] = typer.Option(None, help="The backbone weights file, if it moved since extraction (live splits)."),
+    data_root: Optional[Path] = typer.Option(None, help="Where the dataset's images are now, if they moved (live splits)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
+) -> None:
+    """Score a trained run on a split of its cache; a live split goes through the backbone once."""
+    from sidetune.evaluate import evaluate as evaluate_run
+
+    if which not in ("last", "best"):
+        raise SidetuneError(f"--which must be last or best, not '{which}'.")
+    record = evaluate_run(run, split, which=which, cache=cache, weights=weights, data_root=data_root, device=device,
+                          batch_size=batch_size)
+    table = Table("run", "split", "kept as", "images", "top-1", title="evaluation")
+    table.add_row(str(run), split, record["kind"], f"{record['images']:,}", f"{record['top1']:.2f}")
+    console.print(table)
+    console.print(f"Saved {run}/eval-{split}.json")
 
 
 @app.command()
@@ -243,6 +294,8 @@ def sweep(
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard."),
     compile: bool = typer.Option(False, "--compile", help="Run the side network through torch.compile (fused kernels; compiles once per shape first)."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
+    weights: Optional[Path] = typer.Option(None, help="A live split's evaluation: the backbone weights file, if it moved since extraction."),
+    data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
 ) -> None:
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
@@ -278,7 +331,10 @@ def sweep(
             suite = sweep_tasks(caches, configs, tasks="all" if tasks == "all" else _split_list(tasks), out=out,
                                 on_task=announce, **options, **callbacks)
         else:
-            report = run_sweep(cache, configs, out=out, **options, **callbacks)
+            import sidetune
+
+            report = run_sweep(sidetune.open_cache(cache).relocate(weights, data_root), configs, out=out,
+                               **options, **callbacks)
     if not main_rank:
         return
     if caches is not None:

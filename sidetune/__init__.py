@@ -14,12 +14,13 @@ Importing sidetune never imports timm: stage two runs where timm is not installe
 from sidetune.cache import Cache, CachedSplit, CacheSpec, load_spec, open_cache
 from sidetune.errors import SidetuneError
 from sidetune.engine import TrainConfig, TrainResult
-from sidetune.extract import extract
+from sidetune.evaluate import evaluate
+from sidetune.extract import extract, plan_extraction
 from sidetune.predict import predict
 from sidetune.sweep import expand_grid, sweep
 from sidetune.train import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Cache", "CachedSplit", "CacheSpec", "SidetuneError", "TrainConfig", "TrainResult", "expand_grid",
-           "extract", "load_spec", "open_cache", "predict", "sweep", "train"]
+__all__ = ["Cache", "CachedSplit", "CacheSpec", "SidetuneError", "TrainConfig", "TrainResult", "evaluate", "expand_grid",
+           "extract", "load_spec", "open_cache", "plan_extraction", "predict", "sweep", "train"]

@@ -204,7 +204,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
                 device: str | torch.device = "cpu", *, eval_every: int = 0, memory_budget: int | None = None,
                 on_epoch: Callable[[EpochStats], None] | None = None, resume: GroupState | None = None,
                 checkpoint: Checkpointer | None = None, compile: bool = False, cuda_graphs: bool | None = None,
-                loaded: LoadedSplits | None = None) -> list[TrainResult]:
+                loaded: LoadedSplits | None = None, evaluate: bool = True) -> list[TrainResult]:
     """Train configs that share a group key, stacked along the leading axis, and evaluate
     them on `eval_split` after training (and every `eval_every` epochs, which also keeps the
     best state). `on_epoch` sees each epoch's stats; `checkpoint` receives the group's state
@@ -212,7 +212,11 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     forward through `torch.compile` (fused kernels; a one-off compile cost per shape).
     `cuda_graphs` captures each step (forward, backward, optimizer) in a CUDA graph and replays
     it: on by default on CUDA. `loaded` shares the splits' features with other stacks (a sweep
-    passes one to all its stacks).
+    passes one to all its stacks). With `evaluate` False the final evaluation is left to the
+    caller (`score`), whose results then have no top-1 yet.
+
+    Training reads only the cache. An evaluation split kept out of it (live) is scored through
+    the backbone the cache records (sidetune/live.py).
 
     Nothing inside an epoch waits for the device: losses, accuracy and the failed-config mask
     stay on it and reach the host once per epoch."""
@@ -221,6 +225,14 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         raise ValueError("train_group needs configs with one group key; see TrainConfig.group_key")
     first = configs[0]
     device = torch.device(device)
+    if cache.split(train_split).kind == "live":
+        raise SidetuneError(f"Split {train_split} of {cache.path} is not in the cache (it is evaluated live, through "
+                            "the backbone); training reads cached splits only. Train on another split, or extract "
+                            f"{train_split} into the cache with --splits.")
+    if eval_every and cache.split(eval_split).kind == "live":
+        raise SidetuneError(f"--eval-every would run the backbone over the live split {eval_split} every "
+                            f"{eval_every} epochs. Evaluate during training on a cached split (--eval-split val200), "
+                            f"or extract {eval_split} into the cache with --splits.")
     started = time.perf_counter()
     net = build_sidenet(cache, first.method, dict(first.options), len(configs))
     net.reset_parameters([c.seed for c in configs])
@@ -284,9 +296,9 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         if on_epoch is not None:
             on_epoch(stats)
 
-    if eval_data is None:
-        eval_data = loaded.get(eval_split, stages)
-    predictions, eval_labels = predicted_classes(net, eval_data, first.batch_size)
+    if evaluate:
+        eval_data = eval_data or loaded.get(eval_split, stages)
+        predictions, eval_labels = predicted_classes(net, eval_data, first.batch_size)
     seconds = time.perf_counter() - started
     params = net.trainable_parameters_per_config()
     results = []
@@ -299,9 +311,40 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         if j in state.failures:
             results.append(TrainResult(config, "failed", None, None, failure=state.failures[j], **common))
             continue
-        top1, per_class = accuracy(predictions[j], eval_labels, len(cache.class_names))
+        top1, per_class = accuracy(predictions[j], eval_labels, len(cache.class_names)) if evaluate else (None, None)
         results.append(TrainResult(config, "ok", top1, per_class, **common))
     return results
+
+
+def score(cache: Cache, results: list[TrainResult], split: str, device: str | torch.device,
+          loaded: LoadedSplits | None = None, batch_size: int = 64) -> None:
+    """Evaluate the final states of `results` (from any stacks) on `split` in one pass: every
+    network sees each batch, so a live split goes through the backbone once. Fills in each
+    successful result's top-1 and per-class accuracy."""
+    trained = [r for r in results if r.status == "ok"]
+    if not trained:
+        return
+    device = torch.device(device)
+    nets = [restore_sidenet(cache.manifest, r.config, r.state).to(device) for r in trained]
+    predictions, labels = predicted_classes_together(cache, nets, split, device, loaded, batch_size)
+    for result, predicted in zip(trained, predictions):
+        result.top1, result.per_class = accuracy(predicted, labels, len(cache.class_names))
+
+
+@torch.no_grad()
+def predicted_classes_together(cache: Cache, nets: list[SideNet], split: str, device: torch.device,
+                               loaded: LoadedSplits | None = None, batch_size: int = 64
+                               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each one-config network's (N,) predicted classes on `split`, every network scoring each
+    batch of one pass over it, and the (N,) labels; on the CPU."""
+    stages = sorted({stage for net in nets for stage in net.stages_needed()})
+    data = (loaded or LoadedSplits(cache, device)).get(split, stages)
+    positions = [[stages.index(stage) for stage in net.stages_needed()] for net in nets]
+    predictions: list[list[torch.Tensor]] = [[] for _ in nets]
+    for tokens, _ in data.batches(batch_size):
+        for net, where, kept in zip(nets, positions, predictions):
+            kept.append(net.eval()(tokens[:, where]).argmax(-1)[0].cpu())
+    return [torch.cat(kept) for kept in predictions], data.labels.cpu()
 
 
 @dataclass

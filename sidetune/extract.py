@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from sidetune.backbones import Backbone, Preprocessing, forward_stages, load_backbone, resolve_preprocessing
 from sidetune.cache.location import Location
-from sidetune.cache.manifest import build_manifest
-from sidetune.cache.spec import CacheSpec, load_spec
+from sidetune.cache.manifest import LOCK_FILE, build_manifest
+from sidetune.cache.plan import (LIVE_BY_DEFAULT, CachePlan, default_live_splits, disk_is_full, plan_cache,
+                                 refuse_if_too_big, split_layout)
+from sidetune.cache.spec import CacheSpec, available_specs, load_spec
 from sidetune.cache.store import FLOAT16_MAX, CacheWriter, SplitWriter
 from sidetune.compute import autocast, precision_name, resolve_compute
-from sidetune.datasets import ImageSplit, load_source
+from sidetune.datasets import ImageSource, ImageSplit, load_source
 from sidetune.distributed import World, current_world, launched_rank
 from sidetune.errors import SidetuneError
 
@@ -39,6 +41,7 @@ class SplitReport:
     shards_skipped: int
     seconds: float
     complete: bool
+    kind: str = "stored"  # or "view" (rows of a stored split) or "live" (kept out of the cache)
 
 
 class ProgressSink:
@@ -71,9 +74,78 @@ def extract(
     """Run the frozen backbone over a dataset once and write (or resume) its feature cache at
     `out`: a folder, or an fsspec URL (s3://bucket/caches/dtd, gs://..., file://..., memory://...).
 
+    Each image is stored once: a split whose images all lie in another stored split is kept as
+    row indices into it (VTAB-1k's train800 and val200 inside train800val200). VTAB-1k's test
+    split is left out unless `splits` names it: train, sweep and evaluate run its images through
+    the backbone when they report it. Before any compute the bytes are planned and compared with
+    the free space at `out` (`plan_extraction`); a cache that cannot fit is refused.
+
     Returns one report per split. Raises SidetuneError for any problem with the inputs,
     before any compute where it can be known in advance."""
     out = out if out is not None else default_cache_path(dataset)
+    try:
+        return _extract(model, dataset, out, spec=spec, splits=splits, data_root=data_root, weights=weights,
+                        pretrained=pretrained, preprocess=preprocess, device=device, precision=precision,
+                        batch_size=batch_size, workers=workers, limit=limit, overwrite=overwrite,
+                        progress=progress, log=log)
+    except Exception as error:
+        if disk_is_full(error):
+            raise SidetuneError(
+                f"The disk holding {out} filled up during extraction. Every finished shard is kept: free "
+                "some space (`sidetune extract ... --dry-run` shows what the cache needs) and rerun the same "
+                "command to resume."
+            ) from None
+        raise
+
+
+def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, spec: str | CacheSpec = "default",
+                    splits: list[str] | None = None, data_root: str | Path | None = None,
+                    limit: int | None = None) -> CachePlan:
+    """What `extract` would write, without computing anything: per split whether it is stored,
+    a view or live, its bytes, and the free space at `out` (the backbone's shapes come from a
+    randomly initialised copy: no weights are read)."""
+    out = out if out is not None else default_cache_path(dataset)
+    cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
+    source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
+    backbone = load_backbone(model, pretrained=False)
+    return _plan(out, cache_spec, source, backbone, splits)
+
+
+def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backbone, requested: list[str] | None) -> CachePlan:
+    layout = split_layout(source.splits, default_live_splits(list(source.splits), requested))
+    location = Location(out)
+    existing = location.fs.du(location.root) if location.is_local and location.entries() else 0
+    return plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=existing)
+
+
+def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, int, int]:
+    return len(spec.resolve_stages(backbone.depth)), spec.num_tokens(backbone.num_tokens), backbone.width
+
+
+def _refuse_unless_it_fits(plan: CachePlan, spec: CacheSpec, source: ImageSource, backbone: Backbone) -> None:
+    if plan.fits:
+        return
+    layout = {split.name: split for split in plan.splits}
+    alternatives = {}
+    for name in available_specs():
+        other = load_spec(name)
+        try:
+            shape = _token_shape(other, backbone)
+        except SidetuneError:  # a stage gap that does not divide this backbone's depth
+            continue
+        if name != spec.name:
+            alternatives[name] = plan_cache(plan.out, other, layout, shape).nbytes
+    live_option = None
+    if any(split.kind == "stored" and split.name in LIVE_BY_DEFAULT for split in plan.splits):
+        without = {name: split for name, split in layout.items() if name not in LIVE_BY_DEFAULT}
+        live_option = plan_cache(plan.out, spec, without, _token_shape(spec, backbone)).nbytes
+    refuse_if_too_big(plan, alternatives, live_option)
+
+
+def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec, splits: list[str] | None,
+             data_root: str | Path | None, weights: str | Path | None, pretrained: bool, preprocess: str,
+             device: str, precision: str, batch_size: int, workers: int | None, limit: int | None, overwrite: bool,
+             progress: ProgressSink | None, log: Callable[[str], None]) -> list[SplitReport]:
     if launched_rank() == 0:  # under torchrun rank 0 alone touches the folder before the store exists
         Location(out).check_writable()
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
@@ -82,53 +154,70 @@ def extract(
     backbone = load_backbone(model, weights=weights, pretrained=pretrained)
     preprocessing = resolve_preprocessing(preprocess, backbone)
     stages = cache_spec.resolve_stages(backbone.depth)
-    token_shape = (len(stages), cache_spec.num_tokens(backbone.num_tokens), backbone.width)
+    token_shape = _token_shape(cache_spec, backbone)
+    plan = _plan(out, cache_spec, source, backbone, splits)
+    if launched_rank() == 0:
+        _refuse_unless_it_fits(plan, cache_spec, source, backbone)
 
+    dataset_record = {**source.describe(), "argument": dataset, "data_root": None if data_root is None else str(data_root)}
     manifest = build_manifest(
         backbone=backbone.describe(),
         preprocessing=preprocessing.describe(),
-        dataset=source.describe(),
+        dataset=dataset_record,
         spec=cache_spec.describe(),
         stages=stages,
         num_tokens=token_shape[1],
-        compute={"precision": precision_name(autocast_dtype), "device": torch_device.type},
+        compute={"precision": precision_name(autocast_dtype), "device": torch_device.type, "batch_size": batch_size},
     )
     world = current_world(torch_device)
     torch_device = world.device(torch_device)
-    if world.is_main:  # rank 0 creates (or verifies) the store, the manifest and every split's arrays
-        writer = CacheWriter.open(out, manifest, overwrite=overwrite)
-        norm = backbone.final_norm()
-        if norm is not None:
-            writer.write_backbone_params({
-                "final_norm_weight": norm.weight.detach().cpu().numpy(),
-                "final_norm_bias": norm.bias.detach().cpu().numpy(),
-            })
-        for note in source.notes:
-            log(f"note: {note}")
-    world.barrier()
-    if not world.is_main:
-        writer = CacheWriter.attach(out, manifest)
-
-    backbone.model.to(torch_device)
-    workers = default_workers(torch_device) if workers is None else workers
-    progress = progress if progress is not None and world.is_main else ProgressSink()
-    reports = []
-    for name, split in source.splits.items():
-        if writer.is_complete(name):
-            log(f"{name}: already complete, skipped")
-            reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
-            continue
-        arrays = (name, split.labels, token_shape, cache_spec.dtype, cache_spec.chunk_images,
-                  cache_spec.shard_images, cache_spec.compressor)
-        if world.is_main:
-            split_writer = writer.split(*arrays)  # creates the split's arrays
+    lock = Location(out).exclusive(LOCK_FILE, "sidetune extract") if world.is_main else contextlib.nullcontext()
+    with lock:
+        if world.is_main:  # rank 0 creates (or verifies) the store, the manifest and every split's arrays
+            writer = CacheWriter.open(out, manifest, overwrite=overwrite)
+            norm = backbone.final_norm()
+            if norm is not None:
+                writer.write_backbone_params({
+                    "final_norm_weight": norm.weight.detach().cpu().numpy(),
+                    "final_norm_bias": norm.bias.detach().cpu().numpy(),
+                })
+            for note in source.notes:
+                log(f"note: {note}")
+            log(plan.describe())
         world.barrier()
         if not world.is_main:
-            split_writer = writer.split(*arrays)  # opens them
-        reports.append(_extract_split(
-            name, split, split_writer, writer, backbone, preprocessing, cache_spec, stages,
-            torch_device, autocast_dtype, batch_size, workers, progress, world,
-        ))
+            writer = CacheWriter.attach(out, manifest)
+
+        backbone.model.to(torch_device)
+        workers = default_workers(torch_device) if workers is None else workers
+        progress = progress if progress is not None and world.is_main else ProgressSink()
+        reports = []
+        for planned in plan.splits:
+            name, split = planned.name, source.splits[planned.name]
+            if planned.kind != "stored":
+                if world.is_main:
+                    if planned.kind == "view":
+                        writer.view(name, planned.parent, planned.rows, split.labels)
+                    else:
+                        writer.live(name, split.labels, split.fingerprint())
+                world.barrier()
+                reports.append(SplitReport(name, len(split), 0, 0, 0.0, True, planned.kind))
+                continue
+            if writer.is_complete(name):
+                log(f"{name}: already complete, skipped")
+                reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
+                continue
+            arrays = (name, split.labels, token_shape, cache_spec.dtype, cache_spec.chunk_images,
+                      cache_spec.shard_images, cache_spec.compressor, cache_spec.codec().scale_shape(token_shape))
+            if world.is_main:
+                split_writer = writer.split(*arrays)  # creates the split's arrays
+            world.barrier()
+            if not world.is_main:
+                split_writer = writer.split(*arrays)  # opens them
+            reports.append(_extract_split(
+                name, split, split_writer, writer, backbone, preprocessing, cache_spec, stages,
+                torch_device, autocast_dtype, batch_size, workers, progress, world,
+            ))
     return reports
 
 
@@ -173,9 +262,9 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
                 # max |x| per stage as max(max, -min): two reductions, no |x| copy (7x faster on CPU)
                 absmax = torch.maximum(stacked.amax(dim=(0, 2, 3)), -stacked.amin(dim=(0, 2, 3))).float().cpu().numpy()
                 _check_range(stacked, absmax, spec, stages, name, split, indices)
-                tokens = stacked.to(spec.torch_dtype()).cpu()
-                for shard, shard_tokens, shard_absmax in assembler.add(indices, tokens, absmax):
-                    shard_writer.submit(shard, shard_tokens, shard_absmax)
+                tokens, scales = (None if t is None else t.cpu() for t in spec.codec().encode(stacked))
+                for shard, shard_tokens, shard_absmax, shard_scales in assembler.add(indices, tokens, absmax, scales):
+                    shard_writer.submit(shard, shard_tokens, shard_absmax, shard_scales)
                 if world.size == 1:
                     progress.advance(len(indices))
         world.barrier()  # every rank's shards are written (its writer thread has drained)
@@ -185,13 +274,24 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
 
 
 def stored_tokens(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor) -> torch.Tensor:
-    """(B, S, T, D) float32 tokens of one batch, as the cache stores them before the cast to
-    the spec's dtype. Extraction and `predict` both compute features through here."""
+    """(B, S, T, D) float32 tokens of one batch, as the cache stores them before the spec's
+    codec encodes them. Extraction, live evaluation and `predict` all compute features here."""
     outputs = [
         spec.select_tokens(x, backbone.num_prefix_tokens).float()
         for x in forward_stages(backbone.model, images, stages)
     ]
     return torch.stack(outputs, dim=1)
+
+
+def as_read_from_cache(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor,
+                       autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, S, T, D) tokens of one batch exactly as stage two reads them back from a cache:
+    computed (at the cache's precision), encoded as stored, decoded. Live evaluation and
+    `predict` feed side networks these."""
+    with autocast(images.device, autocast_dtype):
+        tokens = stored_tokens(backbone, spec, stages, images)
+    codec = spec.codec()
+    return codec.decode(*codec.encode(tokens))
 
 
 def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, stages: list[int],
@@ -203,7 +303,7 @@ def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, sta
             f"The backbone produced non-finite values at stage {bad_stage} for {split.describe(bad_image)} "
             f"in split {split_name}. With --precision fp16 this is overflow: use --precision bf16 or fp32."
         )
-    if spec.dtype == "float16" and absmax.max() > FLOAT16_MAX:
+    if spec.dtype in ("float16", "int8") and absmax.max() > FLOAT16_MAX:  # int8 decodes to float16
         bad = [f"stage {stages[i]} (max |x| = {absmax[i]:.4g})" for i in np.flatnonzero(absmax > FLOAT16_MAX)]
         raise SidetuneError(
             f"Activations overflow float16 in split {split_name}: {', '.join(bad)} exceed {FLOAT16_MAX:.0f}. "
@@ -252,21 +352,26 @@ class _ShardAssembler:
         self.writer = writer
         self.pending = list(pending)
         self.buffer: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor] = []
         self.absmax: np.ndarray | None = None
         self.filled = 0
 
-    def add(self, indices: list[int], tokens: torch.Tensor, absmax: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def add(self, indices: list[int], tokens: torch.Tensor, absmax: np.ndarray, scales: torch.Tensor | None = None
+            ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]]:
         shard = self.pending[0]
         start, stop = self.writer.shard_bounds(shard)
         if indices[0] != start + self.filled:
             raise RuntimeError(f"batch starting at image {indices[0]} arrived out of order for shard {shard}")
         self.buffer.append(tokens)
+        if scales is not None:
+            self.scales.append(scales)
         self.absmax = absmax if self.absmax is None else np.maximum(self.absmax, absmax)
         self.filled += len(indices)
         if self.filled == stop - start:
-            yield shard, torch.cat(self.buffer).numpy(), self.absmax
+            yield (shard, torch.cat(self.buffer).numpy(), self.absmax,
+                   torch.cat(self.scales).numpy() if self.scales else None)
             self.pending.pop(0)
-            self.buffer, self.absmax, self.filled = [], None, 0
+            self.buffer, self.scales, self.absmax, self.filled = [], [], None, 0
 
 
 class _ShardWriterThread:
@@ -278,10 +383,10 @@ class _ShardWriterThread:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidetune-writer")
         self.inflight: list[Future] = []
 
-    def submit(self, shard: int, tokens: np.ndarray, absmax: np.ndarray) -> None:
+    def submit(self, shard: int, tokens: np.ndarray, absmax: np.ndarray, scales: np.ndarray | None = None) -> None:
         while len(self.inflight) >= 2:
             self.inflight.pop(0).result()
-        self.inflight.append(self.executor.submit(self.writer.write_shard, shard, tokens, absmax))
+        self.inflight.append(self.executor.submit(self.writer.write_shard, shard, tokens, absmax, scales))
 
     def __enter__(self) -> "_ShardWriterThread":
         return self

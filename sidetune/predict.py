@@ -54,9 +54,9 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     the features of the backbone its cache was built with."""
     from sidetune.backbones import Preprocessing, load_recorded_backbone
     from sidetune.cache.spec import spec_from_record
-    from sidetune.compute import AUTOCAST_DTYPES, autocast, resolve_device
+    from sidetune.compute import AUTOCAST_DTYPES, resolve_device
     from sidetune.engine import TrainConfig, restore_sidenet
-    from sidetune.extract import stored_tokens
+    from sidetune.extract import as_read_from_cache
     from sidetune.runs import open_run
 
     run = open_run(run_dir)
@@ -71,17 +71,14 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     stages = list(manifest["layout"]["stages"])
     needed = net.stages_needed()
     positions = [stages.index(stage) for stage in needed]
-    mixed_precision = autocast(torch_device, AUTOCAST_DTYPES[manifest["compute"]["precision"]])
 
     predictions = []
     with torch.inference_mode():
         for begin in range(0, len(paths), batch_size):
             batch_paths = paths[begin:begin + batch_size]
             images = torch.stack([transform(_read_image(path)) for path in batch_paths]).to(torch_device)
-            with mixed_precision:
-                tokens = stored_tokens(backbone, spec, stages, images)
-            tokens = tokens.to(spec.torch_dtype())[:, positions].float()
-            logits = net(tokens)[0].float().cpu()
+            tokens = as_read_from_cache(backbone, spec, stages, images, AUTOCAST_DTYPES[manifest["compute"]["precision"]])
+            logits = net(tokens[:, positions])[0].float().cpu()
             for path, row in zip(batch_paths, logits):
                 predictions.append(Prediction(path, row, row.softmax(-1)))
     return predictions

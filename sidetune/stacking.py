@@ -57,8 +57,9 @@ def stack_capacity(cache: Cache, config: TrainConfig, train_split: str, eval_spl
     net = build_sidenet(cache, config.method, dict(config.options), 1)
     stages = net.stages_needed()
     budget = default_memory_budget(device) if memory_budget is None else memory_budget
-    features = sum(min(cache.split(s).num_images * cache.split(s).image_nbytes(stages), budget)
-                   for s in {train_split, eval_split})
+    splits = [cache.split(s) for s in {train_split, eval_split}]
+    held = {split.stored.name: split.stored for split in splits if split.kind != "live"}  # views share their parent's
+    features = sum(min(split.num_images * split.image_nbytes(stages), budget) for split in held.values())
     available = free_memory(device) if available is None else available
     shared, per_config = stack_memory(cache, config, train_split, device)
     room = (available - features) * USABLE_FRACTION - shared
@@ -69,10 +70,10 @@ def _step_bytes(cache: Cache, config: TrainConfig, split: str, device: torch.dev
     net = build_sidenet(cache, config.method, dict(config.options), k)
     net.reset_parameters([config.seed] * k)
     net.to(device).train()
-    cached = cache.split(split)
-    rows = slice(0, min(config.batch_size, cached.num_images))
-    tokens = torch.from_numpy(cached.read_rows(rows, net.stages_needed())).to(device)
-    labels = torch.from_numpy(cached.labels[rows]).to(device)
+    stored = cache.split(split).stored  # a batch of the split's shape: its stored split's first images
+    rows = slice(0, min(config.batch_size, stored.num_images))
+    tokens = torch.from_numpy(stored.read_rows(rows, net.stages_needed())).to(device)
+    labels = torch.from_numpy(stored.labels[rows]).to(device)
     saved: dict[int, int] = {}
 
     def remember(tensor: torch.Tensor) -> torch.Tensor:

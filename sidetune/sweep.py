@@ -30,7 +30,7 @@ from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.datasets.catalogue import VTAB_SPLITS
 from sidetune.distributed import World, current_world
-from sidetune.engine import EpochStats, TrainConfig, TrainResult, train_group
+from sidetune.engine import EpochStats, TrainConfig, TrainResult, score, train_group
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_sweep
 from sidetune.sidenets import method_options
@@ -168,15 +168,24 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         capacity[key] = min(fit, limit) if limit else fit
     ordered = [configs[config_id] for config_id in mine]
     loaded = LoadedSplits(cache, device, memory_budget)  # stacks reading the same stages share one load
-    rows = []
+    live = cache.split(eval_split).kind == "live"  # scored once for every stack, below: one backbone pass
+    rows, pending = [], []
     stacks = plan_stacks(ordered, capacity)
     for number, stack in enumerate(stacks):
         if on_stack is not None:
             on_stack(number, len(stacks), [ordered[i] for i in stack])
         results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
                               memory_budget=memory_budget, on_epoch=on_epoch, compile=compile,
-                              cuda_graphs=cuda_graphs, loaded=loaded)
+                              cuda_graphs=cuda_graphs, loaded=loaded, evaluate=not live)
+        if live:
+            pending += zip(stack, results)
+            continue
         stack_rows = [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
+        append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
+        rows += stack_rows
+    if pending:
+        score(cache, [result for _, result in pending], eval_split, device, loaded, ordered[0].batch_size)
+        stack_rows = [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in pending]
         append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
         rows += stack_rows
     trained = [row for rank_rows in world.all_gather(rows) for row in rank_rows]

@@ -36,7 +36,7 @@ def test_info_json_prints_the_manifest(tmp_path):
                      pretrained=False, workers=0)
     result = sidetune_cli("info", str(tmp_path / "c"), "--json")
     manifest = json.loads(result.stdout)
-    assert manifest["format_version"] == 1 and manifest["splits"]["test"]["complete"] is True
+    assert manifest["format_version"] == 2 and manifest["splits"]["test"]["complete"] is True
 
 
 def test_info_on_a_missing_cache_says_how_to_create_one(tmp_path):

@@ -51,7 +51,7 @@ def test_a_torchrun_sweep_shares_configs_between_ranks_and_rank0_merges_them(vta
 
 def test_a_torchrun_extraction_equals_a_one_process_extraction_bitwise(tmp_path):
     folder, spec = write_vtab_folder(tmp_path / "task"), small_shard_spec(tmp_path, shard_images=4)
-    extract_tiny(folder, tmp_path / "one", spec=str(spec))
+    extract_tiny(folder, tmp_path / "one", spec=str(spec), device="cpu")  # torchrun's ranks run on the CPU
     finished = torchrun("extract", "--model", "test_vit", "--no-pretrained", "--dataset", str(folder),
                         "--out", str(tmp_path / "two"), "--spec", str(spec), "--workers", "0")
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_a_torchrun_extraction_equals_a_one_process_extraction_bitwise(tmp_path)
 
 def test_a_failed_rank_leaves_its_shards_to_a_rerun_with_another_world_size(tmp_path):
     folder, spec = write_vtab_folder(tmp_path / "task"), small_shard_spec(tmp_path, shard_images=4)
-    extract_tiny(folder, tmp_path / "clean", spec=str(spec))
+    extract_tiny(folder, tmp_path / "clean", spec=str(spec), device="cpu")
     broken = folder / "images" / "train800_9.jpg"  # in train800's last shard: rank 1's share
     original = broken.read_bytes()
     broken.write_bytes(b"x" * len(original))  # same size: the dataset's fingerprint is unchanged
@@ -71,7 +71,7 @@ def test_a_failed_rank_leaves_its_shards_to_a_rerun_with_another_world_size(tmp_
     assert not sidetune.open_cache(tmp_path / "cache").split("train800").complete
 
     broken.write_bytes(original)
-    extract_tiny(folder, tmp_path / "cache", spec=str(spec))  # one process finishes what is missing
+    extract_tiny(folder, tmp_path / "cache", spec=str(spec), device="cpu")  # one process finishes what is missing
     assert_same_store(tmp_path / "clean", tmp_path / "cache")
 
 

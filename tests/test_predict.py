@@ -17,8 +17,8 @@ from sidetune.train import train
 
 @pytest.fixture
 def trained_run(tmp_path, vtab_folder):
-    """test_vit features of a VTAB-style folder, and a LAST run on them."""
-    extract_tiny(vtab_folder, tmp_path / "cache")
+    """test_vit features of a VTAB-style folder (test cached too), and a LAST run on them."""
+    extract_tiny(vtab_folder, tmp_path / "cache", splits=["train800", "val200", "train800val200", "test"])
     run_dir, _ = train(tmp_path / "cache", config("last", epochs=2, rank=4), out=tmp_path / "run")
     return run_dir, sidetune.open_cache(tmp_path / "cache"), vtab_folder
 

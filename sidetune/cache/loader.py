@@ -1,10 +1,13 @@
 """Bringing a cached split onto the training device: resident when it fits the memory budget,
 streamed shard by shard otherwise.
 
-Both kinds hand out batches already on the device. `ResidentFeatures` loads the split once and
-gathers every batch on the device. `StreamedFeatures` reads windows of whole shards (the most
-that fit the budget), shuffles within a window, and reads the next window on a background
-thread while the current one trains. zarr is read in whole shards only, never per batch."""
+Both kinds hand out batches already on the device, decoded to what side networks read (int8
+tokens are decoded there, batch by batch). `ResidentFeatures` loads the split once and gathers
+every batch on the device; a view shares its parent split's resident tokens and gathers its own
+rows. `StreamedFeatures` reads windows of whole shards (the most that fit the budget), shuffles
+within a window, and reads the next window on a background thread while the current one
+trains; a streamed view reads its parent's shards and keeps its rows. zarr is read in whole
+shards only, never per batch."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from sidetune.cache.reader import Cache, CachedSplit
+from sidetune.cache.codec import Codec
+from sidetune.cache.reader import Cache, CachedSplit, ViewSplit
 from sidetune.compute import free_memory
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (B, S, T, D) tokens, (B,) labels
@@ -27,31 +31,60 @@ def default_memory_budget(device: torch.device) -> int:
     return int(free_memory(device) * BUDGET_FRACTION)
 
 
-class ResidentFeatures:
-    """A whole split in device memory; batches are gathered on the device."""
+def _on_device(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array).to(device)
 
-    def __init__(self, split: CachedSplit, stages: Sequence[int], device: torch.device):
-        self.num_images = split.num_images
-        self.tokens = torch.from_numpy(split.load(stages)).to(device)
-        self.labels = torch.from_numpy(split.labels).to(device)
-        self.sample_shape, self.dtype = tuple(self.tokens.shape[1:]), self.tokens.dtype
+
+class ResidentFeatures:
+    """A whole split in device memory (as stored: 16-bit, or int8 and scales); batches are
+    gathered and decoded on the device. A view holds its parent's tensors and its own rows."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor | None, labels: torch.Tensor, codec: Codec,
+                 rows: torch.Tensor | None = None):
+        self.codes, self.scales, self.labels, self.codec, self.rows = codes, scales, labels, codec, rows
+        self.num_images = len(labels)
+        self.sample_shape, self.dtype = tuple(codes.shape[1:]), codec.decoded_dtype()
+
+    @classmethod
+    def load(cls, split: CachedSplit, stages: Sequence[int], device: torch.device) -> "ResidentFeatures":
+        codes, scales = split.load_stored(stages)
+        return cls(_on_device(codes, device), _on_device(scales, device), _on_device(split.labels, device), split.codec)
+
+    def view(self, split: ViewSplit) -> "ResidentFeatures":
+        """The rows of this (parent) split that make up `split`, sharing its device memory."""
+        device = self.codes.device
+        return ResidentFeatures(self.codes, self.scales, _on_device(split.labels, device), self.codec,
+                                _on_device(split.rows, device))
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Every image decoded, (N, S, T, D): for inspection; training gathers batch by batch."""
+        return self._gather(torch.arange(self.num_images, device=self.codes.device))
+
+    def _gather(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.rows is not None:
+            index = self.rows[index]
+        if self.scales is None:
+            return torch.index_select(self.codes, 0, index, out=out) if out is not None else self.codes[index]
+        decoded = self.codec.decode(self.codes[index], self.scales[index])
+        return decoded if out is None else out.copy_(decoded)
 
     def batches(self, batch_size: int, shuffle: torch.Generator | None = None,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[Batch]:
         """Batches in a random order drawn from `shuffle`, or in stored order when None. With
-        `out` (buffers of `batch_size` rows), shuffled batches are gathered straight into them."""
+        `out` (buffers of `batch_size` rows), batches are gathered straight into them."""
+        device = self.codes.device
         if shuffle is None:
-            for begin in range(0, self.num_images, batch_size):
-                yield self.tokens[begin:begin + batch_size], self.labels[begin:begin + batch_size]
-            return
-        order = torch.randperm(self.num_images, generator=shuffle).to(self.tokens.device)
+            order = torch.arange(self.num_images, device=device)
+        else:
+            order = torch.randperm(self.num_images, generator=shuffle).to(device)
         for begin in range(0, self.num_images, batch_size):
             index = order[begin:begin + batch_size]
             if out is None:
-                yield self.tokens[index], self.labels[index]
+                yield self._gather(index), self.labels[index]
                 continue
             tokens, labels = out[0][:len(index)], out[1][:len(index)]
-            torch.index_select(self.tokens, 0, index, out=tokens)
+            self._gather(index, tokens)
             torch.index_select(self.labels, 0, index, out=labels)
             yield tokens, labels
 
@@ -60,28 +93,40 @@ class StreamedFeatures:
     """A split read a window of whole shards at a time, the next window prefetched on a thread.
 
     With a `shuffle` generator, the shard order is shuffled and images are shuffled within each
-    window; a batch may span two windows (the remainder of one is carried into the next)."""
+    window; a batch may span two windows (the remainder of one is carried into the next). A view
+    streams the shards of its parent that hold its rows, in the parent's order; its `labels`
+    follow that order."""
 
-    def __init__(self, split: CachedSplit, stages: Sequence[int], device: torch.device, budget_bytes: int):
-        self.split, self.stages, self.device = split, list(stages), device
-        self.num_images = split.num_images
-        self.labels_host = torch.from_numpy(split.labels)
+    def __init__(self, split: CachedSplit | ViewSplit, stages: Sequence[int], device: torch.device, budget_bytes: int):
+        parent = split.parent if isinstance(split, ViewSplit) else split
+        self.split, self.stages, self.device, self.codec = parent, list(stages), device, parent.codec
+        self.shard_size = parent.shard_size
+        if isinstance(split, ViewSplit):
+            rows, labels = split.rows, split.labels
+            order = np.argsort(rows, kind="stable")
+            self.rows, labels = rows[order], labels[order]
+        else:
+            self.rows, labels = np.arange(parent.num_images), parent.labels
+        self.num_images = len(self.rows)
+        self.labels_host = torch.from_numpy(labels)
         self.labels = self.labels_host.to(device)
-        self.shard_size = split.shard_size
-        self.sample_shape = (len(self.stages), *split.tokens.shape[2:])
-        self.dtype = torch.from_numpy(np.empty(0, dtype=split.tokens.dtype)).dtype
+        self.sample_shape = (len(self.stages), *parent.tokens.shape[2:])
+        self.dtype = self.codec.decoded_dtype()
         # Two windows live at once (the one training, the one being read).
-        self.shards_per_window = max(1, budget_bytes // (2 * split.image_nbytes(stages) * self.shard_size))
-        self.num_shards = -(-self.num_images // self.shard_size)
+        self.shards_per_window = max(1, budget_bytes // (2 * parent.image_nbytes(stages) * self.shard_size))
+        shard_of_row = self.rows // self.shard_size
+        self.shards = sorted(set(shard_of_row.tolist()))
+        self.positions = {shard: np.flatnonzero(shard_of_row == shard) for shard in self.shards}  # into self.rows
 
     def batches(self, batch_size: int, shuffle: torch.Generator | None = None,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[Batch]:
         """As `ResidentFeatures.batches`; `out` is accepted for the same signature (a batch is a
         view of the window, copied by the caller where it needs it elsewhere)."""
-        shard_order = list(range(self.num_shards))
+        shard_order = list(self.shards)
         if shuffle is not None:
-            shard_order = torch.randperm(self.num_shards, generator=shuffle).tolist()
-        windows = [shard_order[i:i + self.shards_per_window] for i in range(0, self.num_shards, self.shards_per_window)]
+            shard_order = [shard_order[i] for i in torch.randperm(len(shard_order), generator=shuffle).tolist()]
+        step = self.shards_per_window
+        windows = [shard_order[i:i + step] for i in range(0, len(shard_order), step)]
         carry: Batch | None = None
         for tokens, labels in self._prefetched(windows):
             if shuffle is not None:
@@ -99,15 +144,21 @@ class StreamedFeatures:
             yield carry
 
     def _read_window(self, shards: list[int]) -> Batch:
-        blocks, labels = [], []
+        blocks, labels = [[], []], []
         for shard in shards:
-            rows = slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
-            blocks.append(self.split.read_rows(rows, self.stages))
-            labels.append(self.labels_host[rows])
-        tokens = torch.from_numpy(np.concatenate(blocks))
+            start = shard * self.shard_size
+            stored = slice(start, min(start + self.shard_size, self.split.num_images))
+            mine = self.positions[shard]
+            for kept, block in zip(blocks, self.split.read_stored(stored, self.stages)):
+                if block is not None:
+                    kept.append(block[self.rows[mine] - start])
+            labels.append(self.labels_host[mine])
+        tokens, scales = (torch.from_numpy(np.concatenate(kept)) if kept else None for kept in blocks)
         if self.device.type == "cuda":
-            tokens = tokens.pin_memory()
-        return tokens.to(self.device, non_blocking=True), torch.cat(labels).to(self.device, non_blocking=True)
+            tokens, scales = (None if t is None else t.pin_memory() for t in (tokens, scales))
+        tokens = self.codec.decode(tokens.to(self.device, non_blocking=True),
+                                   None if scales is None else scales.to(self.device, non_blocking=True))
+        return tokens, torch.cat(labels).to(self.device, non_blocking=True)
 
     def _prefetched(self, windows: list[list[int]]) -> Iterator[Batch]:
         ready: queue.Queue = queue.Queue(maxsize=1)
@@ -140,31 +191,43 @@ class StreamedFeatures:
 
 
 def load_features(cache: Cache, split: str, stages: Sequence[int], device: torch.device,
-                  budget_bytes: int | None = None) -> ResidentFeatures | StreamedFeatures:
+                  budget_bytes: int | None = None):
     """The split's features for training or evaluation: resident when the requested stages
-    fit `budget_bytes` (default: half the device's free memory), streamed otherwise."""
-    cached = cache.split(split)
-    budget = default_memory_budget(device) if budget_bytes is None else budget_bytes
-    if cached.num_images * cached.image_nbytes(stages) <= budget:  # image_nbytes refuses missing stages
-        return ResidentFeatures(cached, stages, device)
-    cached.require_complete()  # before any thread starts
-    return StreamedFeatures(cached, stages, device, budget)
+    fit `budget_bytes` (default: half the device's free memory), streamed otherwise; a live
+    split's computed through the backbone (sidetune/live.py)."""
+    return LoadedSplits(cache, device, budget_bytes).get(split, stages)
 
 
 class LoadedSplits:
-    """The splits the last stack loaded, kept for the next one: consecutive stacks of a sweep
-    that read the same stages share one load of each split instead of reading the cache again.
-    Asking for other stages drops what is held first, so at most one stage set is in memory."""
+    """The splits loaded so far, kept for the next user: consecutive stacks of a sweep that
+    read the same stages share one load of each split instead of reading the cache again, and
+    views share their parent's. Asking for other stages drops what is held first, so at most
+    one stage set is in memory."""
 
     def __init__(self, cache: Cache, device: torch.device, budget_bytes: int | None = None):
         self.cache, self.device, self.budget_bytes = cache, device, budget_bytes
         self.stages: tuple[int, ...] | None = None
-        self.held: dict[str, ResidentFeatures | StreamedFeatures] = {}
+        self.held: dict[str, object] = {}
 
-    def get(self, split: str, stages: Sequence[int]) -> ResidentFeatures | StreamedFeatures:
+    def get(self, split: str, stages: Sequence[int]):
         if tuple(stages) != self.stages:
             self.held.clear()
             self.stages = tuple(stages)
         if split not in self.held:
-            self.held[split] = load_features(self.cache, split, stages, self.device, self.budget_bytes)
+            self.held[split] = self._load(self.cache.split(split), stages)
         return self.held[split]
+
+    def _load(self, split, stages: Sequence[int]):
+        if split.kind == "live":
+            from sidetune.live import LiveFeatures  # runs the backbone: only for a split kept out of the cache
+
+            return LiveFeatures(self.cache, split.name, stages, self.device)
+        budget = default_memory_budget(self.device) if self.budget_bytes is None else self.budget_bytes
+        stored = split.parent if split.kind == "view" else split
+        if stored.num_images * stored.image_nbytes(stages) > budget:  # image_nbytes refuses missing stages
+            stored.require_complete()  # before any thread starts
+            return StreamedFeatures(split, stages, self.device, budget)
+        if split.kind == "view":
+            parent = self.get(stored.name, stages)
+            return parent.view(split)
+        return ResidentFeatures.load(split, stages, self.device)

@@ -8,8 +8,12 @@ into the cache."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 
@@ -34,8 +38,8 @@ class Location:
             extra = REMOTE_EXTRAS.get(protocol)
             hint = f"pip install 'sidetune[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
             raise SidetuneError(f"Cannot open {self.text}: {error}. To use {protocol}:// locations, {hint}.") from error
-        if "file" in self.fs.protocol:  # a str or a tuple of names
-            self.text = self.root  # file:// URLs become plain paths: zarr's local store makes folders itself
+        if self.is_local:  # file:// URLs become plain paths: zarr's local store makes folders itself
+            self.text = self.root
 
     def __str__(self) -> str:
         return self.text
@@ -64,5 +68,69 @@ class Location:
             reason = getattr(error, "strerror", None) or error
             raise SidetuneError(f"Cannot write the cache to {self.text} ({reason}). Choose a writable --out.") from error
 
-    def remove(self) -> None:
-        self.fs.rm(self.root, recursive=True)
+    def remove(self, keep: tuple[str, ...] = ()) -> None:
+        """Delete the location, or everything in it but the entries named in `keep`."""
+        if not keep:
+            self.fs.rm(self.root, recursive=True)
+            return
+        for name in self.entries():
+            if name not in keep:
+                self.fs.rm(self._child(name), recursive=True)
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in self.fs.protocol
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The object `name`, or None when there is none."""
+        try:
+            return self.fs.cat_file(self._child(name))
+        except FileNotFoundError:
+            return None
+
+    def write_atomically(self, name: str, data: bytes) -> None:
+        """Replace the object `name` so that a reader sees the old or the new bytes, never a mix:
+        on a local disk a temporary file renamed over it; on an object store one PUT (objects
+        are replaced whole)."""
+        if not self.is_local:
+            self.fs.pipe_file(self._child(name), data)
+            return
+        target = Path(self._child(name))
+        temporary = target.with_name(f".{name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str, what: str) -> Iterator[None]:
+        """Hold an exclusive lock on the lock file `name` for `what` (a local disk; a no-op on
+        object stores, which have no locks). A second holder is refused at once; the lock dies
+        with its process, so a killed writer never leaves it behind."""
+        if not self.is_local:
+            yield
+            return
+        self.fs.makedirs(self.root, exist_ok=True)
+        path = Path(self._child(name))
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise SidetuneError(
+                    f"{self.text} is being written by {holder}. Two writers would corrupt it: wait for that "
+                    f"one to finish (or stop it), then rerun {what}; or choose another --out."
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{what} (pid {os.getpid()} on {socket.gethostname()})")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -1,16 +1,25 @@
-"""The manifest: the self-description stored in the cache's root attributes.
+"""The manifest: the cache's self-description, in `sidetune.json` at its root.
 
 Stage two learns everything it needs from it (see docs/cache-format.md). Its identity fields
-decide whether an existing cache may be resumed by a new extract command."""
+decide whether an existing cache may be resumed by a new extract command. It is replaced whole
+(written beside, then renamed; one PUT on an object store), so a crash at any moment leaves the
+old or the new manifest, never half of one. Format 1 kept it in the root zarr.json's
+attributes, rewritten in place; such caches are still read."""
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata as md
+import json
 import sys
 
-FORMAT_VERSION = 1
-MANIFEST_KEY = "sidetune"
+from sidetune.cache.location import Location
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST_KEY = "sidetune"  # root zarr.json attribute: the format version (format 1: the whole manifest)
+MANIFEST_FILE = "sidetune.json"
+LOCK_FILE = "extract.lock"
 
 # (section, key) pairs that must match for an extract to resume into an existing cache;
 # key None means the whole section.
@@ -75,3 +84,19 @@ def environment_versions() -> dict[str, str]:
             continue
     versions["python"] = ".".join(str(v) for v in sys.version_info[:3])
     return versions
+
+
+def write_manifest(location: Location, manifest: dict) -> None:
+    location.write_atomically(MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def read_manifest(location: Location, root_attributes: dict) -> dict | None:
+    """The manifest of the cache at `location` whose root group has `root_attributes`; None when
+    this is not a sidetune cache, or one whose creation stopped before its manifest was written."""
+    marker = root_attributes.get(MANIFEST_KEY)
+    if marker is None:
+        return None
+    if marker.get("format_version") == 1:
+        return dict(marker)
+    data = location.read_bytes(MANIFEST_FILE)
+    return None if data is None else json.loads(data)

@@ -1,33 +1,47 @@
 """Reading the cache: `open_cache(path)` gives the manifest, the splits and their arrays.
 
-This module never imports timm or the backbone: stage two runs where neither is installed.
-zarr 3.1 reads many small chunks slowly, so `CachedSplit.load` reads whole shards at a time
-and returns one in-memory array; never index zarr per training batch."""
+A split is stored (`CachedSplit`: its tokens are in the cache), a view (`ViewSplit`: rows of a
+stored split, its images being all there) or live (`LiveSplit`: only labels; evaluated through
+the backbone when needed, by sidetune/live.py). This module never imports timm or the
+backbone: stage two runs where neither is installed. zarr 3.1 reads many small chunks slowly,
+so `CachedSplit.load` reads whole shards at a time and returns one in-memory array; never
+index zarr per training batch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import zarr
 
-from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_KEY
+from sidetune.cache.codec import Codec
+from sidetune.cache.location import Location
+from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_FILE, MANIFEST_KEY, READABLE_VERSIONS, read_manifest
 from sidetune.errors import SidetuneError
 
 
 @dataclass
 class CachedSplit:
+    """A stored split: its tokens (and int8 scales) are in the cache."""
+
     name: str
     group: zarr.Group
     record: dict
     stages: list[int]
+    codec: Codec
+    kind = "stored"
 
     @property
     def tokens(self) -> zarr.Array:
         """The (N, S, T, D) token array on disk."""
         return self.group["tokens"]
+
+    @property
+    def scales(self) -> zarr.Array | None:
+        """int8 caches: the scales beside the tokens, (N, S, T, 1) or (N, S, 1, D)."""
+        return self.group["scales"] if self.codec.quantized else None
 
     @property
     def labels(self) -> np.ndarray:
@@ -47,7 +61,8 @@ class CachedSplit:
 
     @property
     def nbytes_stored(self) -> int:
-        return int(self.tokens.nbytes_stored())
+        scales = self.scales
+        return int(self.tokens.nbytes_stored()) + (int(scales.nbytes_stored()) if scales is not None else 0)
 
     def stage_positions(self, stages: Sequence[int] | None) -> list[int]:
         """Positions on the stage axis of the requested backbone stages (all when None)."""
@@ -67,34 +82,50 @@ class CachedSplit:
         return self.tokens.shards[0] if self.tokens.shards else self.tokens.chunks[0]
 
     def image_nbytes(self, stages: Sequence[int] | None = None) -> int:
-        """Bytes one image takes in memory with the requested stages."""
-        shape = self.tokens.shape
-        return len(self.stage_positions(stages)) * int(np.prod(shape[2:])) * self.tokens.dtype.itemsize
+        """Bytes one image takes in memory with the requested stages (tokens and scales, as stored)."""
+        count = len(self.stage_positions(stages))
+        scales = self.scales
+        per_stage = int(np.prod(self.tokens.shape[2:])) * self.tokens.dtype.itemsize
+        if scales is not None:
+            per_stage += int(np.prod(scales.shape[2:])) * scales.dtype.itemsize
+        return count * per_stage
+
+    def read_stored(self, rows: slice, stages: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens as stored (and int8 scales, else None) of the images in `rows` (whole shards,
+        to read fast), the requested stages only."""
+        positions = self.stage_positions(stages)
+        every = positions == list(range(len(self.stages)))
+        blocks = [self.tokens[rows], None if self.scales is None else self.scales[rows]]  # a chunk holds every stage
+        return tuple(b if b is None or every else b[:, positions] for b in blocks)
 
     def read_rows(self, rows: slice, stages: Sequence[int] | None = None) -> np.ndarray:
-        """Tokens of the images in `rows` (whole shards, to read fast), the requested stages only."""
-        positions = self.stage_positions(stages)
-        block = self.tokens[rows]  # a chunk holds every stage: read whole, then select
-        return block if positions == list(range(len(self.stages))) else block[:, positions]
+        """Tokens of the images in `rows`, decoded (int8: to float16)."""
+        return decode(*self.read_stored(rows, stages))
 
-    def iter_shards(self, stages: Sequence[int] | None = None) -> Iterator[tuple[slice, np.ndarray]]:
-        """(image slice, tokens) per shard, reading only the requested stages."""
+    def load_stored(self, stages: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole split as stored: one (N, S', T, D) array of the requested stages, and its
+        int8 scales (None for a float type)."""
+        positions = self.stage_positions(stages)
         self.require_complete()
-        self.stage_positions(stages)  # refuse missing stages before reading
+        if positions == list(range(len(self.stages))):  # one read: zarr decodes every chunk concurrently (1.7x faster than by shard)
+            return self.tokens[:], None if self.scales is None else self.scales[:]
+        outputs = [np.empty((self.num_images, len(positions), *a.shape[2:]), dtype=a.dtype)
+                   for a in (self.tokens, self.scales) if a is not None]
         for start in range(0, self.num_images, self.shard_size):
             rows = slice(start, min(start + self.shard_size, self.num_images))
-            yield rows, self.read_rows(rows, stages)
+            for out, block in zip(outputs, self.read_stored(rows, stages)):
+                out[rows] = block
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
 
     def load(self, stages: Sequence[int] | None = None) -> np.ndarray:
-        """The whole split as one (N, S', T, D) array of the requested stages."""
-        positions = self.stage_positions(stages)
-        if positions == list(range(len(self.stages))):
-            self.require_complete()
-            return self.tokens[:]  # one read: zarr decodes every chunk concurrently (1.7x faster than by shard)
-        out = np.empty((self.num_images, len(positions), *self.tokens.shape[2:]), dtype=self.tokens.dtype)
-        for rows, block in self.iter_shards(stages):
-            out[rows] = block
-        return out
+        """The whole split as one (N, S', T, D) array of the requested stages, decoded (int8:
+        to float16)."""
+        return decode(*self.load_stored(stages))
+
+    @property
+    def stored(self) -> "CachedSplit":
+        """The stored split holding this split's images: itself."""
+        return self
 
     def require_complete(self) -> None:
         if not self.complete:
@@ -105,22 +136,128 @@ class CachedSplit:
 
 
 @dataclass
+class ViewSplit:
+    """A split whose images all lie in the stored split `parent`: stored as row indices."""
+
+    name: str
+    group: zarr.Group
+    record: dict
+    parent: CachedSplit
+    kind = "view"
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.group["rows"][:]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.group["labels"][:]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.record["num_images"])
+
+    @property
+    def complete(self) -> bool:
+        return self.parent.complete
+
+    @property
+    def nbytes_stored(self) -> int:
+        return int(self.group["rows"].nbytes_stored() + self.group["labels"].nbytes_stored())
+
+    def image_nbytes(self, stages: Sequence[int] | None = None) -> int:
+        return self.parent.image_nbytes(stages)
+
+    def load_stored(self, stages: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The view's images as stored, gathered from the parent's (which is read whole)."""
+        rows = self.rows
+        return tuple(None if block is None else block[rows] for block in self.parent.load_stored(stages))
+
+    def load(self, stages: Sequence[int] | None = None) -> np.ndarray:
+        return decode(*self.load_stored(stages))
+
+    @property
+    def stored(self) -> CachedSplit:
+        return self.parent
+
+    def require_complete(self) -> None:
+        self.parent.require_complete()
+
+
+@dataclass
+class LiveSplit:
+    """A split kept out of the cache: its images go through the backbone when it is evaluated."""
+
+    name: str
+    group: zarr.Group
+    record: dict
+    kind = "live"
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.group["labels"][:]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.record["num_images"])
+
+    complete = True
+    nbytes_stored = 0
+
+
+Split = CachedSplit | ViewSplit | LiveSplit
+
+
+def decode(tokens: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """Stored tokens as side networks read them: as stored, or int8 times its scales in float16
+    (the same arithmetic as `Codec.decode` on the device)."""
+    return tokens if scales is None else (tokens * scales).astype(np.float16)
+
+
+@dataclass
 class Cache:
-    """A feature cache opened for reading."""
+    """A feature cache opened for reading. `backbone_weights` and `data_root` say where the
+    backbone's weights and the dataset's images are when they moved since extraction: only a
+    live split (evaluated through the backbone) needs them."""
 
     path: str
     root: zarr.Group
     manifest: dict
+    backbone_weights: str | None = None
+    data_root: str | None = None
+
+    def relocate(self, weights: str | Path | None = None, data_root: str | Path | None = None) -> "Cache":
+        """Where to find the backbone's weights and the dataset's images for live evaluation."""
+        self.backbone_weights = None if weights is None else str(weights)
+        self.data_root = None if data_root is None else str(data_root)
+        return self
 
     @property
-    def splits(self) -> dict[str, CachedSplit]:
-        stages = self.manifest["layout"]["stages"]
-        return {
-            name: CachedSplit(name, self.root[name], record, stages)
-            for name, record in self.manifest["splits"].items()
-        }
+    def live_splits(self) -> list[str]:
+        return [name for name, record in self.manifest["splits"].items() if record.get("kind") == "live"]
 
-    def split(self, name: str) -> CachedSplit:
+    @property
+    def codec(self) -> Codec:
+        spec = self.manifest["spec"]
+        return Codec(spec["dtype"], spec.get("scale", "channel"))
+
+    @property
+    def splits(self) -> dict[str, Split]:
+        stages = self.manifest["layout"]["stages"]
+        stored = {name: CachedSplit(name, self.root[name], record, stages, self.codec)
+                  for name, record in self.manifest["splits"].items() if record.get("kind", "stored") == "stored"}
+        splits: dict[str, Split] = {}
+        for name, record in self.manifest["splits"].items():
+            kind = record.get("kind", "stored")  # format 1 stored every split
+            if kind == "stored":
+                splits[name] = stored[name]
+            elif kind == "view":
+                splits[name] = ViewSplit(name, self.root[name], record, stored[record["view_of"]])
+            else:
+                splits[name] = LiveSplit(name, self.root[name], record)
+        return splits
+
+    def split(self, name: str) -> Split:
         splits = self.splits
         if name not in splits:
             raise SidetuneError(
@@ -143,19 +280,22 @@ class Cache:
 
 
 def open_cache(path: str | Path) -> Cache:
-    """Open a sidetune feature cache for reading."""
+    """Open a sidetune feature cache for reading (format 2, or a format-1 cache)."""
     path = str(path)
     try:
         root = zarr.open_group(path, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise SidetuneError(f"No sidetune cache at {path}. Create one with `sidetune extract --out {path} ...`.") from error
-    manifest = root.attrs.get(MANIFEST_KEY)
+    if MANIFEST_KEY not in root.attrs:
+        raise SidetuneError(f"{path} is a zarr store but not a sidetune cache (no '{MANIFEST_KEY}' attribute).")
+    manifest = read_manifest(Location(path), dict(root.attrs))
     if manifest is None:
-        raise SidetuneError(f"{path} is a zarr store but not a sidetune cache (no '{MANIFEST_KEY}' manifest).")
-    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SidetuneError(f"Cache {path} has no {MANIFEST_FILE}: its creation was interrupted. Rerun the "
+                            "`sidetune extract` command that made it.")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise SidetuneError(
             f"Cache {path} has format version {manifest.get('format_version')}; this sidetune reads "
-            f"version {FORMAT_VERSION}. Re-extract it with this version."
+            f"versions {', '.join(map(str, READABLE_VERSIONS))} (and writes {FORMAT_VERSION}). Re-extract it."
         )
     return Cache(path, root, manifest)
 

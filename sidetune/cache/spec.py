@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from sidetune.cache.codec import INT8_SCALES, Codec
 from sidetune.errors import SidetuneError
 
 SPECS_DIR = Path(__file__).resolve().parents[1] / "cache_specs"  # package data: in every install
 TOKEN_MODES = ("all", "cls", "mean")
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = ("float16", "bfloat16", "float32", "int8")
 COMPRESSORS = ("none", "zstd")
 
 
@@ -23,12 +24,14 @@ COMPRESSORS = ("none", "zstd")
 class CacheSpec:
     """`stages`: "all", "last", {"every": g} (0, g, 2g, ..., depth) or a list of indices.
     `tokens`: "all" (prefix tokens first, then patches), "cls" (the first prefix token) or
-    "mean" (mean of the patch tokens)."""
+    "mean" (mean of the patch tokens). `dtype`: a float type, or int8 with float32 scales per
+    `scale` ("channel" or "token"; sidetune/cache/codec.py)."""
 
     name: str
     stages: str | dict | tuple[int, ...] = "all"
     tokens: str = "all"
     dtype: str = "float16"
+    scale: str = "channel"
     chunk_images: int = 1
     shard_images: int = 64
     compressor: str = "none"
@@ -40,6 +43,8 @@ class CacheSpec:
             problems.append(f"tokens must be one of {', '.join(TOKEN_MODES)}, not {self.tokens!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.scale not in INT8_SCALES:
+            problems.append(f"scale must be one of {', '.join(INT8_SCALES)}, not {self.scale!r}")
         if self.compressor not in COMPRESSORS:
             problems.append(f"compressor must be one of {', '.join(COMPRESSORS)}, not {self.compressor!r}")
         if not (isinstance(self.shard_images, int) and isinstance(self.chunk_images, int)
@@ -85,8 +90,8 @@ class CacheSpec:
             return x[:, :1]
         return x[:, num_prefix_tokens:].mean(dim=1, keepdim=True)
 
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+    def codec(self) -> Codec:
+        return Codec(self.dtype, self.scale)
 
     def describe(self) -> dict:
         record = asdict(self)

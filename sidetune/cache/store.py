@@ -1,13 +1,16 @@
 """Writing the cache: create or reopen the zarr group, write shards, mark splits complete.
 
-A split group holds:
+A stored split's group holds:
   tokens          (N, S, T, D) chunked by `chunk_images`, sharded by `shard_images`
+  scales          (N, S, T, 1) or (N, S, 1, D) float32, sharded like tokens: int8 specs only
   labels          (N,) int64
   shard_complete  (num_shards,) uint8, one chunk per shard: 1 once that shard's tokens are written
   shard_absmax    (num_shards, S) float32, one chunk per shard: max |x| per stage before casting
-Every shard has its own chunks in every array, so different processes can own different
-shards without ever writing the same object. The manifest's per-split `complete` flag is set
-only after every shard is marked.
+A view (a split whose images all lie in a stored split) holds `rows` (N,) int64 into that
+split and its `labels`; a live split (evaluated through the backbone when needed) is only a
+manifest record. Every shard has its own chunks in every array, so different processes can own
+different shards without ever writing the same object. A split enters the manifest only after
+its arrays exist, and is marked complete only after every shard is marked.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import numpy as np
 import zarr
 
 from sidetune.cache.location import Location
-from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_KEY, identity_differences
+from sidetune.cache.manifest import (FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, MANIFEST_KEY, identity_differences,
+                                     read_manifest, write_manifest)
 from sidetune.errors import SidetuneError
+
+IGNORED_ENTRIES = (LOCK_FILE, ".sidetune-write-probe")  # never make a folder "not a cache"
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -44,32 +50,38 @@ class SplitWriter:
         done = self.group["shard_complete"][:]
         return [int(i) for i in np.flatnonzero(done == 0)]
 
-    def write_shard(self, shard: int, tokens: np.ndarray, absmax: np.ndarray) -> None:
-        """Write one shard's tokens, then its statistics, then its completion mark."""
+    def write_shard(self, shard: int, tokens: np.ndarray, absmax: np.ndarray, scales: np.ndarray | None = None) -> None:
+        """Write one shard's tokens (and int8 scales), then its statistics, then its completion mark."""
         start, stop = self.shard_bounds(shard)
         if tokens.shape[0] != stop - start:
             raise ValueError(f"shard {shard} of {self.name} needs {stop - start} images, got {tokens.shape[0]}")
         self.group["tokens"][start:stop] = tokens
+        if scales is not None:
+            self.group["scales"][start:stop] = scales
         self.group["shard_absmax"][shard] = absmax
         self.group["shard_complete"][shard] = 1
 
 
+def _ignored(name: str) -> bool:
+    return name.startswith(IGNORED_ENTRIES)
+
+
 def _remove_cache(location: Location) -> None:
-    """Delete a sidetune cache, and never anything else."""
+    """Delete a sidetune cache (keeping the lock file its writer holds), and never anything else."""
     is_cache = location.has("zarr.json") and MANIFEST_KEY in zarr.open_group(str(location), mode="r").attrs
-    leftovers = all(name.startswith(".sidetune-write-probe") for name in location.entries())
-    if not (is_cache or leftovers):
+    if not (is_cache or all(_ignored(name) for name in location.entries())):
         raise SidetuneError(
             f"--overwrite refuses to delete {location}: it is not a sidetune cache. Point --out at a "
             "cache folder or a new folder."
         )
-    location.remove()
+    location.remove(keep=(LOCK_FILE,))
 
 
 class CacheWriter:
     """Creates a cache (or reopens a compatible one) and hands out split writers."""
 
-    def __init__(self, root: zarr.Group, manifest: dict):
+    def __init__(self, location: Location, root: zarr.Group, manifest: dict):
+        self.location = location
         self.root = root
         self.manifest = manifest
 
@@ -80,13 +92,19 @@ class CacheWriter:
         An existing cache from another backbone, weights, preprocessing, spec or dataset is
         refused unless `overwrite`, which deletes it first."""
         location = Location(path)
-        if overwrite and location.entries():
+        if overwrite and not all(_ignored(name) for name in location.entries()):
             _remove_cache(location)
+        existing = None
         if location.has("zarr.json"):
             root = zarr.open_group(str(location), mode="r+")
-            existing = root.attrs.get(MANIFEST_KEY)
-            if existing is None:
+            if MANIFEST_KEY not in root.attrs:
                 raise SidetuneError(f"{path} is a zarr store but not a sidetune cache. Choose another --out or pass --overwrite.")
+            existing = read_manifest(location, dict(root.attrs))
+            if existing is None:  # created, then stopped before its first manifest: nothing to keep
+                location.remove(keep=(LOCK_FILE,))
+        elif not all(_ignored(name) for name in location.entries()):
+            raise SidetuneError(f"Output folder {path} exists and is not a sidetune cache. Choose another --out or pass --overwrite.")
+        if existing is not None:
             if existing.get("format_version") != FORMAT_VERSION:
                 raise SidetuneError(
                     f"Cache {path} has format version {existing.get('format_version')}, this sidetune "
@@ -99,11 +117,10 @@ class CacheWriter:
                     "new cache, or --overwrite to replace this one."
                 )
             manifest = {**manifest, "created": existing["created"], "splits": existing.get("splits", {})}
-        elif any(not name.startswith(".sidetune-write-probe") for name in location.entries()):
-            raise SidetuneError(f"Output folder {path} exists and is not a sidetune cache. Choose another --out or pass --overwrite.")
         else:
-            root = zarr.open_group(str(location), mode="w")
-        writer = cls(root, manifest)
+            root = zarr.open_group(str(location), mode="a")  # "a", not "w": the writer's lock file stays
+            root.attrs[MANIFEST_KEY] = {"format_version": FORMAT_VERSION, "manifest": MANIFEST_FILE}
+        writer = cls(location, root, manifest)
         writer._save_manifest()
         return writer
 
@@ -111,8 +128,9 @@ class CacheWriter:
     def attach(cls, path: str | Path, manifest: dict) -> "CacheWriter":
         """Open a cache another process (torchrun's rank 0) has just created or verified with
         `open`, to write shards into; never writes the manifest itself."""
-        root = zarr.open_group(str(Location(path)), mode="r+")
-        return cls(root, {**manifest, **root.attrs[MANIFEST_KEY]})
+        location = Location(path)
+        root = zarr.open_group(str(location), mode="r+")
+        return cls(location, root, {**manifest, **read_manifest(location, dict(root.attrs))})
 
     def write_backbone_params(self, params: dict[str, np.ndarray]) -> None:
         group = self.root.require_group("backbone")
@@ -124,34 +142,68 @@ class CacheWriter:
         return bool(self.manifest["splits"].get(split, {}).get("complete"))
 
     def split(self, name: str, labels: np.ndarray, token_shape: tuple[int, int, int],
-              dtype: str, chunk_images: int, shard_images: int, compressor: str) -> SplitWriter:
-        """Create the split's arrays (or reopen them after an interruption)."""
+              dtype: str, chunk_images: int, shard_images: int, compressor: str,
+              scale_shape: tuple[int, int, int] | None = None) -> SplitWriter:
+        """Create a stored split's arrays (or reopen them after an interruption). `scale_shape`:
+        the per-image shape of int8 scales, None for a float dtype."""
         num_images = len(labels)
-        if name in self.root:
+        if name in self.manifest["splits"]:
             group = self.root[name]
             if group["tokens"].shape != (num_images, *token_shape):
                 raise SidetuneError(
                     f"Split {name} in {self.root.store} has shape {group['tokens'].shape}, expected "
                     f"{(num_images, *token_shape)}. Pass --overwrite to rebuild the cache."
                 )
-        else:
-            group = self.root.create_group(name)
-            num_shards = -(-num_images // shard_images)
-            group.create_array(
-                "tokens", shape=(num_images, *token_shape), dtype=dtype,
-                chunks=(chunk_images, *token_shape), shards=(shard_images, *token_shape),
-                compressors=None if compressor == "none" else "auto", fill_value=0,
-                dimension_names=("image", "stage", "token", "channel"),
-            )
-            group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(num_images, 1),))
-            group.create_array("shard_complete", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0)
-            group.create_array("shard_absmax", shape=(num_shards, token_shape[0]), dtype="float32",
-                               chunks=(1, token_shape[0]), fill_value=0)
-            self.manifest["splits"][name] = {
-                "num_images": num_images, "num_shards": num_shards, "complete": False, "absmax": None,
-            }
-            self._save_manifest()
+            return SplitWriter(name, group, num_images, shard_images)
+        group = self._fresh_group(name)
+        num_shards = -(-num_images // shard_images)
+        group.create_array(
+            "tokens", shape=(num_images, *token_shape), dtype=dtype,
+            chunks=(chunk_images, *token_shape), shards=(shard_images, *token_shape),
+            compressors=None if compressor == "none" else "auto", fill_value=0,
+            dimension_names=("image", "stage", "token", "channel"),
+        )
+        if scale_shape is not None:
+            group.create_array("scales", shape=(num_images, *scale_shape), dtype="float32",
+                               chunks=(chunk_images, *scale_shape), shards=(shard_images, *scale_shape),
+                               compressors=None, fill_value=0, dimension_names=("image", "stage", "token", "channel"))
+        group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(num_images, 1),))
+        group.create_array("shard_complete", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+        group.create_array("shard_absmax", shape=(num_shards, token_shape[0]), dtype="float32",
+                           chunks=(1, token_shape[0]), fill_value=0)
+        self.manifest["splits"][name] = {
+            "kind": "stored", "num_images": num_images, "num_shards": num_shards, "complete": False, "absmax": None,
+        }
+        self._save_manifest()
         return SplitWriter(name, group, num_images, shard_images)
+
+    def view(self, name: str, parent: str, rows: np.ndarray, labels: np.ndarray) -> None:
+        """Record `name` as rows of the stored split `parent` (its images are all there)."""
+        if name in self.manifest["splits"]:
+            return
+        group = self._fresh_group(name)
+        group.create_array("rows", data=np.asarray(rows, dtype=np.int64), chunks=(max(len(rows), 1),))
+        group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),))
+        self.manifest["splits"][name] = {"kind": "view", "view_of": parent, "num_images": len(rows), "complete": True}
+        self._save_manifest()
+
+    def live(self, name: str, labels: np.ndarray, fingerprint: str) -> None:
+        """Record `name` as a split evaluated live, through the backbone, from the dataset's
+        images (identified by `fingerprint`); only its labels are stored."""
+        if name in self.manifest["splits"]:
+            return
+        group = self._fresh_group(name)
+        group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),))
+        self.manifest["splits"][name] = {"kind": "live", "num_images": len(labels), "fingerprint": fingerprint,
+                                         "complete": True}
+        self._save_manifest()
+
+    def _fresh_group(self, name: str) -> zarr.Group:
+        """An empty group for a split the manifest does not know yet (removing what an
+        interrupted creation left)."""
+        if name in self.root:
+            del self.root[name]
+        return self.root.create_group(name)
 
     def finish_split(self, writer: SplitWriter) -> bool:
         """Mark the split complete if every shard is written; returns whether it is."""
@@ -163,4 +215,4 @@ class CacheWriter:
         return True
 
     def _save_manifest(self) -> None:
-        self.root.attrs[MANIFEST_KEY] = self.manifest
+        write_manifest(self.location, self.manifest)

@@ -17,7 +17,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 class ImageSplit(Protocol):
-    """One split: `labels[i]` belongs to `image(i)`; `describe(i)` names item i in errors."""
+    """One split: `labels[i]` belongs to `image(i)`; `describe(i)` names item i in errors;
+    `keys()` identifies each image, so that the same image in two splits is stored once."""
 
     labels: np.ndarray
 
@@ -25,6 +26,7 @@ class ImageSplit(Protocol):
     def image(self, index: int) -> Image.Image: ...
     def describe(self, index: int) -> str: ...
     def fingerprint(self) -> str: ...
+    def keys(self) -> list[str]: ...
     def subset(self, indices: np.ndarray) -> "ImageSplit": ...
 
 
@@ -52,6 +54,9 @@ class FileSplit:
             digest.update(f"{path.relative_to(self.root)}|{label}|{path.stat().st_size}\n".encode())
         return digest.hexdigest()
 
+    def keys(self) -> list[str]:
+        return [f"{path.resolve()}|{label}" for path, label in zip(self.paths, self.labels.tolist())]
+
     def subset(self, indices: np.ndarray) -> "FileSplit":
         return FileSplit([self.paths[i] for i in indices], self.labels[indices], self.root)
 
@@ -78,6 +83,11 @@ class ArraySplit:
         digest.update(np.ascontiguousarray(self.labels).tobytes())
         return digest.hexdigest()
 
+    def keys(self) -> list[str]:
+        """The pixels and the label: equal images are interchangeable, wherever they came from."""
+        return [hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() + f"|{label}"
+                for image, label in zip(self.images, self.labels.tolist())]
+
     def subset(self, indices: np.ndarray) -> "ArraySplit":
         return ArraySplit(self.images[indices], self.labels[indices], self.name)
 
@@ -90,10 +100,14 @@ class HubSplit:
     image_column: str
     label_column: str
     name: str
+    rows: np.ndarray | None = None  # row of each item in the dataset it was selected from
+    base: str = ""  # that dataset's fingerprint
     labels: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.dataset[self.label_column], dtype=np.int64)
+        if self.rows is None:
+            self.rows, self.base = np.arange(len(self.dataset)), str(self.dataset._fingerprint)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -110,8 +124,12 @@ class HubSplit:
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{self.dataset._fingerprint}|{len(self)}".encode()).hexdigest()
 
+    def keys(self) -> list[str]:
+        return [f"{self.base}|{row}|{label}" for row, label in zip(self.rows.tolist(), self.labels.tolist())]
+
     def subset(self, indices: np.ndarray) -> "HubSplit":
-        return HubSplit(self.dataset.select(indices.tolist()), self.image_column, self.label_column, self.name)
+        return HubSplit(self.dataset.select(indices.tolist()), self.image_column, self.label_column, self.name,
+                        self.rows[indices], self.base)
 
 
 @dataclass
