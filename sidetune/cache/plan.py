@@ -5,7 +5,7 @@ and whether they fit the free space where the cache goes."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -118,11 +118,10 @@ def plan_cache(out: str | Path, spec: CacheSpec, splits: dict[str, SplitPlan], t
                existing_bytes: int = 0) -> CachePlan:
     """The plan with each split's bytes; `existing_bytes` (already written by an interrupted
     run) count as free, since they are kept."""
-    codec = Codec(spec.dtype, spec.scale)
-    for plan in splits.values():
-        plan.nbytes = split_nbytes(plan, token_shape, codec)
+    codec = spec.codec()
+    sized = [replace(plan, nbytes=split_nbytes(plan, token_shape, codec)) for plan in splits.values()]
     free = free_bytes(out)
-    return CachePlan(str(out), spec.name, list(splits.values()), None if free is None else free + existing_bytes)
+    return CachePlan(str(out), spec.name, sized, None if free is None else free + existing_bytes)
 
 
 def refuse_if_too_big(plan: CachePlan, alternatives: dict[str, int], live_option: int | None) -> None:

@@ -239,7 +239,7 @@ class Cache:
     @property
     def codec(self) -> Codec:
         spec = self.manifest["spec"]
-        return Codec(spec["dtype"], spec.get("scale", "channel"))
+        return Codec(spec["dtype"], spec.get("scale", "token"))
 
     @property
     def splits(self) -> dict[str, Split]:

@@ -25,13 +25,13 @@ class CacheSpec:
     """`stages`: "all", "last", {"every": g} (0, g, 2g, ..., depth) or a list of indices.
     `tokens`: "all" (prefix tokens first, then patches), "cls" (the first prefix token) or
     "mean" (mean of the patch tokens). `dtype`: a float type, or int8 with float32 scales per
-    `scale` ("channel" or "token"; sidetune/cache/codec.py)."""
+    `scale` ("token" or "channel"; sidetune/cache/codec.py)."""
 
     name: str
     stages: str | dict | tuple[int, ...] = "all"
     tokens: str = "all"
     dtype: str = "float16"
-    scale: str = "channel"
+    scale: str = "token"
     chunk_images: int = 1
     shard_images: int = 64
     compressor: str = "none"

@@ -177,10 +177,16 @@ class ImageSource:
         return _replace_splits(self, {name: self.splits[name] for name in wanted})
 
     def first(self, limit: int | None) -> "ImageSource":
-        """The first `limit` images of every split (a quick trial run)."""
+        """The first `limit` images of every split (a quick trial run). A union split (VTAB-1k's
+        train800val200, listing train800 then val200) keeps the union of its parts' first images."""
         if limit is None:
             return self
         splits = {name: split.subset(np.arange(min(limit, len(split)))) for name, split in self.splits.items()}
+        union = self.splits.get("train800val200")
+        parts = [self.splits.get(name) for name in ("train800", "val200")]
+        if union is not None and None not in parts and union.keys() == parts[0].keys() + parts[1].keys():
+            rows = np.concatenate([np.arange(min(limit, len(parts[0]))), len(parts[0]) + np.arange(min(limit, len(parts[1])))])
+            splits["train800val200"] = union.subset(rows)
         source = _replace_splits(self, splits)
         source.limit = limit
         return source
