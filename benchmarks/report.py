@@ -69,7 +69,22 @@ def step_profile(record: dict) -> str:
             + table(["method", "variant", "K", "ms / step", "ms / config"], rows))
 
 
-RENDERERS = {"step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+def storage(record: dict) -> str:
+    from sidetune.cache.plan import human_bytes
+
+    rows = sorted(record["rows"], key=lambda r: -r["suite_live"])
+    summary = [[r["spec"], human_bytes(r["suite_live"] / 19), human_bytes(r["suite_live"]), human_bytes(r["suite_cached"]),
+                f"{r['suite_cached'] / r['suite_live']:.0f}x"] for r in rows]
+    shown = [r for r in rows if r["spec"] in ("default", "int8", "gap2", "gap2-int8", "final", "cls")]
+    per_task = [[task, f"{images:,}"] + [f"{human_bytes(r['per_task_live'][task])} / {human_bytes(r['per_task_cached'][task])}"
+                                         for r in shown] for task, images in record["test_images"].items()]
+    return (f"{record['backbone']}: the 1000 training images stored once (train800 and val200 as rows), test live or cached.\n\n"
+            + table(["spec", "a task, test live (mean)", "19 tasks, test live", "19 tasks, test cached", "cached / live"], summary)
+            + "\n\nPer task, test live / test cached:\n\n"
+            + table(["task", "test images", *[r["spec"] for r in shown]], per_task))
+
+
+RENDERERS = {"storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:

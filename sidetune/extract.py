@@ -113,9 +113,7 @@ def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, 
 
 def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backbone, requested: list[str] | None) -> CachePlan:
     layout = split_layout(source.splits, default_live_splits(list(source.splits), requested))
-    location = Location(out)
-    existing = location.fs.du(location.root) if location.is_local and location.entries() else 0
-    return plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=existing)
+    return plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=Location(out).local_bytes())
 
 
 def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, int, int]:
@@ -213,7 +211,7 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                 split_writer = writer.split(*arrays)  # creates the split's arrays
             world.barrier()
             if not world.is_main:
-                split_writer = writer.split(*arrays)  # opens them
+                split_writer = writer.open_split(name, len(split), cache_spec.shard_images)
             reports.append(_extract_split(
                 name, split, split_writer, writer, backbone, preprocessing, cache_spec, stages,
                 torch_device, autocast_dtype, batch_size, workers, progress, world,

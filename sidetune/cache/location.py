@@ -77,6 +77,20 @@ class Location:
             if name not in keep:
                 self.fs.rm(self._child(name), recursive=True)
 
+    def local_bytes(self) -> int:
+        """Bytes of the files under a local location (0 for an object store, or none there);
+        files that vanish while it counts (another writer's renames) are skipped."""
+        if not self.is_local:
+            return 0
+        total = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    continue
+        return total
+
     @property
     def is_local(self) -> bool:
         return "file" in self.fs.protocol

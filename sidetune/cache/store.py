@@ -177,6 +177,11 @@ class CacheWriter:
         self._save_manifest()
         return SplitWriter(name, group, num_images, shard_images)
 
+    def open_split(self, name: str, num_images: int, shard_images: int) -> SplitWriter:
+        """A stored split's arrays that another process (torchrun's rank 0) created, to write
+        shards into; never touches the manifest."""
+        return SplitWriter(name, self.root[name], num_images, shard_images)
+
     def view(self, name: str, parent: str, rows: np.ndarray, labels: np.ndarray) -> None:
         """Record `name` as rows of the stored split `parent` (its images are all there)."""
         if name in self.manifest["splits"]:

@@ -1,0 +1,54 @@
+"""Disk for the whole VTAB-1k suite at ViT-B/16: every shipped cache spec, the test splits
+cached or live, from the real split sizes and the same planning code `extract` uses.
+
+    python benchmarks/storage.py            # writes results/storage.json (no compute, no data)
+
+Per task, a VTAB-1k cache stores train800val200 (1000 images) with train800 and val200 as its
+rows; its test split is either cached too (`--splits train800,val200,train800val200,test`) or
+live (the default)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import write_result
+from sidetune.cache.plan import SplitPlan, split_nbytes
+from sidetune.cache.spec import available_specs, load_spec
+from sidetune.datasets.catalogue import VTAB_TASKS
+
+# VTAB-1k test split sizes (the tfds test splits the protocol reports on).
+TEST_IMAGES = {
+    "cifar": 10000, "caltech101": 6084, "dtd": 1880, "oxford_flowers102": 6149, "oxford_iiit_pet": 3669,
+    "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768, "eurosat": 5400, "resisc45": 6300,
+    "diabetic_retinopathy": 42670, "clevr_count": 15000, "clevr_dist": 15000, "dmlab": 22735, "kitti": 711,
+    "dsprites_loc": 73728, "dsprites_ori": 73728, "smallnorb_azi": 12150, "smallnorb_ele": 12150,
+}
+VIT_B16 = {"depth": 12, "tokens": 197, "prefix": 1, "width": 768}
+
+
+def task_bytes(spec_name: str, test_images: int, test_cached: bool) -> int:
+    spec = load_spec(spec_name)
+    shape = (len(spec.resolve_stages(VIT_B16["depth"])), spec.num_tokens(VIT_B16["tokens"]), VIT_B16["width"])
+    splits = [SplitPlan("train800val200", "stored", 1000), SplitPlan("train800", "view", 800),
+              SplitPlan("val200", "view", 200), SplitPlan("test", "stored" if test_cached else "live", test_images)]
+    return sum(split_nbytes(split, shape, spec.codec()) for split in splits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    assert set(TEST_IMAGES) == set(VTAB_TASKS)
+    rows = []
+    for spec in available_specs():
+        live = {task: task_bytes(spec, images, False) for task, images in TEST_IMAGES.items()}
+        cached = {task: task_bytes(spec, images, True) for task, images in TEST_IMAGES.items()}
+        rows.append({"spec": spec, "per_task_live": live, "per_task_cached": cached,
+                     "suite_live": sum(live.values()), "suite_cached": sum(cached.values())})
+    write_result("storage", {"backbone": "vit_b16 (12 blocks, 197 tokens, width 768)", "test_images": TEST_IMAGES,
+                             "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
