@@ -84,7 +84,18 @@ def storage(record: dict) -> str:
             + table(["task", "test images", *[r["spec"] for r in shown]], per_task))
 
 
-RENDERERS = {"storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+def codecs(record: dict) -> str:
+    stages = record["stages"]
+    picks = [0, len(stages) // 2, len(stages) - 1]
+    rows = [[r["format"], f"{r['bytes_per_image'] / 1e3:.1f}", r["load_seconds"], r["gather_epoch_seconds"],
+             *[f"{r['error_per_stage'][i]:.2%} / {r['cls_error_per_stage'][i]:.2%}" for i in picks],
+             r["linear_top1"], r["last_top1"]] for r in record["rows"]]
+    return (f"{describe(record)} digits through {record['model']} (random weights); train800val200 stored.\n\n"
+            + table(["format", "KB / image", "load (s)", "gather an epoch (s)",
+                     *[f"error, stage {stages[i]} (all / CLS)" for i in picks], "linear top-1", "LAST top-1"], rows))
+
+
+RENDERERS = {"codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:

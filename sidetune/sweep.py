@@ -40,19 +40,50 @@ from sidetune.train import default_splits
 StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,
                "warmup_epochs": int, "batch_size": int, "data_seed": int}
+# The smallest value each numeric setting takes (lr must be above it); method options that are
+# integers (ranks, heads, gap, depth) must be at least 1.
+LOWEST = {"lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "epochs": 1, "warmup_epochs": 0, "batch_size": 1}
+FLAGS = {"weight_decay": "wd"}
+
+
+def checked_value(name: str, value: object, kind: type) -> object:
+    """`value` of the sweep setting `name` as `kind`, or one line saying what is wrong."""
+    flag = "--" + FLAGS.get(name, name).replace("_", "-")
+    if kind is bool or kind is str:
+        return value
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise SidetuneError(f"{flag} got {value!r}, which is not {'an integer' if kind is int else 'a number'}; "
+                            f"give comma-separated values, e.g. {flag} {'8,16' if kind is int else '1e-3,3e-3'}.") from None
+    lowest = LOWEST.get(name, 1 if kind is int and name not in FIELD_TYPES else None)
+    if lowest is not None and (number < lowest or (name == "lr" and number <= lowest)):
+        bound = "above 0" if name == "lr" else f"at least {lowest}"
+        raise SidetuneError(f"{flag} got {value!r}; it must be {bound}.")
+    if name == "label_smoothing" and number >= 1:
+        raise SidetuneError(f"{flag} got {value!r}; label smoothing must be below 1.")
+    return number
 
 
 def expand_grid(method: str, grid: dict[str, list], fixed: dict[str, object] | None = None) -> list[TrainConfig]:
     """Every combination of the grid's values (in order, the last key varying fastest), with
     the fixed settings; keys are TrainConfig fields (lr, weight_decay, seed, ...) or options of
     the method (rank, pool, ...)."""
-    fixed = dict(fixed or {})
+    fixed, grid = dict(fixed or {}), dict(grid)
     options = method_options(method)
     known = set(FIELD_TYPES) | set(options)
     unknown = sorted((set(grid) | set(fixed)) - known)
     if unknown:
         raise SidetuneError(f"Unknown sweep setting {', '.join(unknown)} for method {method}; sweepable: "
                             f"{', '.join(sorted(known))}.")
+    kinds = {**FIELD_TYPES, **{name: type(default) for name, default in options.items()}}
+    for name, values in grid.items():
+        if not values:
+            raise SidetuneError(f"--{FLAGS.get(name, name).replace('_', '-')} has no values; give at least one.")
+        grid[name] = [checked_value(name, value, kinds[name]) for value in values]
+    fixed = {name: checked_value(name, value, kinds[name]) for name, value in fixed.items()}
     keys = list(grid)
     configs = []
     for values in itertools.product(*(grid[k] for k in keys)):

@@ -120,3 +120,28 @@ def test_cli_prints_one_paragraph_and_exits_2(tmp_path):
     )
     assert result.returncode == 2
     assert "Unknown model 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"lr": ["abc"]}, "--lr got 'abc', which is not a number"),
+    ({"lr": [0.0]}, "--lr got 0.0; it must be above 0"),
+    ({"weight_decay": [-1e-4]}, "--wd got -0.0001; it must be at least 0"),
+    ({"rank": [0]}, "--rank got 0; it must be at least 1"),
+    ({"rank": [8.5]}, "--rank got 8.5, which is not an integer"),
+    ({"epochs": ["ten"]}, "--epochs got 'ten', which is not an integer"),
+    ({"label_smoothing": [1.0]}, "label smoothing must be below 1"),
+    ({"seed": []}, "--seed has no values"),
+    ({"lr": [1e-3, 1e-3]}, "lists the same configuration twice"),
+])
+def test_a_bad_grid_value_is_named_with_its_fix(grid, message):
+    with pytest.raises(sidetune.SidetuneError, match=message):
+        sidetune.expand_grid("last", grid)
+
+
+def test_sweep_with_a_non_number_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sidetune", "sweep", "--cache", str(tmp_path / "c"), "--lr", "abc"],
+        capture_output=True, text=True, env={"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--lr got 'abc', which is not a number" in result.stderr and "Traceback" not in result.stderr
