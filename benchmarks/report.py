@@ -62,8 +62,9 @@ def loading(record: dict) -> str:
 
 def step_profile(record: dict) -> str:
     shapes = record["shapes"]
-    rows = [[r["method"], r["variant"], r["configs"], r["ms_per_step"] if r["ms_per_step"] is not None else "out of memory",
-             r["ms_per_config"]] for r in record["rows"]]
+    captured = "captured (CUDA graph)" if record["machine"]["device"] == "cuda" else "compiled (torch.compile)"
+    rows = [[r["method"], captured if r["variant"] == "captured" else r["variant"], r["configs"],
+             r["ms_per_step"] if r["ms_per_step"] is not None else "out of memory", r["ms_per_config"]] for r in record["rows"]]
     return (f"{describe(record)} One training step at width {shapes['width']}, {shapes['depth']} blocks, "
             f"{shapes['tokens']} tokens, batch {shapes['batch_size']} (random tokens).\n\n"
             + table(["method", "variant", "K", "ms / step", "ms / config"], rows))

@@ -411,11 +411,11 @@ def demo(
     then a LAST side network trained from it (train800val200 -> test)."""
     extract(model=model, dataset="digits", out=out, spec="default", splits=None, data_root=None,
             weights=None, pretrained=False, preprocess="vtab", device="auto", precision="auto",
-            batch_size=64, workers=None, limit=None, overwrite=False)
+            batch_size=64, workers=None, limit=None, overwrite=False, dry_run=False)
     train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
           pool=None, standardize=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
-          device="auto", memory_budget=None, compile=False, cuda_graphs=None, overwrite=True)
+          device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, overwrite=True)
 
 
 @app.command()

@@ -179,12 +179,13 @@ def finished_rows(out: Path, phase: str, configs: dict[int, TrainConfig], train_
 
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
                 out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
-                cuda_graphs: bool | None, on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
+                cuda_graphs: bool | None, loaded: LoadedSplits, on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
     every rank. Configs an interrupted run of this sweep finished are not trained again. Each
     group of same-shape configs is shared out between the ranks, and each rank's share is cut
     into stacks that fit its device's memory (and `max_stack`); every finished stack is
-    journaled to ranks/rank-R.jsonl."""
+    journaled to ranks/rank-R.jsonl. `loaded` holds the splits' features for every stack and
+    both phases (views share their stored split's)."""
     done = world.broadcast(finished_rows(out, phase, configs, train_split, eval_split) if world.is_main else None)
     groups: dict[tuple, list[int]] = {}
     for config_id, config in configs.items():
@@ -198,7 +199,6 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         fit = stack_capacity(cache, configs[share[0]], train_split, eval_split, device, memory_budget=memory_budget)
         capacity[key] = min(fit, limit) if limit else fit
     ordered = [configs[config_id] for config_id in mine]
-    loaded = LoadedSplits(cache, device, memory_budget)  # stacks reading the same stages share one load
     live = cache.split(eval_split).kind == "live"  # scored once for every stack, below: one backbone pass
     rows, pending = [], []
     stacks = plan_stacks(ordered, capacity)
@@ -273,8 +273,9 @@ def sweep(
     torch_device = world.device(torch_device)
     out = sweep_dir(out, cache.path, world)
     out.mkdir(parents=True, exist_ok=True)
+    loaded = LoadedSplits(cache, torch_device, memory_budget)  # one load of each split for every stack and phase
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
-                  cuda_graphs=cuda_graphs, on_stack=on_stack, on_epoch=on_epoch)
+                  cuda_graphs=cuda_graphs, loaded=loaded, on_stack=on_stack, on_epoch=on_epoch)
 
     if protocol == "vtab":
         rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)

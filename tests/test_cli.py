@@ -42,3 +42,11 @@ def test_info_json_prints_the_manifest(tmp_path):
 def test_info_on_a_missing_cache_says_how_to_create_one(tmp_path):
     result = sidetune_cli("info", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "sidetune extract" in result.stderr
+
+
+def test_demo_runs_end_to_end_offline(tmp_path):
+    result = sidetune_cli("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "runs" / "digits-demo" / "metrics.json").read_text())
+    assert metrics["eval_split"] == "test" and metrics["top1"] > 30.0  # test scored live; chance is 10%
+    assert sidetune.open_cache(tmp_path / "cache" / "digits").split("test").kind == "live"

@@ -94,15 +94,26 @@ def extract_command(spec: Path) -> list[str]:
             "--batch-size", "2", "--workers", "0", "--device", "cpu"]
 
 
+def shards_done(cache: Path) -> int:
+    marks = cache / "test" / "shard_complete"
+    return int(zarr.open_array(str(marks), mode="r")[:].sum()) if (marks / "zarr.json").exists() else 0
+
+
 def test_extract_killed_again_and_again_at_random_moments_always_opens_and_ends_identical(tmp_path):
     """kill -9 at random moments (while creating the store, writing shards or the manifest): the
     cache opens after every kill, and the finished cache is bitwise the uninterrupted one."""
     command, env = extract_command(small_shard_spec(tmp_path)), {**os.environ, "PYTHONPATH": python_path()}
     subprocess.run([*command, "--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
     out, rng, opened = tmp_path / "killed", np.random.default_rng(7), 0
-    for _ in range(5):
+    for attempt in range(5):
         victim = subprocess.Popen([*command, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 6.0))  # the interpreter takes ~2 s to start; then shards every ~0.1 s
+        if attempt == 0:  # anywhere in start-up, store creation included
+            time.sleep(rng.uniform(0.5, 3.0))
+        else:  # once this run writes shards: between shards, and while it rewrites the manifest
+            before, deadline = shards_done(out), time.monotonic() + 60
+            while shards_done(out) <= before and victim.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         if (out / "sidetune.json").exists():  # created: from now on it must always open
