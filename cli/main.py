@@ -225,8 +225,9 @@ def evaluate(
 
     if which not in ("last", "best"):
         raise SidetuneError(f"--which must be last or best, not '{which}'.")
-    record = evaluate_run(run, split, which=which, cache=cache, weights=weights, data_root=data_root, device=device,
-                          batch_size=batch_size)
+    with RichProgress() as progress:  # a live split's images through the backbone
+        record = evaluate_run(run, split, which=which, cache=cache, weights=weights, data_root=data_root,
+                              device=device, batch_size=batch_size, progress=progress)
     table = Table("run", "split", "kept as", "images", "top-1", title="evaluation")
     table.add_row(str(run), split, record["kind"], f"{record['images']:,}", f"{record['top1']:.2f}")
     console.print(table)

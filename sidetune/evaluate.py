@@ -12,19 +12,22 @@ import datetime as dt
 from pathlib import Path
 
 from sidetune import runs
+from sidetune.cache.loader import LoadedSplits
 from sidetune.cache.manifest import identity_differences
 from sidetune.cache.reader import open_cache
 from sidetune.compute import resolve_device
 from sidetune.engine import TrainConfig, accuracy, predicted_classes_together, restore_sidenet
 from sidetune.errors import SidetuneError
+from sidetune.extract import ProgressSink
 
 
 def evaluate(run_dir: str | Path, split: str = "test", *, which: str = "last", cache: str | Path | None = None,
              weights: str | Path | None = None, data_root: str | Path | None = None, device: str = "auto",
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, progress: ProgressSink | None = None) -> dict:
     """Top-1 and per-class accuracy of a run's side network (`which`: 'last' or 'best') on
     `split`; `cache` when the run's cache moved, `weights` and `data_root` when the backbone's
-    weights or the images of a live split did. Writes eval-<split>.json into the run."""
+    weights or the images of a live split did; `progress` hears a live split's images go
+    through the backbone. Writes eval-<split>.json into the run."""
     run = runs.open_run(run_dir)
     opened = open_cache(cache or run.config["cache"]).relocate(weights, data_root)
     differences = identity_differences(opened.manifest, run.cache_manifest)
@@ -34,7 +37,8 @@ def evaluate(run_dir: str | Path, split: str = "test", *, which: str = "last", c
     torch_device = resolve_device(device)
     config = TrainConfig.from_record(run.config["config"])
     net = restore_sidenet(opened.manifest, config, run.state(which)).to(torch_device)
-    [predicted], labels = predicted_classes_together(opened, [net], split, torch_device, batch_size=batch_size)
+    loaded = LoadedSplits(opened, torch_device, progress=progress)
+    [predicted], labels = predicted_classes_together(opened, [net], split, torch_device, loaded, batch_size)
     top1, per_class = accuracy(predicted, labels, len(opened.class_names))
     record = {
         "split": split, "kind": opened.split(split).kind, "which": which, "top1": top1, "images": len(labels),

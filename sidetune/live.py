@@ -20,16 +20,18 @@ from sidetune.cache.spec import spec_from_record
 from sidetune.compute import AUTOCAST_DTYPES
 from sidetune.datasets import load_source
 from sidetune.errors import SidetuneError
-from sidetune.extract import _batch_bounds, _collate, _ImageDataset, as_read_from_cache, default_workers
+from sidetune.extract import ProgressSink, _batch_bounds, _collate, _ImageDataset, as_read_from_cache, default_workers
 
 
 class LiveFeatures:
     """A live split's features, batch by batch, on `device` (the interface of the loader's
     feature classes: `labels`, `num_images`, `batches`)."""
 
-    def __init__(self, cache: Cache, split: str, stages: Sequence[int], device: torch.device):
+    def __init__(self, cache: Cache, split: str, stages: Sequence[int], device: torch.device,
+                 progress: ProgressSink | None = None):
         manifest = cache.manifest
         self.cache, self.name, self.device = cache, split, device
+        self.progress = progress or ProgressSink()
         self.record = cache.split(split).record
         self.labels = torch.from_numpy(cache.split(split).labels).to(device)
         self.num_images = len(self.labels)
@@ -72,12 +74,14 @@ class LiveFeatures:
         precision = AUTOCAST_DTYPES[manifest["compute"]["precision"]]
         pending: list[torch.Tensor] = []
         done = 0
+        self.progress.start_split(f"{self.name} (live)", self.num_images, 0)
         with torch.inference_mode():
             for batch, indices, errors in loader:
                 if errors:
                     raise SidetuneError(f"Could not read image {errors[0]} of live split {self.name}. Fix or restore it.")
                 tokens = as_read_from_cache(backbone, self.spec, self.cache_stages, batch.to(self.device), precision)
                 pending.append(tokens[:, self.positions])
+                self.progress.advance(len(indices))
                 while sum(len(t) for t in pending) >= batch_size:
                     merged = torch.cat(pending)
                     yield merged[:batch_size], self.labels[done:done + batch_size]

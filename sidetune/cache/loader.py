@@ -204,8 +204,9 @@ class LoadedSplits:
     views share their parent's. Asking for other stages drops what is held first, so at most
     one stage set is in memory."""
 
-    def __init__(self, cache: Cache, device: torch.device, budget_bytes: int | None = None):
+    def __init__(self, cache: Cache, device: torch.device, budget_bytes: int | None = None, progress=None):
         self.cache, self.device, self.budget_bytes = cache, device, budget_bytes
+        self.progress = progress  # an extract.ProgressSink for a live split's pass through the backbone
         self.stages: tuple[int, ...] | None = None
         self.held: dict[str, object] = {}
 
@@ -221,7 +222,7 @@ class LoadedSplits:
         if split.kind == "live":
             from sidetune.live import LiveFeatures  # runs the backbone: only for a split kept out of the cache
 
-            return LiveFeatures(self.cache, split.name, stages, self.device)
+            return LiveFeatures(self.cache, split.name, stages, self.device, self.progress)
         budget = default_memory_budget(self.device) if self.budget_bytes is None else self.budget_bytes
         stored = split.parent if split.kind == "view" else split
         if stored.num_images * stored.image_nbytes(stages) > budget:  # image_nbytes refuses missing stages
