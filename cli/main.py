@@ -30,7 +30,7 @@ def extract(
     model: str = typer.Option(..., help="Alias (vit_b16, vit_l16, vit_h14, vit_g14, vit_s16, vit_ti16), any timm ViT name, or local-dir:/folder."),
     dataset: str = typer.Option(..., help="VTAB-1k task name, digits, hf:org/name, or a folder (VTAB-1k lists, class folders, save_to_disk)."),
     out: Optional[str] = typer.Option(None, help="Cache folder or fsspec URL (s3://, gs://, file://). Default: ./cache/<dataset>."),
-    spec: str = typer.Option("default", help="Cache spec name (sidetune/cache_specs/NAME.yaml) or path to a YAML spec."),
+    spec: str = typer.Option("default", help="Cache spec name (cache_specs/NAME.yaml) or path to a YAML spec."),
     splits: Optional[str] = typer.Option(None, help="Comma-separated splits to cache. Default: all the dataset has, except VTAB-1k's test (evaluated live, through the backbone)."),
     data_root: Optional[Path] = typer.Option(None, envvar="SIDETUNE_DATA", help="Folder holding VTAB-1k task folders."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights file: .safetensors, .pth/.bin, or the original .npz."),

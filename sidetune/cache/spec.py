@@ -1,7 +1,7 @@
 """Cache specs: which stages and tokens a cache keeps, in which dtype, chunked and sharded how.
 
-Specs are YAML files in the package's sidetune/cache_specs/ folder (`--spec NAME`) or anywhere
-(`--spec path/to/spec.yaml`)."""
+Specs are YAML files in the top-level cache_specs/ folder, installed with sidetune as the
+`cache_specs` package (`--spec NAME`), or anywhere (`--spec path/to/spec.yaml`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 import yaml
 
+import cache_specs
+
 from sidetune.cache.codec import INT8_SCALES, Codec
 from sidetune.errors import SidetuneError
 
-SPECS_DIR = Path(__file__).resolve().parents[1] / "cache_specs"  # package data: in every install
+SPECS_DIR = Path(cache_specs.__file__).parent  # package data: in every install, editable or from a wheel
 TOKEN_MODES = ("all", "cls", "mean")
 DTYPES = ("float16", "bfloat16", "float32", "int8")
 COMPRESSORS = ("none", "zstd")
@@ -113,7 +115,7 @@ def available_specs() -> list[str]:
 
 
 def load_spec(name_or_path: str) -> CacheSpec:
-    """A spec by name (sidetune/cache_specs/NAME.yaml) or by path to a YAML file."""
+    """A spec by name (cache_specs/NAME.yaml) or by path to a YAML file."""
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         path = SPECS_DIR / f"{name_or_path}.yaml"
