@@ -267,7 +267,7 @@ def predict(
 @app.command()
 def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
-    caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache)."),
+    caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
     method: Optional[str] = typer.Option(None, help="Side network: last (default), losa or linear."),
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
@@ -301,8 +301,8 @@ def sweep(
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
     from sidetune.distributed import launched_rank
-    from sidetune.suite import sweep_tasks
-    from sidetune.sweep import expand_grid, load_grid, sweep as run_sweep, train_command
+    from sidetune.suite import find_caches, sweep_tasks
+    from sidetune.sweep import default_grid, estimate_seconds, expand_grid, load_grid, sweep as run_sweep, train_command
 
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
     method = method or file_method or "last"
@@ -313,13 +313,34 @@ def sweep(
         if text is not None:
             values[name] = [_number(part) for part in _split_list(text)]
             fixed.pop(name, None)
+    grid_note = ""
+    if not any(isinstance(v, list) and len(v) > 1 for v in values.values()) and not grid:
+        defaults = default_grid(method)
+        values = {**defaults, **values}
+        grid_note = f", the default grid of {method} ({' x '.join(defaults)}; docs/methods.md)"
     configs = expand_grid(method, values, fixed)
     budget = None if memory_budget is None else int(memory_budget * 2**30)
-    if (cache is None) == (caches is None):
-        raise SidetuneError("Pass exactly one of --cache (one task) or --caches (a folder of caches, one per task).")
+    if cache is not None and caches is not None:
+        raise SidetuneError("Pass one of --cache (one task) or --caches (a folder of caches, one per task), not both.")
+    chosen_tasks = "all" if tasks == "all" else _split_list(tasks)
+    if cache is None and caches is None:
+        try:
+            found = find_caches("cache")
+        except SidetuneError:
+            found = {}
+        if not found:
+            raise SidetuneError("No caches under ./cache, where `sidetune extract` writes them: run `sidetune extract "
+                                "--model vit_b16 --dataset dtd` first (it writes ./cache/dtd), or pass --cache or --caches.")
+        cache, caches = (str(next(iter(found.values())).path), None) if len(found) == 1 else (None, Path("cache"))
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     if main_rank:
-        console.print(f"[bold]{len(configs)}[/] configurations of {method}")
+        import sidetune
+
+        task_caches = [sidetune.open_cache(cache)] if cache is not None else list(find_caches(caches, chosen_tasks).values())
+        first, tasks_count = task_caches[0], len(task_caches)
+        seconds = estimate_seconds(first, configs, device, protocol=protocol, top_k=top_k, max_stack=max_stack) * tasks_count
+        console.print(f"[bold]{len(configs)}[/] configurations of {method}{grid_note}, on "
+                      f"{tasks_count} cache{'s' if tasks_count > 1 else ''}: about {_duration(seconds)} of training")
     options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,
                    max_stack=max_stack, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs)
     with TrainProgress(quiet=not main_rank) as progress:
@@ -329,7 +350,7 @@ def sweep(
                 if main_rank:
                     console.print(f"[bold]{name}[/] (task {number + 1}/{total})")
 
-            suite = sweep_tasks(caches, configs, tasks="all" if tasks == "all" else _split_list(tasks), out=out,
+            suite = sweep_tasks(caches, configs, tasks=chosen_tasks, out=out,
                                 on_task=announce, **options, **callbacks)
         else:
             import sidetune
@@ -388,6 +409,12 @@ def _print_summary(suite) -> None:
         console.print("[dim]Published numbers are shown for LAST on caches of the pretrained vit_b16 "
                       "(vit_base_patch16_224.orig_in21k).")
     console.print(f"Results: {suite.out}/summary.json, summary.csv, summary.png; one sweep folder per task.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _number(text: str):

@@ -17,6 +17,7 @@ import datetime as dt
 import itertools
 import json
 import math
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ from sidetune.distributed import World, current_world
 from sidetune.engine import EpochStats, TrainConfig, TrainResult, score, train_group
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_sweep
-from sidetune.sidenets import method_options
+from sidetune.sidenets import SIDENETS, method_options
 from sidetune.stacking import default_stack_limit, plan_stacks, stack_capacity
 from sidetune.train import default_splits
 
@@ -94,6 +95,68 @@ def expand_grid(method: str, grid: dict[str, list], fixed: dict[str, object] | N
     if len(set(configs)) != len(configs):
         raise SidetuneError("The sweep lists the same configuration twice; remove the repeated values.")
     return configs
+
+
+def default_grid(method: str) -> dict[str, list]:
+    """The values `sweep` tries for `method` when given none (docs/methods.md)."""
+    method_options(method)  # refuses an unknown method
+    return {name: list(values) for name, values in SIDENETS[method].default_grid.items()}
+
+
+def estimate_seconds(cache: Cache, configs: list[TrainConfig], device: str | torch.device, *, protocol: str = "auto",
+                     top_k: int = 1, max_stack: int | None = None) -> float:
+    """A rough wall time for `sweep`: one training step of each group's stack timed on a real
+    batch (after the steps that warm up and capture it), times the steps its stacks take, for
+    selection and the top-k's retraining (or the one phase of protocol none)."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    vtab = protocol == "vtab" or (protocol == "auto" and all(split in cache.splits for split in VTAB_SPLITS))
+    train_split = "train800" if vtab else default_splits(cache)[0]
+    groups: dict[tuple, list[TrainConfig]] = {}
+    for config in configs:
+        groups.setdefault(config.group_key(), []).append(config)
+    limit = max_stack or default_stack_limit(device) or 64
+    total = 0.0
+    for members in groups.values():
+        stack = min(len(members), limit)
+        seconds = _step_seconds(cache, members[:stack], train_split, device)
+        steps = math.ceil(cache.split(train_split).num_images / members[0].batch_size) * members[0].epochs
+        total += seconds * steps * math.ceil(len(members) / stack)
+    if vtab:  # the top-k retrained on train800val200 (1.25x the images), about one stack's worth
+        first = configs[0]
+        steps = math.ceil(cache.split("train800val200").num_images / first.batch_size) * first.epochs
+        total += _step_seconds(cache, configs[:min(top_k, len(configs))], "train800val200", device) * steps
+    return total
+
+
+def _step_seconds(cache: Cache, configs: list[TrainConfig], split: str, device: torch.device) -> float:
+    from sidetune.engine import StackedStep, build_sidenet
+    from sidetune.optim import StackedAdamW
+
+    first = configs[0]
+    if len({c.group_key() for c in configs}) > 1:
+        configs = [c for c in configs if c.group_key() == first.group_key()]
+    net = build_sidenet(cache, first.method, dict(first.options), len(configs))
+    net.reset_parameters([c.seed for c in configs])
+    net.to(device)
+    stored = cache.split(split).stored
+    rows = slice(0, min(first.batch_size, stored.num_images))
+    tokens = torch.from_numpy(stored.read_rows(rows, net.stages_needed())).to(device)
+    labels = torch.from_numpy(stored.labels[rows]).to(device)
+    optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]), torch.tensor([c.weight_decay for c in configs]))
+    step = StackedStep(net, optimizer, torch.zeros(len(configs)), len(labels), tuple(tokens.shape[1:]), tokens.dtype,
+                       cuda_graphs=device.type == "cuda")
+    step(tokens, labels, 1, 1.0)  # warms up (and on CUDA captures)
+    _synchronize(device)
+    started = time.perf_counter()
+    for number in range(2, 4):
+        step(tokens, labels, number, 1.0)
+    _synchronize(device)
+    return (time.perf_counter() - started) / 2
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def load_grid(path: str | Path) -> tuple[str | None, dict[str, list], dict[str, object]]:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import sidetune
 from cli.main import app
-from conftest import config, extract_tiny
+from conftest import config, extract_tiny, write_vtab_folder
 from sidetune.stacking import plan_stacks, stack_capacity, stack_memory
 from sidetune.sweep import expand_grid, sweep
 
@@ -151,3 +151,33 @@ def test_a_sweep_folder_holding_other_settings_is_refused(small_vtab_cache, tmp_
     sweep(small_vtab_cache, expand_grid("linear", {"lr": [0.01]}, {"epochs": 1}), out=tmp_path / "s", **splits)
     with pytest.raises(sidetune.SidetuneError, match="holds a sweep with other settings"):
         sweep(small_vtab_cache, expand_grid("linear", {"lr": [0.3]}, {"epochs": 1}), out=tmp_path / "s", **splits)
+
+
+def test_bare_sweep_trains_the_methods_default_grid_on_the_one_cache_under_cache(tmp_path, monkeypatch):
+    extract_tiny("digits", tmp_path / "cache" / "digits", limit=32)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", "--method", "linear", "--epochs", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "9 configurations of linear, the default grid of linear (lr x weight_decay" in result.output
+    assert "of training" in result.output  # the time estimate, before training starts
+    [folder] = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert sorted({(r["lr"], r["weight_decay"]) for r in rows if r["phase"] == "select"}) == sorted(
+        (lr, wd) for lr in (0.03, 0.1, 0.3) for wd in (0.0, 1e-4, 1e-3))
+
+
+def test_bare_sweep_over_several_caches_summarises_them_as_a_suite(tmp_path, monkeypatch):
+    for task in ("dtd", "kitti"):
+        extract_tiny(write_vtab_folder(tmp_path / "data" / task), tmp_path / "cache" / task)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", "--method", "linear", "--lr", "0.1", "--wd", "0", "--epochs", "1"],
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "on 2 caches" in result.output and "mean of 2 tasks" in result.output
+
+
+def test_bare_sweep_without_caches_says_to_extract_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep"])
+    assert isinstance(result.exception, sidetune.SidetuneError)
+    assert "run `sidetune extract" in str(result.exception)

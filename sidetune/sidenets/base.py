@@ -61,6 +61,8 @@ class SideNet(nn.Module):
     name: ClassVar[str]
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
     default_lr: ClassVar[float] = 1e-3  # METHODS.md's AdamW default for side networks
+    # What `sidetune sweep` tries when given no values (docs/methods.md says where each comes from).
+    default_grid: ClassVar[dict[str, list]] = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3]}
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = False):
         super().__init__()

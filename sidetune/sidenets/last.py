@@ -36,6 +36,7 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 
 class LAST(SideNet):
     name = "last"
+    default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", rank: int = 16,
                  gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True,
