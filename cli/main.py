@@ -169,6 +169,7 @@ def train(
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
     weights: Optional[Path] = typer.Option(None, help="A live split's evaluation: the backbone weights file, if it moved since extraction."),
     data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
+    log_to: str = typer.Option("none", "--log", help="none, or tensorboard: event files (per-config scalars, the HParams table) in the run or sweep folder's tensorboard/."),
     overwrite: bool = typer.Option(False, help="Replace a finished run (or one with other settings) at --out."),
 ) -> None:
     """Stage two: train one side network from the cache into a run directory (never loads the backbone)."""
@@ -190,7 +191,8 @@ def train(
     with TrainProgress(f"{method}", epochs) as progress:
         run_dir, result = train_run(
             opened, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
-            eval_every=eval_every, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs, overwrite=overwrite, on_epoch=progress.epoch_done,
+            eval_every=eval_every, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs,
+            tensorboard=_tensorboard(log_to), overwrite=overwrite, on_epoch=progress.epoch_done,
             log=lambda message: console.print(f"[dim]{message}"),
         )
     show_run(run_dir)
@@ -232,6 +234,27 @@ def evaluate(
     table.add_row(str(run), split, record["kind"], f"{record['images']:,}", f"{record['top1']:.2f}")
     console.print(table)
     console.print(f"Saved {run}/eval-{split}.json")
+
+
+@app.command(name="runs")
+def runs_command(
+    folder: Path = typer.Argument(Path("runs"), help="The folder holding runs and sweeps (default ./runs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
+) -> None:
+    """Every run, sweep and suite under a folder in one table, newest first (read from their files)."""
+    from sidetune.history import list_runs
+
+    records = list_runs(folder)
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+        return
+    table = Table("kind", "folder", "method", "data", "settings", "splits", "top-1", "seconds", "when",
+                  title=f"{len(records)} under {folder}")
+    for r in records:
+        table.add_row(r["kind"], Path(r["path"]).name, r["method"], r["data"], r["settings"], r["splits"],
+                      "-" if r["top1"] is None else f"{r['top1']:.2f}", "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+                      (r["created"] or "-")[:16].replace("T", " "))
+    console.print(table)
 
 
 @app.command()
@@ -297,6 +320,7 @@ def sweep(
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
     weights: Optional[Path] = typer.Option(None, help="A live split's evaluation: the backbone weights file, if it moved since extraction."),
     data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
+    log_to: str = typer.Option("none", "--log", help="none, or tensorboard: event files (per-config scalars, the HParams table) in the run or sweep folder's tensorboard/."),
 ) -> None:
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
@@ -342,7 +366,8 @@ def sweep(
         console.print(f"[bold]{len(configs)}[/] configurations of {method}{grid_note}, on "
                       f"{tasks_count} cache{'s' if tasks_count > 1 else ''}: about {_duration(seconds)} of training")
     options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,
-                   max_stack=max_stack, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs)
+                   max_stack=max_stack, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs,
+                   tensorboard=_tensorboard(log_to))
     with TrainProgress(quiet=not main_rank) as progress:
         callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done)
         if caches is not None:
@@ -411,6 +436,12 @@ def _print_summary(suite) -> None:
     console.print(f"Results: {suite.out}/summary.json, summary.csv, summary.png; one sweep folder per task.")
 
 
+def _tensorboard(log_to: str) -> bool:
+    if log_to not in ("none", "tensorboard"):
+        raise SidetuneError(f"--log takes none or tensorboard, not '{log_to}'.")
+    return log_to == "tensorboard"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -443,7 +474,8 @@ def demo(
     train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
           pool=None, standardize=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
-          device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, overwrite=True)
+          device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
+          overwrite=True)
 
 
 @app.command()

@@ -10,6 +10,7 @@ with the original ImageNet-21k ViT-B/16."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,7 +152,9 @@ def sweep_tasks(root: str | Path, configs: list[TrainConfig], *, tasks: str | li
 
 def write_summary(report: SuiteReport) -> None:
     rows = [asdict(score) for score in report.scores]
-    runs.write_json(report.out / "summary.json", {"tasks": rows, **report.summary})
+    runs.write_json(report.out / "summary.json", {
+        "tasks": rows, **report.summary, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(sum(sweep.seconds for sweep in report.sweeps.values()), 3)})
     with open(report.out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()

@@ -36,6 +36,7 @@ from sidetune.errors import SidetuneError
 from sidetune.results import plot_sweep
 from sidetune.sidenets import SIDENETS, method_options
 from sidetune.stacking import default_stack_limit, plan_stacks, stack_capacity
+from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.train import default_splits
 
 StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
@@ -207,6 +208,7 @@ class SweepReport:
     rows: list[SweepRow]
     best: SweepRow  # the reported configuration (final phase under the VTAB protocol)
     protocol: str
+    seconds: float = 0.0  # this run's wall time (a resumed sweep: since it resumed)
 
 
 def append_rows(path: Path, rows: list[SweepRow]) -> None:
@@ -242,7 +244,8 @@ def finished_rows(out: Path, phase: str, configs: dict[int, TrainConfig], train_
 
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
                 out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
-                cuda_graphs: bool | None, loaded: LoadedSplits, on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
+                cuda_graphs: bool | None, loaded: LoadedSplits, board: TensorBoardLog | None,
+                on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
     every rank. Configs an interrupted run of this sweep finished are not trained again. Each
     group of same-shape configs is shared out between the ranks, and each rank's share is cut
@@ -265,11 +268,23 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
     live = cache.split(eval_split).kind == "live"  # scored once for every stack, below: one backbone pass
     rows, pending = [], []
     stacks = plan_stacks(ordered, capacity)
+    num_images = cache.split(train_split).num_images
+
+    def logged(stack: list[int]) -> Callable[[EpochStats], None] | None:
+        if board is None:
+            return on_epoch
+
+        def epoch_done(stats: EpochStats) -> None:
+            board.epoch([f"{phase}-{mine[i]}" for i in stack], [ordered[i] for i in stack], stats, num_images)
+            if on_epoch is not None:
+                on_epoch(stats)
+        return epoch_done
+
     for number, stack in enumerate(stacks):
         if on_stack is not None:
             on_stack(number, len(stacks), [ordered[i] for i in stack])
         results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
-                              memory_budget=memory_budget, on_epoch=on_epoch, compile=compile,
+                              memory_budget=memory_budget, on_epoch=logged(stack), compile=compile,
                               cuda_graphs=cuda_graphs, loaded=loaded, evaluate=not live)
         if live:
             pending += zip(stack, results)
@@ -282,6 +297,10 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         stack_rows = [_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in pending]
         append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
         rows += stack_rows
+    if board is not None:
+        for row in rows:
+            board.result(f"{phase}-{row.config_id}", row.config, row.top1,
+                         {"phase": phase, "train_split": train_split, "eval_split": eval_split})
     trained = [row for rank_rows in world.all_gather(rows) for row in rank_rows]
     return sorted([*done.values(), *trained], key=lambda row: row.config_id)
 
@@ -305,6 +324,7 @@ def sweep(
     memory_budget: int | None = None,
     compile: bool = False,
     cuda_graphs: bool | None = None,
+    tensorboard: bool = False,
     on_stack: StackCallback | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> SweepReport:
@@ -318,7 +338,9 @@ def sweep(
     Every finished stack is journaled to ranks/rank-R.jsonl: rerun an interrupted sweep with
     the same `out` and it trains only what is missing. Under torchrun each rank trains its share
     of the configs and keeps its own journal; rank 0 writes the merged files. Every rank
-    returns the merged report."""
+    returns the merged report. `tensorboard` writes TensorBoard event files to
+    `out`/tensorboard: per configuration and phase, scalars per epoch and an HParams entry."""
+    started = time.perf_counter()
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if not configs:
         raise SidetuneError("The sweep has no configurations; give at least one value for each setting.")
@@ -337,8 +359,9 @@ def sweep(
     out = sweep_dir(out, cache.path, world)
     out.mkdir(parents=True, exist_ok=True)
     loaded = LoadedSplits(cache, torch_device, memory_budget)  # one load of each split for every stack and phase
+    board = TensorBoardLog(out / "tensorboard") if tensorboard else None
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
-                  cuda_graphs=cuda_graphs, loaded=loaded, on_stack=on_stack, on_epoch=on_epoch)
+                  cuda_graphs=cuda_graphs, loaded=loaded, board=board, on_stack=on_stack, on_epoch=on_epoch)
 
     if protocol == "vtab":
         rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)
@@ -357,7 +380,9 @@ def sweep(
             raise SidetuneError("Every configuration diverged; lower the learning rates.")
         best = max(ok, key=lambda row: row.top1)
 
-    report = SweepReport(out, rows, best, protocol)
+    if board is not None:
+        board.close()
+    report = SweepReport(out, rows, best, protocol, time.perf_counter() - started)
     if world.is_main:
         write_results(report, cache, configs[0].method, top_k, world.size)
     world.barrier()
@@ -381,8 +406,8 @@ def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, wo
         writer.writerows(records)
     runs.write_json(out / "sweep.json", {
         "cache": str(cache.path), "protocol": report.protocol, "top_k": top_k, "ranks": world_size,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "best": report.best.record(), "train_command": train_command(cache.path, report.best.config)})
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(report.seconds, 3),
+        "configurations": len({row.config_id for row in rows}), "best": report.best.record(), "train_command": train_command(cache.path, report.best.config)})
     scored = [row for row in rows if row.phase in ("select", "single")]
     plot_sweep([row.record() for row in scored], out / "sweep.png",
                f"{cache.manifest['dataset']['name']}: {method}, {scored[0].eval_split} top-1")

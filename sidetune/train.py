@@ -23,6 +23,7 @@ from sidetune.compute import resolve_device
 from sidetune.distributed import launched_world_size
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_learning_curve
+from sidetune.tensorboard_log import TensorBoardLog
 
 VTAB_DEFAULT = ("train800val200", "test")
 PLAIN_DEFAULT = ("train", "test")
@@ -54,13 +55,16 @@ def train(
     memory_budget: int | None = None,
     compile: bool = False,
     cuda_graphs: bool | None = None,
+    tensorboard: bool = False,
     overwrite: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
     log: Callable[[str], None] = lambda message: None,
     checkpoint_seconds: float = 30.0,
 ) -> tuple[Path, TrainResult]:
     """Train one configuration and write its run directory; an interrupted run in `out` with
-    the same settings resumes from its last checkpoint. Returns (run directory, result)."""
+    the same settings resumes from its last checkpoint. `tensorboard` also writes TensorBoard
+    event files (scalars per epoch, the HParams entry) to `out`/tensorboard. Returns (run
+    directory, result)."""
     if launched_world_size() > 1:
         raise SidetuneError("`sidetune train` trains one configuration in one process; under torchrun every rank "
                             "would write the same run. Run it without torchrun, or share configurations between "
@@ -82,9 +86,14 @@ def train(
         log(f"resuming {out} from epoch {resume.epoch} of {config.epochs}")
     _rewrite_log(out, resume)
 
+    board = TensorBoardLog(out / "tensorboard") if tensorboard else None
+    num_images = cache.split(train_split).num_images
+
     def epoch_done(stats: EpochStats) -> None:
         with open(out / runs.LOG_FILE, "a") as handle:
             handle.write(json.dumps(stats.row(0)) + "\n")
+        if board is not None:
+            board.epoch(["."], [config], stats, num_images)
         if on_epoch is not None:
             on_epoch(stats)
 
@@ -99,6 +108,9 @@ def train(
     [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
                            memory_budget=memory_budget, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint,
                            compile=compile, cuda_graphs=cuda_graphs)
+    if board is not None:
+        board.result(".", config, result.top1, {"train_split": train_split, "eval_split": eval_split})
+        board.close()
     if result.status != "ok":
         raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
     runs.save_state(out / runs.MODEL_FILE, result.state)

@@ -3,6 +3,7 @@
 import csv
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -181,3 +182,41 @@ def test_bare_sweep_without_caches_says_to_extract_first(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["sweep"])
     assert isinstance(result.exception, sidetune.SidetuneError)
     assert "run `sidetune extract" in str(result.exception)
+
+
+def test_runs_lists_every_run_and_sweep_from_their_files(small_vtab_cache, tmp_path):
+    sidetune.train(small_vtab_cache, config("linear", epochs=1), out=tmp_path / "runs" / "one", train_split="train800",
+                   eval_split="val200")
+    sweep(small_vtab_cache, expand_grid("linear", {"lr": [0.01, 0.1]}, {"epochs": 1}), out=tmp_path / "runs" / "grid")
+    result = CliRunner().invoke(app, ["runs", str(tmp_path / "runs"), "--json"])
+    assert result.exit_code == 0, result.output
+    records = {Path(r["path"]).name: r for r in json.loads(result.output)}
+    assert set(records) == {"one", "grid"}
+    assert records["one"]["kind"] == "run" and records["one"]["splits"] == "train800 -> val200"
+    assert records["one"]["top1"] == json.loads((tmp_path / "runs" / "one" / "metrics.json").read_text())["top1"]
+    assert records["grid"]["kind"] == "sweep" and records["grid"]["settings"].startswith("2 configs, vtab protocol")
+    assert records["grid"]["top1"] == json.loads((tmp_path / "runs" / "grid" / "sweep.json").read_text())["best"]["top1"]
+    table = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")], terminal_width=250)
+    assert "2 under" in table.output and "linear" in table.output
+
+
+def test_log_tensorboard_writes_each_configs_scalars_and_hparams_entry(small_vtab_cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    result = CliRunner().invoke(app, ["sweep", "--cache", str(small_vtab_cache.path), "--method", "linear",
+                                      "--lr", "0.01,0.1", "--epochs", "3", "--protocol", "none", "--train-split",
+                                      "train800", "--eval-split", "val200", "--log", "tensorboard",
+                                      "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    rows = {r["config_id"]: r for r in map(json.loads, (tmp_path / "sweep" / "results.jsonl").read_text().splitlines())}
+    for config_id, lr in ((0, 0.01), (1, 0.1)):
+        events = EventAccumulator(str(tmp_path / "sweep" / "tensorboard" / f"single-{config_id}"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+        assert [e.step for e in events.Scalars("train_top1")] == [1, 2, 3]
+        assert events.Scalars("lr")[-1].value < lr  # the cosine schedule's end, read back
+        assert events.Scalars("hparam/top1")[0].value == pytest.approx(rows[config_id]["top1"])
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        start = HParamsPluginData.FromString(content).session_start_info
+        assert start.hparams["lr"].number_value == pytest.approx(lr) and start.hparams["method"].string_value == "linear"

@@ -105,3 +105,14 @@ def test_the_best_state_is_the_best_evaluated_epoch(digits_cache, tmp_path):
 def test_an_option_the_method_lacks_is_refused_with_its_options():
     with pytest.raises(sidetune.SidetuneError, match="linear has no option rank; its options are pool"):
         TrainConfig.create("linear", {"rank": 8})
+
+
+def test_a_run_logged_to_tensorboard_holds_its_epochs_and_final_top1(digits_cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, result = train(digits_cache, config("linear", epochs=2), out=tmp_path / "run", train_split="train800",
+                            eval_split="val200", tensorboard=True)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [round(e.value, 4) for e in events.Scalars("loss")] == [round(row["loss"], 4) for row in result.history]
+    assert events.Scalars("hparam/top1")[0].value == pytest.approx(result.top1)
