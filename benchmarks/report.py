@@ -96,7 +96,16 @@ def codecs(record: dict) -> str:
                      *[f"error, stage {stages[i]} (all / CLS)" for i in picks], "linear top-1", "LAST top-1"], rows))
 
 
-RENDERERS = {"codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+def halving(record: dict) -> str:
+    rows = [[r["task"], r["method"], r["configs"], r["epochs"], r["full_seconds"], r["halving_seconds"], f"{r['time_ratio']}x",
+             f"{r['full_epochs_trained']} / {r['halving_epochs_trained']}", r["full_winner"], r["halving_winner"],
+             f"{r['full_test_top1']:.2f}", f"{r['halving_test_top1']:.2f}"] for r in record["rows"]]
+    return (f"{describe(record)} The default grids through the random {record['model']}, VTAB protocol.\n\n"
+            + table(["task", "method", "configs", "epochs", "full (s)", "halving (s)", "time", "epochs trained (full / halving)",
+                     "winner (full)", "winner (halving)", "test top-1 (full)", "test top-1 (halving)"], rows))
+
+
+RENDERERS = {"halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:

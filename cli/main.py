@@ -321,10 +321,14 @@ def sweep(
     weights: Optional[Path] = typer.Option(None, help="A live split's evaluation: the backbone weights file, if it moved since extraction."),
     data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
     log_to: str = typer.Option("none", "--log", help="none, or tensorboard: event files (per-config scalars, the HParams table) in the run or sweep folder's tensorboard/."),
+    halving: bool = typer.Option(False, "--halving", help="Successive halving while selecting: at each rung only the best 1/factor of a stack keeps training; the rest are reported as pruned."),
+    halving_factor: int = typer.Option(3, min=2, help="Successive halving: keep the best 1/factor at each rung."),
+    halving_min_epochs: int = typer.Option(1, min=1, help="Successive halving: epochs before the first rung (then x factor)."),
 ) -> None:
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
     from sidetune.distributed import launched_rank
+    from sidetune.halving import Halving
     from sidetune.suite import find_caches, sweep_tasks
     from sidetune.sweep import default_grid, estimate_seconds, expand_grid, load_grid, sweep as run_sweep, train_command
 
@@ -367,7 +371,7 @@ def sweep(
                       f"{tasks_count} cache{'s' if tasks_count > 1 else ''}: about {_duration(seconds)} of training")
     options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,
                    max_stack=max_stack, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs,
-                   tensorboard=_tensorboard(log_to))
+                   tensorboard=_tensorboard(log_to), halving=Halving(halving_factor, halving_min_epochs) if halving else None)
     with TrainProgress(quiet=not main_rank) as progress:
         callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done)
         if caches is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -196,6 +196,18 @@ class GroupState:
     best: list[tuple[float, int, dict[str, torch.Tensor]] | None]  # per config: (top1, epoch, state)
     fingerprint: list[dict]  # the configs' descriptions, to refuse resuming another group
 
+    def select(self, keep: list[int]) -> "GroupState":
+        """The state of the configurations at positions `keep` alone, to continue them as a
+        smaller stack."""
+        index = torch.tensor(keep)
+        pick = lambda values: [values[j] for j in keep]  # noqa: E731
+        history = [replace(stats, loss=pick(stats.loss), train_top1=pick(stats.train_top1),
+                           eval_top1=None if stats.eval_top1 is None else pick(stats.eval_top1)) for stats in self.history]
+        failures = {keep.index(j): reason for j, reason in self.failures.items() if j in keep}
+        return GroupState(self.epoch, {name: p[index] for name, p in self.parameters.items()},
+                          {name: (m[index], v[index]) for name, (m, v) in self.moments.items()}, self.active[index],
+                          failures, history, pick(self.best), pick(self.fingerprint))
+
 
 Checkpointer = Callable[[GroupState], None]
 
@@ -204,7 +216,8 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
                 device: str | torch.device = "cpu", *, eval_every: int = 0, memory_budget: int | None = None,
                 on_epoch: Callable[[EpochStats], None] | None = None, resume: GroupState | None = None,
                 checkpoint: Checkpointer | None = None, compile: bool = False, cuda_graphs: bool | None = None,
-                loaded: LoadedSplits | None = None, evaluate: bool = True) -> list[TrainResult]:
+                loaded: LoadedSplits | None = None, evaluate: bool = True, until_epoch: int | None = None
+                ) -> list[TrainResult]:
     """Train configs that share a group key, stacked along the leading axis, and evaluate
     them on `eval_split` after training (and every `eval_every` epochs, which also keeps the
     best state). `on_epoch` sees each epoch's stats; `checkpoint` receives the group's state
@@ -213,7 +226,9 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     `cuda_graphs` captures each step (forward, backward, optimizer) in a CUDA graph and replays
     it: on by default on CUDA. `loaded` shares the splits' features with other stacks (a sweep
     passes one to all its stacks). With `evaluate` False the final evaluation is left to the
-    caller (`score`), whose results then have no top-1 yet.
+    caller (`score`), whose results then have no top-1 yet. `until_epoch` stops after that
+    epoch (the schedule stays that of the full run): with the state `checkpoint` received,
+    `resume` continues it later, as successive halving does (sidetune/halving.py).
 
     Training reads only the cache. An evaluation split kept out of it (live) is scored through
     the backbone the cache records (sidetune/live.py).
@@ -259,7 +274,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     steps_per_epoch = math.ceil(num_images / first.batch_size)
     total_steps = steps_per_epoch * first.epochs
     warmup_steps = steps_per_epoch * first.warmup_epochs
-    for epoch in range(state.epoch, first.epochs):
+    for epoch in range(state.epoch, until_epoch or first.epochs):
         epoch_started = time.perf_counter()
         number = epoch * steps_per_epoch
         step.start_epoch()

@@ -33,6 +33,7 @@ from sidetune.datasets.catalogue import VTAB_SPLITS
 from sidetune.distributed import World, current_world
 from sidetune.engine import EpochStats, TrainConfig, TrainResult, score, train_group
 from sidetune.errors import SidetuneError
+from sidetune.halving import Halving, train_with_halving
 from sidetune.results import plot_sweep
 from sidetune.sidenets import SIDENETS, method_options
 from sidetune.stacking import default_stack_limit, plan_stacks, stack_capacity
@@ -195,11 +196,13 @@ class SweepRow:
     config: TrainConfig
     failure: str | None = None
     process_rank: int = 0  # the torchrun rank that trained it
+    epochs_trained: int | None = None  # fewer than its epochs when successive halving pruned it
 
     def record(self) -> dict:
         return {"config_id": self.config_id, "phase": self.phase, "status": self.status, "top1": self.top1,
                 "train_split": self.train_split, "eval_split": self.eval_split, "seconds": round(self.seconds, 3),
-                "params": self.params, **self.config.hyperparameters(), "failure": self.failure, "process_rank": self.process_rank}
+                "params": self.params, **self.config.hyperparameters(), "failure": self.failure, "process_rank": self.process_rank,
+                "epochs_trained": self.epochs_trained}
 
 
 @dataclass
@@ -244,7 +247,7 @@ def finished_rows(out: Path, phase: str, configs: dict[int, TrainConfig], train_
 
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
                 out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
-                cuda_graphs: bool | None, loaded: LoadedSplits, board: TensorBoardLog | None,
+                cuda_graphs: bool | None, loaded: LoadedSplits, board: TensorBoardLog | None, halving: Halving | None,
                 on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
     every rank. Configs an interrupted run of this sweep finished are not trained again. Each
@@ -283,9 +286,13 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
     for number, stack in enumerate(stacks):
         if on_stack is not None:
             on_stack(number, len(stacks), [ordered[i] for i in stack])
-        results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
-                              memory_budget=memory_budget, on_epoch=logged(stack), compile=compile,
-                              cuda_graphs=cuda_graphs, loaded=loaded, evaluate=not live)
+        options = dict(memory_budget=memory_budget, compile=compile, cuda_graphs=cuda_graphs, loaded=loaded)
+        if halving is not None and phase != "final":
+            results = train_with_halving(cache, [ordered[i] for i in stack], train_split, eval_split, device, halving,
+                                         on_epoch_of=lambda alive, stack=stack: logged([stack[i] for i in alive]), **options)
+        else:
+            results = train_group(cache, [ordered[i] for i in stack], train_split, eval_split, device,
+                                  on_epoch=logged(stack), evaluate=not live, **options)
         if live:
             pending += zip(stack, results)
             continue
@@ -325,6 +332,7 @@ def sweep(
     compile: bool = False,
     cuda_graphs: bool | None = None,
     tensorboard: bool = False,
+    halving: Halving | None = None,
     on_stack: StackCallback | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> SweepReport:
@@ -339,7 +347,9 @@ def sweep(
     the same `out` and it trains only what is missing. Under torchrun each rank trains its share
     of the configs and keeps its own journal; rank 0 writes the merged files. Every rank
     returns the merged report. `tensorboard` writes TensorBoard event files to
-    `out`/tensorboard: per configuration and phase, scalars per epoch and an HParams entry."""
+    `out`/tensorboard: per configuration and phase, scalars per epoch and an HParams entry.
+    `halving` prunes each stack by successive halving while it selects (sidetune/halving.py);
+    the final retraining of the top-k runs in full."""
     started = time.perf_counter()
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if not configs:
@@ -361,7 +371,7 @@ def sweep(
     loaded = LoadedSplits(cache, torch_device, memory_budget)  # one load of each split for every stack and phase
     board = TensorBoardLog(out / "tensorboard") if tensorboard else None
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
-                  cuda_graphs=cuda_graphs, loaded=loaded, board=board, on_stack=on_stack, on_epoch=on_epoch)
+                  cuda_graphs=cuda_graphs, loaded=loaded, board=board, halving=halving, on_stack=on_stack, on_epoch=on_epoch)
 
     if protocol == "vtab":
         rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)
@@ -391,7 +401,7 @@ def sweep(
 
 def _row(config_id: int, phase: str, train_split: str, eval_split: str, result: TrainResult, rank: int) -> SweepRow:
     return SweepRow(config_id, phase, train_split, eval_split, result.status, result.top1, result.seconds,
-                    result.params, result.config, result.failure, rank)
+                    result.params, result.config, result.failure, rank, len(result.history))
 
 
 def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, world_size: int) -> None:

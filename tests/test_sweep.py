@@ -220,3 +220,33 @@ def test_log_tensorboard_writes_each_configs_scalars_and_hparams_entry(small_vta
         content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
         start = HParamsPluginData.FromString(content).session_start_info
         assert start.hparams["lr"].number_value == pytest.approx(lr) and start.hparams["method"].string_value == "linear"
+
+
+def test_successive_halving_reports_pruned_configs_and_ends_survivors_as_full_runs(digits_cache, device):
+    from sidetune.halving import Halving, train_with_halving
+    from sidetune.engine import train_group
+
+    configs = [config("linear", epochs=4, lr=lr, seed=s) for s, lr in enumerate((0.01, 0.03, 0.1, 0.3))]
+    results = train_with_halving(digits_cache, configs, "train800", "val200", device, Halving(factor=2, min_epochs=1))
+    assert [r.config for r in results] == configs
+    trained = sorted(len(r.history) for r in results)
+    assert trained == [1, 1, 2, 4]  # rungs after epochs 1 and 2: 4 -> 2 -> 1
+    assert sorted(r.status for r in results) == ["ok", "pruned", "pruned", "pruned"]
+    [survivor] = [r for r in results if r.status == "ok"]
+    [alone] = train_group(digits_cache, [survivor.config], "train800", "val200", device)
+    assert survivor.epoch_losses == pytest.approx(alone.epoch_losses, rel=1e-4)  # the full-length schedule
+    assert abs(survivor.top1 - alone.top1) <= (0.0 if device.type == "cpu" else 1.0)
+    first_rung = [r for r in results if len(r.history) == 1]
+    assert all(r.top1 is not None and r.state for r in first_rung)  # pruned, with their rung's score and state
+
+
+def test_sweep_with_halving_marks_pruned_rows_and_selects_among_finished_configs(small_vtab_cache, tmp_path):
+    configs = expand_grid("linear", {"lr": [0.01, 0.03, 0.1, 0.3]}, {"epochs": 3})
+    from sidetune.halving import Halving
+
+    report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", halving=Halving(factor=2, min_epochs=1))
+    select = [row for row in report.rows if row.phase == "select"]
+    assert sum(row.status == "pruned" for row in select) == 3 and len(select) == 4
+    assert {row.epochs_trained for row in select if row.status == "pruned"} <= {1, 2}
+    finished = [row for row in select if row.status == "ok"]
+    assert [row.config_id for row in report.rows if row.phase == "final"] == [finished[0].config_id]

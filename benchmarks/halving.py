@@ -1,0 +1,65 @@
+"""Successive halving against the full sweep: wall time, and whether the same configuration wins.
+
+    python benchmarks/halving.py [--epochs 9] [--out FILE]
+
+Two tasks through the random test_vit: digits, and a generated VTAB-style folder (1200 noise
+images with a weak class tint: 800 train, 200 val, 200 test). On each, the default grid of
+linear and of LAST is swept twice with the VTAB protocol (select on train800 -> val200,
+retrain the best on train800val200, report test): in full, and with `--halving` (factor 3,
+first rung after 1 epoch). Both in this process, features loaded once."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import sidetune
+from common import WORK, generated_images, machine, write_result
+from sidetune.halving import Halving
+from sidetune.sweep import default_grid, expand_grid
+
+
+def vtab_style_folder(folder: Path) -> Path:
+    images = generated_images(folder / "images", 1200, classes=4, size=64)
+    paths = sorted(images.rglob("*.png"), key=lambda p: int(p.stem))
+    lines = [f"{path.relative_to(folder)} {int(path.parent.name.removeprefix('class'))}" for path in paths]
+    parts = {"train800": lines[:800], "val200": lines[800:1000], "train800val200": lines[:1000], "test": lines[1000:]}
+    for split, split_lines in parts.items():
+        (folder / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    tasks = {"digits": "digits", "generated": str(vtab_style_folder(WORK / "halving-task"))}
+    rows = []
+    for task, dataset in tasks.items():
+        cache_path = WORK / f"halving-{task}"
+        sidetune.extract("test_vit", dataset, cache_path, pretrained=False, device="cpu")
+        cache = sidetune.open_cache(cache_path)
+        for method in ("linear", "last"):
+            configs = expand_grid(method, default_grid(method), {"epochs": args.epochs})
+            outcome = {}
+            for name, halving in (("full", None), ("halving", Halving(3, 1))):
+                started = time.perf_counter()
+                report = sidetune.sweep(cache, configs, out=WORK / f"halving-runs/{task}-{method}-{name}",
+                                        halving=halving, device="cpu")
+                outcome[name] = {"seconds": round(time.perf_counter() - started, 2), "winner": report.best.config_id,
+                                 "test_top1": report.best.top1,
+                                 "epochs_trained": sum(row.epochs_trained or 0 for row in report.rows if row.phase == "select")}
+            rows.append({"task": task, "method": method, "configs": len(configs), "epochs": args.epochs, **{
+                f"{name}_{key}": value for name, values in outcome.items() for key, value in values.items()},
+                "time_ratio": round(outcome["halving"]["seconds"] / outcome["full"]["seconds"], 2),
+                "same_winner": outcome["halving"]["winner"] == outcome["full"]["winner"]})
+            print(rows[-1], flush=True)
+    write_result("halving", {"model": "test_vit", "machine": machine(torch.device("cpu")), "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
