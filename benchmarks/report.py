@@ -105,7 +105,13 @@ def halving(record: dict) -> str:
                      "winner (full)", "winner (halving)", "test top-1 (full)", "test top-1 (halving)"], rows))
 
 
-RENDERERS = {"halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+def ridge(record: dict) -> str:
+    rows = [[r["way"], r["seconds"], f"{r['best_top1']:.1f}", r["best_setting"]] for r in record["rows"]]
+    return (f"{describe(record)} {record['dataset']} through the random {record['model']}, train800 -> val200.\n\n"
+            + table(["way", "seconds", "best val200 top-1", "at"], rows))
+
+
+RENDERERS = {"ridge": ridge, "halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:

@@ -141,14 +141,15 @@ def show_info(path: str | Path) -> None:
 @app.command()
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
-    method: str = typer.Option("last", help="Side network: last, losa or linear."),
+    method: str = typer.Option("last", help="Side network: last, losa, linear or ridge (closed form: --wd is its L2 strength)."),
     rank: Optional[int] = typer.Option(None, min=1, help="LAST: attention rank r (default 16)."),
     gap: Optional[int] = typer.Option(None, min=1, help="LAST: read every g-th stage (default 1)."),
     depth: Optional[int] = typer.Option(None, min=1, help="LAST: attention modules per group (default 1)."),
     heads: Optional[int] = typer.Option(None, min=1, help="LAST: attention heads, dividing the rank (default 1)."),
     token_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: token-mixing rank (default 16)."),
     channel_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: channel-mixing rank (default 16)."),
-    pool: Optional[str] = typer.Option(None, help="cls (default) or mean of the patch tokens."),
+    pool: Optional[str] = typer.Option(None, help="cls (default), mean of the patch tokens, or both (concatenated)."),
+    targets: Optional[str] = typer.Option(None, help="ridge: signed (2 one-hot - 1, default) or centred one-hot targets."),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="Standardise pooled features with training-split statistics (linear: on; others: off)."),
     epochs: int = typer.Option(100, min=1, help="Training epochs."),
@@ -178,7 +179,7 @@ def train(
     from sidetune.train import train as train_run
 
     given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "token_rank": token_rank,
-             "channel_rank": channel_rank, "pool": pool, "standardize": standardize}
+             "channel_rank": channel_rank, "pool": pool, "standardize": standardize, "targets": targets}
     options = {name: value for name, value in given.items() if value is not None}
     fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
                   seed=seed, data_seed=data_seed)
@@ -292,7 +293,7 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
-    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa or linear."),
+    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, linear or ridge (its --wd values are L2 strengths, all solved from one eigendecomposition)."),
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
     wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),
@@ -476,7 +477,7 @@ def demo(
             weights=None, pretrained=False, preprocess="vtab", device="auto", precision="auto",
             batch_size=64, workers=None, limit=None, overwrite=False, dry_run=False)
     train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
-          pool=None, standardize=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
+          pool=None, standardize=None, targets=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
           device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
           overwrite=True)

@@ -118,7 +118,7 @@ def build_sidenet(cache: Cache, method: str, options: dict, num_configs: int) ->
     net = create_sidenet(method, layout, num_configs, **options)
     missing = [s for s in net.stages_needed() if s not in layout.stages]
     if missing or layout.token_selection not in net.token_selections:
-        spec = "default" if method != "linear" else "final"
+        spec = "final" if net.stages_needed() == [layout.depth] else "default"
         raise SidetuneError(
             f"Method {method} reads stages {net.stages_needed()} with {'/'.join(net.token_selections)} "
             f"tokens; cache {cache.path} stores stages {list(layout.stages)} with "
@@ -270,6 +270,9 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
                        train_data.sample_shape, train_data.dtype, compile=compile, cuda_graphs=use_graphs)
     step.active.copy_(state.active)
 
+    if net.closed_form:  # e.g. ridge: every configuration solved at once, no epochs
+        net.fit(train_data.batches(256), torch.tensor([c.weight_decay for c in configs]))
+        state.epoch = first.epochs
     num_images = train_data.num_images
     steps_per_epoch = math.ceil(num_images / first.batch_size)
     total_steps = steps_per_epoch * first.epochs

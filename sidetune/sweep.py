@@ -122,10 +122,13 @@ def estimate_seconds(cache: Cache, configs: list[TrainConfig], device: str | tor
         stack = min(len(members), limit)
         seconds = _step_seconds(cache, members[:stack], train_split, device)
         steps = math.ceil(cache.split(train_split).num_images / members[0].batch_size) * members[0].epochs
+        if SIDENETS[members[0].method].closed_form:  # one solve, about a pass over the split
+            steps = math.ceil(cache.split(train_split).num_images / members[0].batch_size)
         total += seconds * steps * math.ceil(len(members) / stack)
     if vtab:  # the top-k retrained on train800val200 (1.25x the images), about one stack's worth
         first = configs[0]
-        steps = math.ceil(cache.split("train800val200").num_images / first.batch_size) * first.epochs
+        steps = math.ceil(cache.split("train800val200").num_images / first.batch_size)
+        steps *= 1 if SIDENETS[first.method].closed_form else first.epochs
         total += _step_seconds(cache, configs[:min(top_k, len(configs))], "train800val200", device) * steps
     return total
 

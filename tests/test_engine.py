@@ -198,3 +198,34 @@ def test_training_steps_never_wait_for_the_device(digits_cache, device, cuda_gra
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bool(step.active.all()) and float(step.loss_sum.sum()) > 0
+
+
+def test_ridge_solves_every_stacked_lambda_as_scikit_learns_ridge(digits_cache, device):
+    from sklearn.linear_model import Ridge
+
+    norm = digits_cache.final_norm()
+    x = digits_cache.split("train800").tokens[:, -1, 0].astype(np.float64)  # from zarr: independent of sidenets
+    x = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + norm["eps"]) * norm["weight"] + norm["bias"]
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    x = np.concatenate([x, np.full((len(x), 1), 100.0)], 1)
+    y = 2 * np.eye(10)[digits_cache.split("train800").labels] - 1
+    penalties = [0.1, 10.0, 1000.0]
+    results = train_group(digits_cache, [config("ridge", weight_decay=p) for p in penalties], "train800", "val200", device)
+    for penalty, result in zip(penalties, results):
+        ours = np.concatenate([result.state["head_weight"].double().numpy(), result.state["head_bias"].double().numpy()[None] / 100])
+        reference = Ridge(alpha=penalty, fit_intercept=False, solver="cholesky").fit(x, y).coef_.T
+        assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-4, penalty
+        assert result.history == []  # no epochs: solved in closed form
+    assert max(r.top1 for r in results) > 70.0  # chance is 10%
+
+
+def test_pool_both_concatenates_cls_and_the_patch_mean(digits_cache, device):
+    tokens = load_features(digits_cache, "val200", list(range(7)), device).tokens[:8]
+    both, cls, mean = (build_sidenet(digits_cache, method, {"pool": pool}, 1).to(device)
+                       for method, pool in (("last", "both"), ("last", "cls"), ("last", "mean")))
+    for net in (both, cls, mean):
+        net.reset_parameters([0])
+    with torch.no_grad():
+        torch.testing.assert_close(both.pooled_features(tokens), torch.cat([cls.pooled_features(tokens),
+                                                                            mean.pooled_features(tokens)], -1))
+    assert both.head_weight.shape[1] == 2 * 64

@@ -9,8 +9,9 @@ from sidetune.sidenets.base import FeatureLayout, SideNet
 from sidetune.sidenets.last import LAST
 from sidetune.sidenets.linear import LinearProbe
 from sidetune.sidenets.losa import LoSA
+from sidetune.sidenets.ridge import RidgeProbe
 
-SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, LAST, LoSA)}
+SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, LAST, LoSA)}
 
 __all__ = ["SIDENETS", "FeatureLayout", "SideNet", "create_sidenet", "method_options", "resolve_options"]
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from sidetune.errors import SidetuneError
 
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "both")  # both: CLS and the mean of the patch tokens, concatenated (2D features)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class SideNet(nn.Module):
     name: ClassVar[str]
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
     default_lr: ClassVar[float] = 1e-3  # METHODS.md's AdamW default for side networks
+    closed_form: ClassVar[bool] = False  # True: `fit` sets the parameters (no epochs)
     # What `sidetune sweep` tries when given no values (docs/methods.md says where each comes from).
     default_grid: ClassVar[dict[str, list]] = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3]}
 
@@ -68,13 +69,16 @@ class SideNet(nn.Module):
         super().__init__()
         if pool not in POOLS:
             raise SidetuneError(f"Unknown pooling '{pool}'. Choose one of: {', '.join(POOLS)}.")
+        if pool == "both" and layout.token_selection != "all":
+            raise SidetuneError(f"pool 'both' needs the CLS and the patch tokens; this cache keeps only "
+                                f"'{layout.token_selection}'. Use --pool cls or mean, or a spec with every token.")
         self.layout = layout
         self.num_configs = num_configs
         self.pool = pool
         self.standardize = standardize
         self.initialisers: dict[str, Callable] = {}
         self.no_decay: set[str] = set()
-        d, c = layout.width, layout.num_classes
+        d, c = layout.width * (2 if pool == "both" else 1), layout.num_classes
         # Per-feature statistics of the frozen pooled features on the training split, applied
         # before the classifier when `standardize` is on (identity otherwise).
         self.register_buffer("feature_mean", torch.zeros(d))
@@ -135,7 +139,7 @@ class SideNet(nn.Module):
         given as (B, T, D) batches; a no-op unless `standardize` is on."""
         if not self.standardize:
             return
-        total = torch.zeros(self.layout.width, dtype=torch.float64, device=self.feature_mean.device)
+        total = torch.zeros(len(self.feature_mean), dtype=torch.float64, device=self.feature_mean.device)
         total_sq, count = torch.zeros_like(total), 0
         for tokens in last_stage_batches:
             pooled = self.head_features(tokens.float().unsqueeze(0))[0].double()
@@ -172,11 +176,12 @@ class SideNet(nn.Module):
         """(K, B, T, D) -> (K, B, D)."""
         if self.layout.token_selection != "all" or y.shape[2] == 1:
             return y[:, :, 0]
+        if self.pool in ("cls", "both") and self.layout.num_prefix_tokens < 1:
+            raise SidetuneError(f"pool '{self.pool}' needs a CLS token, but the backbone has none; use --pool mean.")
         if self.pool == "cls":
-            if self.layout.num_prefix_tokens < 1:
-                raise SidetuneError("pool 'cls' needs a CLS token, but the backbone has none; use --pool mean.")
             return y[:, :, 0]
-        return y[:, :, self.layout.num_prefix_tokens:].mean(dim=2)
+        mean = y[:, :, self.layout.num_prefix_tokens:].mean(dim=2)
+        return mean if self.pool == "mean" else torch.cat([y[:, :, 0], mean], -1)
 
     def decay_mask(self, name: str) -> bool:
         return name not in self.no_decay

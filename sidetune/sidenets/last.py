@@ -99,14 +99,22 @@ class LAST(SideNet):
         return attention.transpose(1, 2).reshape(k, b, t, r)
 
     def _head(self, last: torch.Tensor, a: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-        """The frozen final norm and pooling of y = x_m + A W_O, (K, B, D)."""
+        """The frozen final norm and pooling of y = x_m + A W_O: (K, B, D), or (K, B, 2D) for both."""
+        if self.pool in ("cls", "both") and self.layout.num_prefix_tokens < 1:
+            raise SidetuneError(f"pool '{self.pool}' needs a CLS token, but the backbone has none; use --pool mean.")
+        parts = []
+        if self.pool in ("cls", "both"):
+            y = last[None, :, 0] + a[:, :, 0] @ w_out  # (K, B, D)
+            norm = self.final_norm_weight
+            parts.append(y if norm is None else F.layer_norm(y, (y.shape[-1],), norm, self.final_norm_bias, self.final_norm_eps))
+        if self.pool in ("mean", "both"):
+            parts.append(self._mean_head(last, a, w_out))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def _mean_head(self, last: torch.Tensor, a: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+        """The frozen final norm of y = x_m + A W_O per token, averaged over the patch tokens."""
         norm = self.final_norm_weight
         first = self.layout.num_prefix_tokens
-        if self.pool == "cls":
-            if first < 1:
-                raise SidetuneError("pool 'cls' needs a CLS token, but the backbone has none; use --pool mean.")
-            y = last[None, :, 0] + a[:, :, 0] @ w_out  # (K, B, D)
-            return y if norm is None else F.layer_norm(y, (y.shape[-1],), norm, self.final_norm_bias, self.final_norm_eps)
         last, a = last[:, first:], a[:, :, first:]
         if norm is None:
             return last.mean(1)[None] + a.mean(2) @ w_out
