@@ -150,6 +150,8 @@ def train(
     channel_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: channel-mixing rank (default 16)."),
     pool: Optional[str] = typer.Option(None, help="cls (default), mean of the patch tokens, or both (concatenated)."),
     targets: Optional[str] = typer.Option(None, help="ridge: signed (2 one-hot - 1, default) or centred one-hot targets."),
+    queries: Optional[int] = typer.Option(None, min=1, help="attentive: learned queries (default 1)."),
+    full_width: Optional[bool] = typer.Option(None, "--full-width/--no-full-width", help="attentive: keys and values of the backbone's width instead of --rank."),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="Standardise pooled features with training-split statistics (linear: on; others: off)."),
     epochs: int = typer.Option(100, min=1, help="Training epochs."),
@@ -179,7 +181,8 @@ def train(
     from sidetune.train import train as train_run
 
     given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "token_rank": token_rank,
-             "channel_rank": channel_rank, "pool": pool, "standardize": standardize, "targets": targets}
+             "channel_rank": channel_rank, "pool": pool, "standardize": standardize, "targets": targets,
+             "queries": queries, "full_width": full_width}
     options = {name: value for name, value in given.items() if value is not None}
     fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
                   seed=seed, data_seed=data_seed)
@@ -303,6 +306,7 @@ def sweep(
     heads: Optional[str] = typer.Option(None, help="LAST head counts, comma-separated."),
     token_rank: Optional[str] = typer.Option(None, help="LoSA token ranks, comma-separated."),
     channel_rank: Optional[str] = typer.Option(None, help="LoSA channel ranks, comma-separated."),
+    queries: Optional[str] = typer.Option(None, help="attentive: numbers of learned queries, comma-separated."),
     pool: Optional[str] = typer.Option(None, help="Poolings (cls, mean), comma-separated."),
     seed: Optional[str] = typer.Option(None, help="Initialisation seeds, comma-separated."),
     label_smoothing: Optional[str] = typer.Option(None, help="Label smoothings, comma-separated."),
@@ -336,7 +340,7 @@ def sweep(
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
     method = method or file_method or "last"
     listed = {"lr": lr, "weight_decay": wd, "rank": rank, "gap": gap, "depth": depth, "heads": heads,
-              "token_rank": token_rank, "channel_rank": channel_rank, "pool": pool, "seed": seed,
+              "token_rank": token_rank, "channel_rank": channel_rank, "queries": queries, "pool": pool, "seed": seed,
               "label_smoothing": label_smoothing, "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     for name, text in listed.items():
         if text is not None:
@@ -477,7 +481,7 @@ def demo(
             weights=None, pretrained=False, preprocess="vtab", device="auto", precision="auto",
             batch_size=64, workers=None, limit=None, overwrite=False, dry_run=False)
     train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
-          pool=None, standardize=None, targets=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
+          pool=None, standardize=None, targets=None, queries=None, full_width=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
           device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
           overwrite=True)

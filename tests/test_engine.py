@@ -229,3 +229,31 @@ def test_pool_both_concatenates_cls_and_the_patch_mean(digits_cache, device):
         torch.testing.assert_close(both.pooled_features(tokens), torch.cat([cls.pooled_features(tokens),
                                                                             mean.pooled_features(tokens)], -1))
     assert both.head_weight.shape[1] == 2 * 64
+
+
+def test_attentive_probe_computes_the_written_formula_for_two_stacked_configs(digits_cache, device):
+    """X = LN_f(z_N); K, V = X W_kv + b_kv; a = MHA(queries, K, V), 2 queries, 2 heads; flattened."""
+    tokens = load_features(digits_cache, "val200", [6], device).tokens[:8]
+    net = build_sidenet(digits_cache, "attentive", {"queries": 2, "rank": 8, "heads": 2}, 2)
+    net.reset_parameters([0, 1])
+    net.to(device)
+    norm = digits_cache.final_norm()
+    x = torch.nn.functional.layer_norm(tokens[:, 0].double(), (64,), *(torch.from_numpy(norm[n]).double().to(device)
+                                                                        for n in ("weight", "bias")), norm["eps"])
+    with torch.no_grad():
+        pooled = net.pooled_features(tokens)
+        for j in range(2):
+            kv = x @ net.w_kv[j].double() + net.b_kv[j].double()
+            keys, values = kv[..., :8], kv[..., 8:]
+            query = net.query[j].double()  # (2 queries, 8)
+            heads = [torch.softmax(query[:, c:c + 4] @ keys[..., c:c + 4].transpose(-1, -2) / 2.0, -1) @ values[..., c:c + 4]
+                     for c in (0, 4)]  # each (B, 2 queries, 4)
+            expected = torch.cat(heads, -1).reshape(8, -1)  # per query its heads, queries one after another
+            torch.testing.assert_close(pooled[j].double(), expected, atol=1e-4, rtol=1e-4)
+    assert net.head_weight.shape[1:] == (2 * 8, 10)
+
+
+def test_attentive_probe_learns_digits_well_above_chance(digits_cache, device):
+    [result] = train_group(digits_cache, [config("attentive", epochs=20, lr=1e-2, warmup_epochs=2)], "train800", "val200",
+                           device)
+    assert result.top1 > 40.0  # chance is 10%

@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 
 from sidetune.errors import SidetuneError
+from sidetune.sidenets.attentive import AttentiveProbe
 from sidetune.sidenets.base import FeatureLayout, SideNet
 from sidetune.sidenets.last import LAST
 from sidetune.sidenets.linear import LinearProbe
 from sidetune.sidenets.losa import LoSA
 from sidetune.sidenets.ridge import RidgeProbe
 
-SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, LAST, LoSA)}
+SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, LAST, LoSA)}
 
 __all__ = ["SIDENETS", "FeatureLayout", "SideNet", "create_sidenet", "method_options", "resolve_options"]
 

@@ -15,9 +15,14 @@ from typing import Callable, ClassVar, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sidetune.errors import SidetuneError
 
+# cuDNN's attention backward returned NaN and then faulted (illegal memory access) on r-wide heads
+# on an H100 (torch 2.11, cuDNN 9, head dim 16); flash, memory-efficient and math attention are
+# exact there, so cuDNN is left out.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 POOLS = ("cls", "mean", "both")  # both: CLS and the mean of the patch tokens, concatenated (2D features)
 
 
@@ -65,7 +70,8 @@ class SideNet(nn.Module):
     # What `sidetune sweep` tries when given no values (docs/methods.md says where each comes from).
     default_grid: ClassVar[dict[str, list]] = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3]}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = False):
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = False,
+                 feature_width: int | None = None):
         super().__init__()
         if pool not in POOLS:
             raise SidetuneError(f"Unknown pooling '{pool}'. Choose one of: {', '.join(POOLS)}.")
@@ -78,7 +84,8 @@ class SideNet(nn.Module):
         self.standardize = standardize
         self.initialisers: dict[str, Callable] = {}
         self.no_decay: set[str] = set()
-        d, c = layout.width * (2 if pool == "both" else 1), layout.num_classes
+        # the head's input: the backbone's width (twice that for pool both), or the subclass's own
+        d, c = feature_width or layout.width * (2 if pool == "both" else 1), layout.num_classes
         # Per-feature statistics of the frozen pooled features on the training split, applied
         # before the classifier when `standardize` is on (identity otherwise).
         self.register_buffer("feature_mean", torch.zeros(d))
@@ -195,3 +202,20 @@ def layer_norm_stacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     x = F.layer_norm(x, (x.shape[-1],), eps=eps)
     shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (weight.shape[1],)
     return x * weight.view(shape) + bias.view(shape)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention (batch, heads, tokens, head width), without cuDNN's kernels."""
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def shared_product(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), shared by every configuration, times per-configuration (K, D, n) weights:
+    one (B*T, D) x (D, K*n) product, returned as (K, B, T, n)."""
+    b, t, d = x.shape
+    k, _, n = weights.shape
+    out = x.reshape(b * t, d) @ weights.permute(1, 0, 2).reshape(d, k * n)
+    return out.view(b, t, k, n).permute(2, 0, 1, 3)
+
+

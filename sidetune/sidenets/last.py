@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import FeatureLayout, SideNet, ones, uniform_fan_in, zeros
+from sidetune.sidenets.base import FeatureLayout, SideNet, attention, ones, shared_product, uniform_fan_in, zeros
 
 LN_EPS = 1e-6
-# cuDNN's attention backward returned NaN and then faulted (illegal memory access) on these
-# r-wide heads on an H100 (torch 2.11, cuDNN 9, head dim 16); flash, memory-efficient and math
-# attention are exact here, so cuDNN is left out.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class LAST(SideNet):
@@ -94,9 +89,7 @@ class LAST(SideNet):
             qkv = rstd[..., None] * (projected - mean[..., None] * scaled.sum(1)[:, None, None, :])
         qkv = qkv + bias[:, None, None, :]
         q, key, v = qkv.reshape(k * b, t, 3, self.heads, r // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        with sdpa_kernel(ATTENTION_BACKENDS):
-            attention = F.scaled_dot_product_attention(q, key, v)  # (K*B, heads, T, r/heads)
-        return attention.transpose(1, 2).reshape(k, b, t, r)
+        return attention(q, key, v).transpose(1, 2).reshape(k, b, t, r)  # from (K*B, heads, T, r/heads)
 
     def _head(self, last: torch.Tensor, a: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
         """The frozen final norm and pooling of y = x_m + A W_O: (K, B, D), or (K, B, 2D) for both."""
@@ -125,15 +118,6 @@ class LAST(SideNet):
         weighted = torch.einsum("kbt,btd->kbd", rstd, last) + torch.einsum("kbt,kbtj->kbj", rstd, a) @ w_out
         centred = (weighted - (rstd * mean).sum(-1, keepdim=True)) / last.shape[1]
         return centred * norm + self.final_norm_bias
-
-
-def shared_product(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D), shared by every configuration, times per-configuration (K, D, n) weights:
-    one (B*T, D) x (D, K*n) product, returned as (K, B, T, n)."""
-    b, t, d = x.shape
-    k, _, n = weights.shape
-    out = x.reshape(b * t, d) @ weights.permute(1, 0, 2).reshape(d, k * n)
-    return out.view(b, t, k, n).permute(2, 0, 1, 3)
 
 
 def per_config(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""Attentive probing: a few learned queries cross-attend to the frozen, final-normed last-stage
+tokens, then a linear classifier (V-JEPA's attentive pooler and "efficient probing" reduced to
+their common core; docs/methods.md says what is kept and what is not).
+
+    X = LN_f(z_N)                     (B, T, D), shared by every configuration
+    K = X W_k + b_k,  V = X W_v + b_v (B, T, w): w = `rank`, or D with `full_width`
+    a = MHA(Q, K, V)                  Q: `queries` learned vectors of width w, `heads` heads
+    logits = flatten(a) W + b         (queries · w) -> classes"""
+
+from __future__ import annotations
+
+import torch
+
+from sidetune.errors import SidetuneError
+from sidetune.sidenets.base import FeatureLayout, SideNet, attention, shared_product, uniform_fan_in, zeros
+
+QUERY_STD = 0.02  # V-JEPA's query initialisation (truncated normal, 0.02)
+
+
+def small_normal(tensor: torch.Tensor, generator: torch.Generator) -> None:
+    tensor.normal_(0.0, QUERY_STD, generator=generator).clamp_(-2 * QUERY_STD, 2 * QUERY_STD)
+
+
+class AttentiveProbe(SideNet):
+    name = "attentive"
+
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", queries: int = 1, rank: int = 64,
+                 heads: int = 1, full_width: bool = False):
+        width = layout.width if full_width else rank
+        if width % heads:
+            raise SidetuneError(f"Attentive probing: heads ({heads}) must divide the key/value width ({width}).")
+        super().__init__(layout, num_configs, pool, standardize=False, feature_width=queries * width)
+        self.num_queries, self.width, self.heads = queries, width, heads
+        d = layout.width
+        self.stacked("query", (queries, width), small_normal, decay=False)
+        self.stacked("w_kv", (d, 2 * width), uniform_fan_in(d))
+        self.stacked("b_kv", (2 * width,), zeros, decay=False)
+
+    def stages_needed(self) -> list[int]:
+        return [self.layout.depth]
+
+    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, D) last-stage tokens -> (K, B, queries · width): what the queries read."""
+        x = tokens[:, -1].float()
+        if self.final_norm_weight is not None:
+            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), self.final_norm_weight, self.final_norm_bias,
+                                               self.final_norm_eps)
+        k, (b, t, _), w, h = self.num_configs, x.shape, self.width, self.heads
+        kv = shared_product(x, self.w_kv) + self.b_kv[:, None, None, :]  # (K, B, T, 2w)
+        keys, values = (part.reshape(k * b, t, h, w // h).transpose(1, 2) for part in kv.split(w, -1))
+        q = self.query[:, None].expand(k, b, self.num_queries, w).reshape(k * b, -1, h, w // h).transpose(1, 2)
+        attended = attention(q.to(keys.dtype), keys, values)  # (K*B, heads, queries, w/heads)
+        return attended.transpose(1, 2).reshape(k, b, -1)
