@@ -111,7 +111,14 @@ def ridge(record: dict) -> str:
             + table(["way", "seconds", "best val200 top-1", "at"], rows))
 
 
-RENDERERS = {"ridge": ridge, "halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+def methods(record: dict) -> str:
+    rows = [[r["task"], r["method"], f"{r['top1']:.1f}", r["seconds"], f"{r['params']:,}",
+             r["epochs"] or "closed form", r["configurations"]] for r in record["rows"]]
+    return (f"{describe(record)} The random {record['model']}; train800 -> val200.\n\n"
+            + table(["task", "method", "val200 top-1", "seconds", "parameters", "epochs", "configurations"], rows))
+
+
+RENDERERS = {"methods": methods, "ridge": ridge, "halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def show_info(path: str | Path) -> None:
 @app.command()
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
-    method: str = typer.Option("last", help="Side network: last, losa, linear or ridge (closed form: --wd is its L2 strength)."),
+    method: str = typer.Option("last", help="Side network: last, losa, linear, ridge (closed form: --wd is its L2 strength), attentive or head2toe."),
     rank: Optional[int] = typer.Option(None, min=1, help="LAST: attention rank r (default 16)."),
     gap: Optional[int] = typer.Option(None, min=1, help="LAST: read every g-th stage (default 1)."),
     depth: Optional[int] = typer.Option(None, min=1, help="LAST: attention modules per group (default 1)."),
@@ -152,6 +152,8 @@ def train(
     targets: Optional[str] = typer.Option(None, help="ridge: signed (2 one-hot - 1, default) or centred one-hot targets."),
     queries: Optional[int] = typer.Option(None, min=1, help="attentive: learned queries (default 1)."),
     full_width: Optional[bool] = typer.Option(None, "--full-width/--no-full-width", help="attentive: keys and values of the backbone's width instead of --rank."),
+    group_lasso: Optional[float] = typer.Option(None, min=0, help="head2toe: per-stage group-lasso strength (default 0)."),
+    top_stages: Optional[int] = typer.Option(None, min=0, help="head2toe: keep only the k stages that separate the classes best (default 0: all)."),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="Standardise pooled features with training-split statistics (linear: on; others: off)."),
     epochs: int = typer.Option(100, min=1, help="Training epochs."),
@@ -182,7 +184,7 @@ def train(
 
     given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "token_rank": token_rank,
              "channel_rank": channel_rank, "pool": pool, "standardize": standardize, "targets": targets,
-             "queries": queries, "full_width": full_width}
+             "queries": queries, "full_width": full_width, "group_lasso": group_lasso, "top_stages": top_stages}
     options = {name: value for name, value in given.items() if value is not None}
     fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
                   seed=seed, data_seed=data_seed)
@@ -296,7 +298,7 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
-    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, linear or ridge (its --wd values are L2 strengths, all solved from one eigendecomposition)."),
+    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), attentive or head2toe."),
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
     wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),
@@ -307,6 +309,8 @@ def sweep(
     token_rank: Optional[str] = typer.Option(None, help="LoSA token ranks, comma-separated."),
     channel_rank: Optional[str] = typer.Option(None, help="LoSA channel ranks, comma-separated."),
     queries: Optional[str] = typer.Option(None, help="attentive: numbers of learned queries, comma-separated."),
+    group_lasso: Optional[str] = typer.Option(None, help="head2toe: group-lasso strengths, comma-separated."),
+    top_stages: Optional[str] = typer.Option(None, help="head2toe: numbers of stages kept, comma-separated."),
     pool: Optional[str] = typer.Option(None, help="Poolings (cls, mean), comma-separated."),
     seed: Optional[str] = typer.Option(None, help="Initialisation seeds, comma-separated."),
     label_smoothing: Optional[str] = typer.Option(None, help="Label smoothings, comma-separated."),
@@ -340,7 +344,8 @@ def sweep(
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
     method = method or file_method or "last"
     listed = {"lr": lr, "weight_decay": wd, "rank": rank, "gap": gap, "depth": depth, "heads": heads,
-              "token_rank": token_rank, "channel_rank": channel_rank, "queries": queries, "pool": pool, "seed": seed,
+              "token_rank": token_rank, "channel_rank": channel_rank, "queries": queries, "group_lasso": group_lasso,
+              "top_stages": top_stages, "pool": pool, "seed": seed,
               "label_smoothing": label_smoothing, "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     for name, text in listed.items():
         if text is not None:
@@ -481,7 +486,8 @@ def demo(
             weights=None, pretrained=False, preprocess="vtab", device="auto", precision="auto",
             batch_size=64, workers=None, limit=None, overwrite=False, dry_run=False)
     train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
-          pool=None, standardize=None, targets=None, queries=None, full_width=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
+          pool=None, standardize=None, targets=None, queries=None, full_width=None, group_lasso=None, top_stages=None,
+          epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
           device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
           overwrite=True)

@@ -257,7 +257,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     train_data = loaded.get(train_split, stages)
     eval_data = None
     if net.standardize:
-        net.fit_standardizer(tokens[:, -1] for tokens, _ in train_data.batches(256))
+        net.fit_standardizer(train_data.batches(256))
 
     k = len(configs)
     fingerprint = [c.describe() for c in configs]
@@ -442,6 +442,9 @@ class StackedStep:
         with self.autocast:
             logits = self.forward(tokens)
         losses = cross_entropy_per_config(logits.float(), labels, self.smoothing)
+        penalty = self.net.penalty()
+        if penalty is not None:
+            losses = losses + penalty
         finite = torch.isfinite(losses)
         newly_failed = self.active & ~finite
         self.failed_step.copy_(torch.where(newly_failed, self.step_number, self.failed_step))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sidetune
-from conftest import config, device_under_test
+from conftest import config, device_under_test, extract_tiny
 from sidetune.cache.loader import load_features
 from sidetune.engine import build_sidenet, train_group
 
@@ -257,3 +257,30 @@ def test_attentive_probe_learns_digits_well_above_chance(digits_cache, device):
     [result] = train_group(digits_cache, [config("attentive", epochs=20, lr=1e-2, warmup_epochs=2)], "train800", "val200",
                            device)
     assert result.top1 > 40.0  # chance is 10%
+
+
+def test_head2toe_features_are_every_stages_l2_normalised_pooled_vector(tmp_path, device):
+    extract_tiny("digits", tmp_path / "cls", splits=["val200"], limit=16, spec="cls")  # every stage, the CLS token
+    cache = sidetune.open_cache(tmp_path / "cls")
+    stored = cache.split("val200").tokens[:].astype(np.float64)[:, :, 0]  # (N, S, D) straight from zarr
+    expected = (stored / np.linalg.norm(stored, axis=-1, keepdims=True)).reshape(len(stored), -1)
+    net = build_sidenet(cache, "head2toe", {}, 2).to(device)
+    tokens = load_features(cache, "val200", net.stages_needed(), device).tokens
+    with torch.no_grad():
+        np.testing.assert_allclose(net.pooled_features(tokens)[0].double().cpu().numpy(), expected, atol=1e-5)
+
+
+def test_head2toe_group_lasso_is_the_sum_of_each_stages_weight_norm(digits_cache):
+    net = build_sidenet(digits_cache, "head2toe", {"group_lasso": 0.5}, 2)
+    net.reset_parameters([0, 1])
+    weights = net.head_weight.detach().view(2, 7, 64, 10)
+    expected = 0.5 * torch.stack([sum(weights[k, s].norm() for s in range(7)) for k in range(2)])
+    torch.testing.assert_close(net.penalty().detach(), expected)
+    assert build_sidenet(digits_cache, "head2toe", {}, 1).penalty() is None
+
+
+def test_head2toe_learns_digits_and_top_stages_keeps_that_many(digits_cache, device):
+    [full] = train_group(digits_cache, [config("head2toe", epochs=10)], "train800", "val200", device)
+    [top2] = train_group(digits_cache, [config("head2toe", epochs=10, top_stages=2)], "train800", "val200", device)
+    assert full.top1 > 50.0 and top2.top1 > 30.0  # chance is 10%
+    assert int(top2.state["stage_mask"].sum()) == 2 and int(full.state["stage_mask"].sum()) == 7

@@ -250,3 +250,14 @@ def test_sweep_with_halving_marks_pruned_rows_and_selects_among_finished_configs
     assert {row.epochs_trained for row in select if row.status == "pruned"} <= {1, 2}
     finished = [row for row in select if row.status == "ok"]
     assert [row.config_id for row in report.rows if row.phase == "final"] == [finished[0].config_id]
+
+
+@pytest.mark.parametrize("arguments", [["--method", "ridge", "--wd", "0.1,10"], ["--method", "head2toe", "--top-stages", "0,2"],
+                                       ["--method", "attentive", "--queries", "1,2", "--lr", "0.01"]])
+def test_the_probe_family_sweeps_from_the_command_line(small_vtab_cache, tmp_path, arguments):
+    result = CliRunner().invoke(app, ["sweep", "--cache", str(small_vtab_cache.path), *arguments, "--epochs", "2",
+                                      "--protocol", "none", "--train-split", "train800", "--eval-split", "val200",
+                                      "--out", str(tmp_path / "sweep")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["status"] == "ok" and row["top1"] > 0 for row in rows)

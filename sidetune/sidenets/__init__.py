@@ -7,12 +7,13 @@ import inspect
 from sidetune.errors import SidetuneError
 from sidetune.sidenets.attentive import AttentiveProbe
 from sidetune.sidenets.base import FeatureLayout, SideNet
+from sidetune.sidenets.head2toe import Head2Toe
 from sidetune.sidenets.last import LAST
 from sidetune.sidenets.linear import LinearProbe
 from sidetune.sidenets.losa import LoSA
 from sidetune.sidenets.ridge import RidgeProbe
 
-SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, LAST, LoSA)}
+SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, Head2Toe, LAST, LoSA)}
 
 __all__ = ["SIDENETS", "FeatureLayout", "SideNet", "create_sidenet", "method_options", "resolve_options"]
 

@@ -134,6 +134,10 @@ class SideNet(nn.Module):
         pooled = (self.pooled_features(tokens) - self.feature_mean) / self.feature_scale
         return torch.matmul(pooled, self.head_weight) + self.head_bias[:, None, :]
 
+    def penalty(self) -> torch.Tensor | None:
+        """(K,) terms added to each configuration's loss (a structured penalty), or None."""
+        return None
+
     def head_features(self, y: torch.Tensor) -> torch.Tensor:
         """(K, B, T, D) representation -> (K, B, D): the frozen final norm, then pooling."""
         if self.final_norm_weight is not None:
@@ -141,15 +145,16 @@ class SideNet(nn.Module):
         return self.pool_tokens(y)
 
     @torch.no_grad()
-    def fit_standardizer(self, last_stage_batches: Iterable[torch.Tensor]) -> None:
-        """Set the feature statistics from the frozen last-stage tokens of the training split,
-        given as (B, T, D) batches; a no-op unless `standardize` is on."""
+    def fit_standardizer(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set the feature statistics from the training split, given as (tokens, labels) batches:
+        the pooled features as the network starts (for LAST and LoSA, with their zero-initialised
+        outputs, the frozen features); a no-op unless `standardize` is on."""
         if not self.standardize:
             return
         total = torch.zeros(len(self.feature_mean), dtype=torch.float64, device=self.feature_mean.device)
         total_sq, count = torch.zeros_like(total), 0
-        for tokens in last_stage_batches:
-            pooled = self.head_features(tokens.float().unsqueeze(0))[0].double()
+        for tokens, _ in batches:
+            pooled = self.pooled_features(tokens)[0].double()
             total += pooled.sum(0)
             total_sq += (pooled * pooled).sum(0)
             count += len(pooled)
