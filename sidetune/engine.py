@@ -20,6 +20,7 @@ import torch
 
 from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
 from sidetune.cache.reader import Cache
+from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError
 from sidetune.optim import StackedAdamW
 from sidetune.sidenets import SIDENETS, FeatureLayout, SideNet, create_sidenet, resolve_options
@@ -118,11 +119,13 @@ def build_sidenet(cache: Cache, method: str, options: dict, num_configs: int) ->
     net = create_sidenet(method, layout, num_configs, **options)
     missing = [s for s in net.stages_needed() if s not in layout.stages]
     if missing or layout.token_selection not in net.token_selections:
-        spec = "final" if net.stages_needed() == [layout.depth] else "default"
+        serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections)
+        fix = (f"Extract with --spec {serving[0]}" + (f" (or {', '.join(serving[1:3])})" if serving[1:] else "")
+               if serving else "Extract with a spec that keeps them")
         raise SidetuneError(
             f"Method {method} reads stages {net.stages_needed()} with {'/'.join(net.token_selections)} "
             f"tokens; cache {cache.path} stores stages {list(layout.stages)} with "
-            f"'{layout.token_selection}' tokens. Extract with --spec {spec} (or a spec that keeps them)."
+            f"'{layout.token_selection}' tokens. {fix}."
         )
     norm = cache.final_norm()
     if norm is None:

@@ -118,11 +118,14 @@ def test_a_diverging_config_is_frozen_and_the_others_finish_unchanged(digits_cac
     torch.testing.assert_close(with_bad[0].state["head_weight"], alone.state["head_weight"])
 
 
-def test_method_needing_stages_the_cache_lacks_names_a_spec(tmp_path):
+def test_method_needing_stages_the_cache_lacks_names_the_smallest_specs_that_have_them(tmp_path):
     sidetune.extract("test_vit", "digits", tmp_path / "c", splits=["val200"], limit=8, spec="final",
                      pretrained=False, workers=0)
-    with pytest.raises(sidetune.SidetuneError, match="Method last reads stages .*--spec default"):
-        build_sidenet(sidetune.open_cache(tmp_path / "c"), "last", {}, 1)
+    cache = sidetune.open_cache(tmp_path / "c")
+    with pytest.raises(sidetune.SidetuneError, match=r"Method last reads stages .*--spec int8 \(or default\)"):
+        build_sidenet(cache, "last", {}, 1)
+    with pytest.raises(sidetune.SidetuneError, match=r"Method last reads stages \[0, 2, 4, 6\].*--spec gap2-int8 \(or int8, gap2\)"):
+        build_sidenet(cache, "last", {"gap": 2}, 1)
 
 
 def test_linear_probe_lands_within_2_points_of_sklearn_logistic_regression(digits_cache, device):

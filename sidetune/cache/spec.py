@@ -114,6 +114,22 @@ def available_specs() -> list[str]:
     return sorted(path.stem for path in SPECS_DIR.glob("*.yaml"))
 
 
+def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...]) -> list[str]:
+    """The shipped specs that keep `stages` of a `depth`-block backbone with tokens in
+    `token_modes`, the fewest bytes per image first."""
+    dtype_bytes = {"int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
+    serving = []
+    for name in available_specs():
+        spec = load_spec(name)
+        try:
+            kept = spec.resolve_stages(depth)
+        except SidetuneError:  # a stage gap that does not divide this depth
+            continue
+        if spec.tokens in token_modes and set(stages) <= set(kept):
+            serving.append((spec.tokens == "all", len(kept) * dtype_bytes[spec.dtype], name))
+    return [name for *_, name in sorted(serving)]
+
+
 def load_spec(name_or_path: str) -> CacheSpec:
     """A spec by name (cache_specs/NAME.yaml) or by path to a YAML file."""
     path = Path(name_or_path).expanduser()
