@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,6 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from sidetune.cache.layout import StageShape
 from sidetune.errors import SidetuneError
 
 ALIASES: dict[str, str] = {
@@ -33,39 +36,65 @@ RANDOM_INIT_SEED = 0
 
 @dataclass(frozen=True)
 class Backbone:
-    """A frozen timm VisionTransformer and what the cache manifest records about it."""
+    """A frozen timm model and what the cache manifest records about it.
+
+    Two ways through it (`path`): "vit" for timm VisionTransformers, stage 0 (the tokens
+    entering block 1) to stage `depth` (block `depth`'s output), computed block by block; and
+    "intermediates" for every other model with timm's `forward_intermediates` (Swin, ConvNeXt,
+    EfficientNet, ResNet, EVA, BEiT, ...): stage i is its i-th intermediate (i = 1..n), plus a
+    last stage holding the model's final features where a head convolution changes their width
+    (EfficientNet's conv_head: what its classifier reads)."""
 
     model: nn.Module
     alias: str | None
     timm_name: str
     weights_source: str
     weights_sha256: str
+    stages: tuple[StageShape, ...]
+    path: str = "vit"
 
     @property
     def depth(self) -> int:
-        return len(self.model.blocks)
+        return self.stages[-1].stage
+
+    @property
+    def stage_indices(self) -> list[int]:
+        return [shape.stage for shape in self.stages]
 
     @property
     def width(self) -> int:
-        return int(self.model.embed_dim)
+        return self.stages[-1].width
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)
+        return self.stages[-1].num_prefix_tokens
 
     @property
     def patch_grid(self) -> tuple[int, int]:
-        return tuple(int(g) for g in self.model.patch_embed.grid_size)
+        return self.stages[-1].grid
 
     @property
     def num_tokens(self) -> int:
-        grid = self.patch_grid
-        return self.num_prefix_tokens + grid[0] * grid[1]
+        return self.stages[-1].num_tokens
+
+    def shape_of(self, stage: int) -> StageShape:
+        return self.stages[self.stage_indices.index(stage)]
 
     def final_norm(self) -> nn.LayerNorm | None:
-        """The backbone's final LayerNorm (applied by stage two), or None if it has none."""
-        norm = self.model.norm
-        return norm if isinstance(norm, nn.LayerNorm) else None
+        """The backbone's final LayerNorm over the last stage's tokens (applied by stage two),
+        or None if it has none."""
+        norm = getattr(self.model, "norm", None)
+        return norm if isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (self.width,) else None
+
+    def forward(self, images: torch.Tensor, stages: Sequence[int]) -> Iterator[torch.Tensor]:
+        """The (B, T, D) tokens of the requested stages, in increasing stage order (call under
+        torch.inference_mode(); the final norm is left to stage two)."""
+        if self.path == "vit":
+            yield from forward_stages(self.model, images, stages)
+            return
+        outputs = dict(zip(self.stage_indices, _intermediate_tokens(self.model, images)))
+        for stage in sorted(set(stages)):
+            yield outputs[stage]
 
     def describe(self) -> dict:
         norm = self.final_norm()
@@ -73,6 +102,7 @@ class Backbone:
             "alias": self.alias,
             "timm_name": self.timm_name,
             "architecture": type(self.model).__name__,
+            "path": self.path,
             "weights_source": self.weights_source,
             "weights_sha256": self.weights_sha256,
             "width": self.width,
@@ -80,8 +110,74 @@ class Backbone:
             "num_prefix_tokens": self.num_prefix_tokens,
             "patch_grid": list(self.patch_grid),
             "num_tokens": self.num_tokens,
+            "stages": [shape.describe() for shape in self.stages],
             "final_norm": None if norm is None else {"type": "layernorm", "eps": float(norm.eps)},
         }
+
+
+def _is_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _vit_stages(model: nn.Module) -> tuple[StageShape, ...]:
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    prefix = int(model.num_prefix_tokens)
+    return tuple(StageShape(i, prefix + grid[0] * grid[1], int(model.embed_dim), grid, prefix)
+                 for i in range(len(model.blocks) + 1))
+
+
+def _intermediate_tokens(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """One pass of `forward_intermediates`: every intermediate as (B, T, D) tokens (prefix
+    tokens first), then the final features when a head convolution changed their width."""
+    token_layout = "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+    if token_layout:
+        final, intermediates = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
+    else:
+        final, intermediates = model.forward_intermediates(images, output_fmt="NCHW")
+    outputs = [_as_tokens(x) for x in intermediates]
+    last = intermediates[-1]
+    if not token_layout and final.dim() == 4 and final.shape[2:] == last.shape[2:] and final.shape[1] != last.shape[1]:
+        outputs.append(_as_tokens(final))
+    return outputs
+
+
+def _as_tokens(output) -> torch.Tensor:
+    if isinstance(output, tuple):  # (patches (B, HW, D), prefix (B, P, D))
+        patches, prefix = output
+        return torch.cat([prefix, patches], dim=1) if prefix is not None else patches
+    if output.dim() == 4:  # NCHW
+        return output.flatten(2).transpose(1, 2)
+    return output
+
+
+def _intermediate_stages(model: nn.Module) -> tuple[StageShape, ...]:
+    """The stage shapes of a `forward_intermediates` model, from one pass over a blank image."""
+    size = tuple(int(s) for s in model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    with torch.inference_mode():
+        outputs = _intermediate_tokens(model, torch.zeros(1, *size))
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    token_layout = "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+    stages = []
+    for index, tokens in enumerate(outputs, start=1):
+        spatial = tokens.shape[1] - (prefix if token_layout else 0)
+        grid = _grid(model, spatial, size, token_layout)
+        stages.append(StageShape(index, int(tokens.shape[1]), int(tokens.shape[2]), grid, prefix if token_layout else 0))
+    return tuple(stages)
+
+
+def _grid(model: nn.Module, spatial: int, size: tuple[int, int, int], token_layout: bool) -> tuple[int, int]:
+    """The (H, W) grid of `spatial` positions: the patch grid of a token model, else the
+    factorisation matching the input's aspect ratio."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if token_layout and patch_embed is not None and hasattr(patch_embed, "grid_size"):
+        grid = tuple(int(g) for g in patch_embed.grid_size)
+        if grid[0] * grid[1] == spatial:
+            return grid
+    height, width = size[1], size[2]
+    scale = math.sqrt(height * width / spatial)
+    return round(height / scale), round(width / scale)
 
 
 def resolve_model_name(name: str) -> tuple[str | None, str]:
@@ -147,15 +243,18 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         model = _create(timm_name, pretrained=False)
         source = f"random(seed={RANDOM_INIT_SEED})"
 
-    if not all(hasattr(model, attr) for attr in ("patch_embed", "_pos_embed", "blocks", "norm")):
-        raise SidetuneError(
-            f"Model {timm_name} is a {type(model).__name__}; sidetune reads per-block tokens from "
-            "timm VisionTransformer-style models (patch_embed, blocks, norm). Choose a ViT, e.g. "
-            f"one of the aliases {', '.join(ALIASES)}."
-        )
     model.eval().requires_grad_(False)
+    if _is_vit(model):
+        return Backbone(model, alias, timm_name, source, state_dict_sha256(model), _vit_stages(model), "vit")
+    if not hasattr(model, "forward_intermediates"):
+        raise SidetuneError(
+            f"Model {timm_name} is a {type(model).__name__}, which has no forward_intermediates in timm "
+            f"{timm.__version__}: sidetune reads per-stage outputs through it. Choose a model that has it "
+            "(VisionTransformer, EVA, BEiT, Swin, ConvNeXt, EfficientNet, ResNet, MobileNet, ...)."
+        )
     del timm  # imported lazily so that stage two never needs it
-    return Backbone(model, alias, timm_name, source, state_dict_sha256(model))
+    return Backbone(model, alias, timm_name, source, state_dict_sha256(model), _intermediate_stages(model),
+                    "intermediates")
 
 
 def load_recorded_backbone(record: dict, weights: str | Path | None = None) -> Backbone:

@@ -20,6 +20,7 @@ import torch
 
 from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
 from sidetune.cache.reader import Cache
+from sidetune.cache.layout import TokenLayout
 from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError
 from sidetune.optim import StackedAdamW
@@ -102,6 +103,7 @@ class TrainResult:
 def feature_layout(manifest: dict) -> FeatureLayout:
     """What a side network needs to know about a cache's features, from its manifest."""
     layout = manifest["layout"]
+    backbone_stages = manifest["backbone"].get("stages")  # absent in caches written before any timm backbone
     return FeatureLayout(
         depth=manifest["backbone"]["depth"],
         width=layout["width"],
@@ -110,6 +112,8 @@ def feature_layout(manifest: dict) -> FeatureLayout:
         num_classes=len(manifest["dataset"]["class_names"]),
         stages=tuple(layout["stages"]),
         token_selection=layout["token_selection"],
+        stage_shapes=tuple((s.num_tokens, s.width) for s in TokenLayout.from_manifest(manifest).shapes),
+        first_stage=backbone_stages[0]["stage"] if backbone_stages else 0,
     )
 
 
@@ -119,7 +123,7 @@ def build_sidenet(cache: Cache, method: str, options: dict, num_configs: int) ->
     net = create_sidenet(method, layout, num_configs, **options)
     missing = [s for s in net.stages_needed() if s not in layout.stages]
     if missing or layout.token_selection not in net.token_selections:
-        serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections)
+        serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections, layout.first_stage)
         fix = (f"Extract with --spec {serving[0]}" + (f" (or {', '.join(serving[1:3])})" if serving[1:] else "")
                if serving else "Extract with a spec that keeps them")
         raise SidetuneError(

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sidetune.backbones import Backbone, Preprocessing, forward_stages, load_backbone, resolve_preprocessing
+from sidetune.backbones import Backbone, Preprocessing, load_backbone, resolve_preprocessing
+from sidetune.cache.layout import TokenLayout, pack_stages
 from sidetune.cache.location import Location
 from sidetune.cache.manifest import LOCK_FILE, build_manifest
 from sidetune.cache.plan import (LIVE_BY_DEFAULT, CachePlan, default_live_splits, disk_is_full, plan_cache,
@@ -116,8 +117,22 @@ def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backb
     return plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=Location(out).local_bytes())
 
 
-def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, int, int]:
-    return len(spec.resolve_stages(backbone.depth)), spec.num_tokens(backbone.num_tokens), backbone.width
+def stored_layout(spec: CacheSpec, backbone: Backbone) -> TokenLayout:
+    """The shapes of the stages `spec` keeps of `backbone`, as stored."""
+    stages = spec.resolve_stages(backbone.depth, backbone.stage_indices[0])
+    layout = TokenLayout(tuple(spec.stored_shape(backbone.shape_of(stage)) for stage in stages))
+    if spec.dtype == "int8" and not layout.uniform:
+        raise SidetuneError(
+            f"Cache spec '{spec.name}' stores int8, which sidetune supports only where every kept stage has the "
+            f"same tokens and width; {backbone.timm_name}'s stages differ "
+            f"({', '.join(f'{s.num_tokens}x{s.width}' for s in layout.shapes)}). Use a float16 spec "
+            "(e.g. --spec final, cnn-last2 or cnn-grid7)."
+        )
+    return layout
+
+
+def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, ...]:
+    return stored_layout(spec, backbone).image_shape()
 
 
 def _refuse_unless_it_fits(plan: CachePlan, spec: CacheSpec, source: ImageSource, backbone: Backbone) -> None:
@@ -151,8 +166,8 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
     source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
     backbone = load_backbone(model, weights=weights, pretrained=pretrained)
     preprocessing = resolve_preprocessing(preprocess, backbone)
-    stages = cache_spec.resolve_stages(backbone.depth)
-    token_shape = _token_shape(cache_spec, backbone)
+    token_layout = stored_layout(cache_spec, backbone)
+    stages, token_shape = token_layout.stages, token_layout.image_shape()
     plan = _plan(out, cache_spec, source, backbone, splits)
     if launched_rank() == 0:
         _refuse_unless_it_fits(plan, cache_spec, source, backbone)
@@ -163,8 +178,7 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
         preprocessing=preprocessing.describe(),
         dataset=dataset_record,
         spec=cache_spec.describe(),
-        stages=stages,
-        num_tokens=token_shape[1],
+        stage_shapes=[shape.describe() for shape in token_layout.shapes],
         compute={"precision": precision_name(autocast_dtype), "device": torch_device.type, "batch_size": batch_size},
     )
     world = current_world(torch_device)
@@ -206,21 +220,22 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                 reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
                 continue
             arrays = (name, split.labels, token_shape, cache_spec.dtype, cache_spec.chunk_images,
-                      cache_spec.shard_images, cache_spec.compressor, cache_spec.codec().scale_shape(token_shape))
+                      cache_spec.shard_images, cache_spec.compressor, cache_spec.codec().scale_shape(token_shape),
+                      len(stages))
             if world.is_main:
                 split_writer = writer.split(*arrays)  # creates the split's arrays
             world.barrier()
             if not world.is_main:
                 split_writer = writer.open_split(name, len(split), cache_spec.shard_images)
             reports.append(_extract_split(
-                name, split, split_writer, writer, backbone, preprocessing, cache_spec, stages,
+                name, split, split_writer, writer, backbone, preprocessing, cache_spec, token_layout,
                 torch_device, autocast_dtype, batch_size, workers, progress, world,
             ))
     return reports
 
 
 def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writer: CacheWriter,
-                   backbone: Backbone, preprocessing: Preprocessing, spec: CacheSpec, stages: list[int],
+                   backbone: Backbone, preprocessing: Preprocessing, spec: CacheSpec, token_layout: TokenLayout,
                    device: torch.device, autocast_dtype: torch.dtype | None, batch_size: int,
                    workers: int, progress: ProgressSink, world: World) -> SplitReport:
     """This rank's share of the split's pending shards (all of them in one process); then,
@@ -256,10 +271,9 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
                         "file, if any), then rerun the same command: finished shards are kept."
                     )
                 with autocast(device, autocast_dtype):  # the forward only: CPU autocast refuses cat of float16
-                    stacked = stored_tokens(backbone, spec, stages, images.to(device, non_blocking=True))
-                # max |x| per stage as max(max, -min): two reductions, no |x| copy (7x faster on CPU)
-                absmax = torch.maximum(stacked.amax(dim=(0, 2, 3)), -stacked.amin(dim=(0, 2, 3))).float().cpu().numpy()
-                _check_range(stacked, absmax, spec, stages, name, split, indices)
+                    stacked = stored_tokens(backbone, spec, token_layout.stages, images.to(device, non_blocking=True))
+                absmax = stage_absmax(stacked, token_layout).float().cpu().numpy()
+                _check_range(stacked, absmax, spec, token_layout.stages, name, split, indices)
                 tokens, scales = (None if t is None else t.cpu() for t in spec.codec().encode(stacked))
                 for shard, shard_tokens, shard_absmax, shard_scales in assembler.add(indices, tokens, absmax, scales):
                     shard_writer.submit(shard, shard_tokens, shard_absmax, shard_scales)
@@ -272,13 +286,22 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
 
 
 def stored_tokens(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor) -> torch.Tensor:
-    """(B, S, T, D) float32 tokens of one batch, as the cache stores them before the spec's
-    codec encodes them. Extraction, live evaluation and `predict` all compute features here."""
+    """(B, S, T, D) (or flat (B, E), sidetune/cache/layout.py) float32 tokens of one batch, as the
+    cache stores them before the spec's codec encodes them. Extraction, live evaluation and
+    `predict` all compute features here."""
     outputs = [
-        spec.select_tokens(x, backbone.num_prefix_tokens).float()
-        for x in forward_stages(backbone.model, images, stages)
+        spec.select_tokens(x, backbone.shape_of(stage)).float()
+        for stage, x in zip(sorted(stages), backbone.forward(images, stages))
     ]
-    return torch.stack(outputs, dim=1)
+    return pack_stages(outputs)
+
+
+def stage_absmax(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(S,) max |x| of each stage of a packed batch, as max(max, -min): two reductions, no |x|
+    copy (7x faster on CPU)."""
+    if tokens.dim() == 4:
+        return torch.maximum(tokens.amax(dim=(0, 2, 3)), -tokens.amin(dim=(0, 2, 3)))
+    return torch.stack([torch.maximum(x.amax(), -x.amin()) for x in layout.unpack(tokens, layout.stages)])
 
 
 def as_read_from_cache(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor,

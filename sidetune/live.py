@@ -36,9 +36,10 @@ class LiveFeatures:
         self.labels = torch.from_numpy(cache.split(split).labels).to(device)
         self.num_images = len(self.labels)
         self.spec = spec_from_record(manifest["spec"])
-        self.cache_stages = list(manifest["layout"]["stages"])
+        self.layout = cache.token_layout
+        self.cache_stages = self.layout.stages
         self.positions = [self.cache_stages.index(stage) for stage in stages]
-        self.sample_shape = (len(stages), manifest["layout"]["num_tokens"], manifest["layout"]["width"])
+        self.sample_shape = self.layout.image_shape(stages)
         self.dtype = self.spec.codec().decoded_dtype()
 
     def _images(self):
@@ -80,7 +81,7 @@ class LiveFeatures:
                 if errors:
                     raise SidetuneError(f"Could not read image {errors[0]} of live split {self.name}. Fix or restore it.")
                 tokens = as_read_from_cache(backbone, self.spec, self.cache_stages, batch.to(self.device), precision)
-                pending.append(tokens[:, self.positions])
+                pending.append(self.layout.select(tokens, self.positions))
                 self.progress.advance(len(indices))
                 while sum(len(t) for t in pending) >= batch_size:
                     merged = torch.cat(pending)

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from PIL import Image
 
+from sidetune.cache.layout import TokenLayout
 from sidetune.errors import SidetuneError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -68,9 +69,9 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     backbone.model.to(torch_device)
     transform = Preprocessing.from_record(manifest["preprocessing"]).transform()
     spec = spec_from_record(manifest["spec"])
-    stages = list(manifest["layout"]["stages"])
-    needed = net.stages_needed()
-    positions = [stages.index(stage) for stage in needed]
+    layout = TokenLayout.from_manifest(manifest)
+    stages = layout.stages
+    positions = [stages.index(stage) for stage in net.stages_needed()]
 
     predictions = []
     with torch.inference_mode():
@@ -78,7 +79,7 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
             batch_paths = paths[begin:begin + batch_size]
             images = torch.stack([transform(_read_image(path)) for path in batch_paths]).to(torch_device)
             tokens = as_read_from_cache(backbone, spec, stages, images, AUTOCAST_DTYPES[manifest["compute"]["precision"]])
-            logits = net(tokens[:, positions])[0].float().cpu()
+            logits = net(layout.select(tokens, positions))[0].float().cpu()
             for path, row in zip(batch_paths, logits):
                 predictions.append(Prediction(path, row, row.softmax(-1)))
     return predictions

@@ -22,7 +22,7 @@ from sidetune.cache.codec import Codec
 from sidetune.cache.reader import Cache, CachedSplit, ViewSplit
 from sidetune.compute import free_memory
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (B, S, T, D) tokens, (B,) labels
+Batch = tuple[torch.Tensor, torch.Tensor]  # (B, S, T, D) or (B, E) tokens (sidetune/cache/layout.py), (B,) labels
 BUDGET_FRACTION = 0.5  # of the device's free memory, for the features of one split
 
 
@@ -110,7 +110,7 @@ class StreamedFeatures:
         self.num_images = len(self.rows)
         self.labels_host = torch.from_numpy(labels)
         self.labels = self.labels_host.to(device)
-        self.sample_shape = (len(self.stages), *parent.tokens.shape[2:])
+        self.sample_shape = parent.layout.image_shape(self.stages)
         self.dtype = self.codec.decoded_dtype()
         # Two windows live at once (the one training, the one being read).
         self.shards_per_window = max(1, budget_bytes // (2 * parent.image_nbytes(stages) * self.shard_size))

@@ -34,7 +34,10 @@ IDENTITY_FIELDS: tuple[tuple[str, str | None], ...] = (
 
 
 def build_manifest(*, backbone: dict, preprocessing: dict, dataset: dict, spec: dict,
-                   stages: list[int], num_tokens: int, compute: dict) -> dict:
+                   stage_shapes: list[dict], compute: dict) -> dict:
+    """`stage_shapes`: each stored stage's StageShape record (sidetune/cache/layout.py), in order."""
+    last = stage_shapes[-1]
+    uniform = len({(shape["num_tokens"], shape["width"]) for shape in stage_shapes}) == 1
     return {
         "format_version": FORMAT_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -43,12 +46,13 @@ def build_manifest(*, backbone: dict, preprocessing: dict, dataset: dict, spec: 
         "dataset": {key: value for key, value in dataset.items() if key != "split_sizes"},
         "spec": spec,
         "layout": {
-            "stages": stages,
-            "num_tokens": num_tokens,
-            "num_prefix_tokens": backbone["num_prefix_tokens"] if spec["tokens"] == "all" else 0,
+            "stages": [shape["stage"] for shape in stage_shapes],
+            "num_tokens": last["num_tokens"],
+            "num_prefix_tokens": last["num_prefix_tokens"] if spec["tokens"] == "all" else 0,
             "token_selection": spec["tokens"],
-            "width": backbone["width"],
-            "axes": ["image", "stage", "token", "channel"],
+            "width": last["width"],
+            "axes": ["image", "stage", "token", "channel"] if uniform else ["image", "stage-major token-channel"],
+            "stage_shapes": stage_shapes,
         },
         "compute": compute,
         "splits": {},

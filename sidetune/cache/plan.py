@@ -86,15 +86,15 @@ def split_layout(splits: dict[str, ImageSplit], live: set[str]) -> dict[str, Spl
     return {name: plans[name] for name in splits}
 
 
-def image_nbytes(token_shape: tuple[int, int, int], codec: Codec) -> int:
-    """Bytes one stored image takes: its tokens, and int8 scales."""
-    stages, tokens, width = token_shape
+def image_nbytes(token_shape: tuple[int, ...], codec: Codec) -> int:
+    """Bytes one stored image takes: its tokens ((S, T, D) or flat, sidetune/cache/layout.py),
+    and int8 scales."""
     itemsize = 1 if codec.quantized else np.dtype(codec.dtype if codec.dtype != "bfloat16" else "float16").itemsize
     scale_shape = codec.scale_shape(token_shape)
-    return stages * tokens * width * itemsize + (int(np.prod(scale_shape)) * 4 if scale_shape else 0)
+    return int(np.prod(token_shape)) * itemsize + (int(np.prod(scale_shape)) * 4 if scale_shape else 0)
 
 
-def split_nbytes(plan: SplitPlan, token_shape: tuple[int, int, int], codec: Codec) -> int:
+def split_nbytes(plan: SplitPlan, token_shape: tuple[int, ...], codec: Codec) -> int:
     """Bytes on disk: tokens for a stored split; row indices and labels for a view; labels
     for a live split."""
     labels = 8 * plan.num_images
@@ -114,7 +114,7 @@ def free_bytes(out: str | Path) -> int | None:
     return shutil.disk_usage(path).free
 
 
-def plan_cache(out: str | Path, spec: CacheSpec, splits: dict[str, SplitPlan], token_shape: tuple[int, int, int],
+def plan_cache(out: str | Path, spec: CacheSpec, splits: dict[str, SplitPlan], token_shape: tuple[int, ...],
                existing_bytes: int = 0) -> CachePlan:
     """The plan with each split's bytes; `existing_bytes` (already written by an interrupted
     run) count as free, since they are kept."""

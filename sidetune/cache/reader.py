@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from sidetune.cache.codec import Codec
+from sidetune.cache.layout import TokenLayout
 from sidetune.cache.location import Location
 from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_FILE, MANIFEST_KEY, READABLE_VERSIONS, read_manifest
 from sidetune.errors import SidetuneError
@@ -29,13 +30,17 @@ class CachedSplit:
     name: str
     group: zarr.Group
     record: dict
-    stages: list[int]
+    layout: TokenLayout
     codec: Codec
     kind = "stored"
 
     @property
+    def stages(self) -> list[int]:
+        return self.layout.stages
+
+    @property
     def tokens(self) -> zarr.Array:
-        """The (N, S, T, D) token array on disk."""
+        """The (N, S, T, D) token array on disk ((N, E) for stages of different shapes)."""
         return self.group["tokens"]
 
     @property
@@ -85,18 +90,19 @@ class CachedSplit:
         """Bytes one image takes in memory with the requested stages (tokens and scales, as stored)."""
         count = len(self.stage_positions(stages))
         scales = self.scales
-        per_stage = int(np.prod(self.tokens.shape[2:])) * self.tokens.dtype.itemsize
+        nbytes = int(np.prod(self.layout.image_shape(stages))) * self.tokens.dtype.itemsize
         if scales is not None:
-            per_stage += int(np.prod(scales.shape[2:])) * scales.dtype.itemsize
-        return count * per_stage
+            nbytes += count * int(np.prod(scales.shape[2:])) * scales.dtype.itemsize
+        return nbytes
 
     def read_stored(self, rows: slice, stages: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Tokens as stored (and int8 scales, else None) of the images in `rows` (whole shards,
         to read fast), the requested stages only."""
         positions = self.stage_positions(stages)
         every = positions == list(range(len(self.stages)))
-        blocks = [self.tokens[rows], None if self.scales is None else self.scales[rows]]  # a chunk holds every stage
-        return tuple(b if b is None or every else b[:, positions] for b in blocks)
+        # a chunk holds every stage; scales exist for uniform layouts only
+        tokens, scales = self.tokens[rows], None if self.scales is None else self.scales[rows]
+        return self.layout.select(tokens, positions), scales if scales is None or every else scales[:, positions]
 
     def read_rows(self, rows: slice, stages: Sequence[int] | None = None) -> np.ndarray:
         """Tokens of the images in `rows`, decoded (int8: to float16)."""
@@ -109,8 +115,9 @@ class CachedSplit:
         self.require_complete()
         if positions == list(range(len(self.stages))):  # one read: zarr decodes every chunk concurrently (1.7x faster than by shard)
             return self.tokens[:], None if self.scales is None else self.scales[:]
-        outputs = [np.empty((self.num_images, len(positions), *a.shape[2:]), dtype=a.dtype)
-                   for a in (self.tokens, self.scales) if a is not None]
+        outputs = [np.empty((self.num_images, *self.layout.image_shape(stages)), dtype=self.tokens.dtype)]
+        if self.scales is not None:
+            outputs.append(np.empty((self.num_images, len(positions), *self.scales.shape[2:]), dtype=self.scales.dtype))
         for start in range(0, self.num_images, self.shard_size):
             rows = slice(start, min(start + self.shard_size, self.num_images))
             for out, block in zip(outputs, self.read_stored(rows, stages)):
@@ -242,9 +249,14 @@ class Cache:
         return Codec(spec["dtype"], spec.get("scale", "token"))
 
     @property
+    def token_layout(self) -> TokenLayout:
+        """The stored stages and their shapes."""
+        return TokenLayout.from_manifest(self.manifest)
+
+    @property
     def splits(self) -> dict[str, Split]:
-        stages = self.manifest["layout"]["stages"]
-        stored = {name: CachedSplit(name, self.root[name], record, stages, self.codec)
+        layout = self.token_layout
+        stored = {name: CachedSplit(name, self.root[name], record, layout, self.codec)
                   for name, record in self.manifest["splits"].items() if record.get("kind", "stored") == "stored"}
         splits: dict[str, Split] = {}
         for name, record in self.manifest["splits"].items():

@@ -5,15 +5,17 @@ Specs are YAML files in the top-level cache_specs/ folder, installed with sidetu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 import cache_specs
 
 from sidetune.cache.codec import INT8_SCALES, Codec
+from sidetune.cache.layout import StageShape
 from sidetune.errors import SidetuneError
 
 SPECS_DIR = Path(cache_specs.__file__).parent  # package data: in every install, editable or from a wheel
@@ -25,9 +27,12 @@ COMPRESSORS = ("none", "zstd")
 @dataclass(frozen=True)
 class CacheSpec:
     """`stages`: "all", "last", {"every": g} (0, g, 2g, ..., depth) or a list of indices.
-    `tokens`: "all" (prefix tokens first, then patches), "cls" (the first prefix token) or
-    "mean" (mean of the patch tokens). `dtype`: a float type, or int8 with float32 scales per
-    `scale` ("token" or "channel"; sidetune/cache/codec.py)."""
+    {"last": k} (the last k stages). `tokens`: "all" (prefix tokens first, then patches), "cls"
+    (the first prefix token) or "mean" (mean of the patch tokens). `max_grid`: with tokens "all",
+    a stage's spatial grid larger than max_grid x max_grid is average-pooled down to at most
+    that (the prefix tokens are kept): small caches of a CNN's high-resolution early stages.
+    `dtype`: a float type, or int8 with float32 scales per `scale` ("token" or "channel";
+    sidetune/cache/codec.py)."""
 
     name: str
     stages: str | dict | tuple[int, ...] = "all"
@@ -37,6 +42,7 @@ class CacheSpec:
     chunk_images: int = 1
     shard_images: int = 64
     compressor: str = "none"
+    max_grid: int | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -53,16 +59,26 @@ class CacheSpec:
                 and 1 <= self.chunk_images <= self.shard_images and self.shard_images % self.chunk_images == 0):
             problems.append("chunk_images must be a positive divisor of shard_images")
         if not (self.stages in ("all", "last") or _is_every(self.stages) or _is_index_list(self.stages)):
-            problems.append(f"stages must be 'all', 'last', {{every: g}} or a list of indices, not {self.stages!r}")
+            problems.append(f"stages must be 'all', 'last', {{every: g}}, {{last: k}} or a list of indices, "
+                            f"not {self.stages!r}")
+        if self.max_grid is not None and not (isinstance(self.max_grid, int) and self.max_grid >= 1):
+            problems.append(f"max_grid must be a positive integer, not {self.max_grid!r}")
         if problems:
             raise SidetuneError(f"Cache spec '{self.name}' is invalid: {'; '.join(problems)}.")
 
-    def resolve_stages(self, depth: int) -> list[int]:
-        """Absolute stage indices for a backbone of `depth` blocks (0 = entering block 1)."""
+    def resolve_stages(self, depth: int, first: int = 0) -> list[int]:
+        """Absolute stage indices for a backbone whose stages run from `first` to `depth` (a
+        ViT's from 0, the tokens entering block 1; a `forward_intermediates` model's from 1)."""
         if self.stages == "all":
-            return list(range(depth + 1))
+            return list(range(first, depth + 1))
         if self.stages == "last":
             return [depth]
+        if isinstance(self.stages, dict) and "last" in self.stages:
+            count = self.stages["last"]
+            if count > depth - first + 1:
+                raise SidetuneError(f"Cache spec '{self.name}' keeps the last {count} stages, but the backbone has "
+                                    f"{depth - first + 1} (stages {first}..{depth}). Ask for at most that many.")
+            return list(range(depth - count + 1, depth + 1))
         if isinstance(self.stages, dict):
             gap = self.stages["every"]
             if depth % gap:
@@ -70,27 +86,45 @@ class CacheSpec:
                     f"Cache spec '{self.name}' keeps every {gap}th stage but the backbone has {depth} "
                     f"blocks, not a multiple of {gap}. Choose a gap that divides {depth}."
                 )
-            return list(range(0, depth + 1, gap))
-        bad = [s for s in self.stages if s > depth]
+            return [stage for stage in range(0, depth + 1, gap) if stage >= first]
+        bad = [s for s in self.stages if not first <= s <= depth]
         if bad:
             raise SidetuneError(
-                f"Cache spec '{self.name}' asks for stages {bad}, but the backbone has only "
-                f"{depth} blocks (stages 0..{depth}). Fix the spec's stage list."
+                f"Cache spec '{self.name}' asks for stages {bad}, but the backbone has stages "
+                f"{first}..{depth}. Fix the spec's stage list."
             )
         return sorted(set(self.stages))
 
-    def num_tokens(self, backbone_tokens: int) -> int:
-        return backbone_tokens if self.tokens == "all" else 1
-
-    def select_tokens(self, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-        """(B, T, D) backbone tokens -> (B, T', D) stored tokens."""
-        if self.tokens == "all":
-            return x
+    def stored_shape(self, shape: StageShape) -> StageShape:
+        """The shape a backbone stage has once this spec selected (and pooled) its tokens."""
         if self.tokens == "cls":
-            if num_prefix_tokens < 1:
-                raise SidetuneError(f"Cache spec '{self.name}' keeps the CLS token, but the backbone has none; use tokens: mean.")
+            return replace(shape, num_tokens=1, grid=(0, 0), num_prefix_tokens=1)
+        if self.tokens == "mean":
+            return replace(shape, num_tokens=1, grid=(1, 1), num_prefix_tokens=0)
+        grid = self._pooled_grid(shape.grid)
+        return replace(shape, num_tokens=shape.num_prefix_tokens + grid[0] * grid[1], grid=grid)
+
+    def _pooled_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        if self.max_grid is None:
+            return grid
+        return min(grid[0], self.max_grid), min(grid[1], self.max_grid)
+
+    def select_tokens(self, x: torch.Tensor, shape: StageShape) -> torch.Tensor:
+        """(B, T, D) tokens of a backbone stage of `shape` -> (B, T', D) stored tokens."""
+        prefix = shape.num_prefix_tokens
+        if self.tokens == "cls":
+            if prefix < 1:
+                raise SidetuneError(f"Cache spec '{self.name}' keeps the CLS token, but the backbone has none; "
+                                    "use tokens: mean.")
             return x[:, :1]
-        return x[:, num_prefix_tokens:].mean(dim=1, keepdim=True)
+        if self.tokens == "mean":
+            return x[:, prefix:].mean(dim=1, keepdim=True)
+        pooled = self._pooled_grid(shape.grid)
+        if pooled == tuple(shape.grid):
+            return x
+        patches = x[:, prefix:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *shape.grid)
+        patches = F.adaptive_avg_pool2d(patches, pooled).flatten(2).transpose(1, 2)
+        return torch.cat([x[:, :prefix], patches], dim=1)
 
     def codec(self) -> Codec:
         return Codec(self.dtype, self.scale)
@@ -103,7 +137,8 @@ class CacheSpec:
 
 
 def _is_every(stages) -> bool:
-    return isinstance(stages, dict) and set(stages) == {"every"} and isinstance(stages["every"], int) and stages["every"] >= 1
+    return (isinstance(stages, dict) and len(stages) == 1 and set(stages) <= {"every", "last"}
+            and isinstance(next(iter(stages.values())), int) and next(iter(stages.values())) >= 1)
 
 
 def _is_index_list(stages) -> bool:
@@ -114,19 +149,19 @@ def available_specs() -> list[str]:
     return sorted(path.stem for path in SPECS_DIR.glob("*.yaml"))
 
 
-def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...]) -> list[str]:
-    """The shipped specs that keep `stages` of a `depth`-block backbone with tokens in
-    `token_modes`, the fewest bytes per image first."""
+def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], first: int = 0) -> list[str]:
+    """The shipped specs that keep `stages` (of a backbone with stages `first`..`depth`) with
+    tokens in `token_modes`, the fewest bytes per image first (pooling specs, made for CNNs, last)."""
     dtype_bytes = {"int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
     serving = []
     for name in available_specs():
         spec = load_spec(name)
         try:
-            kept = spec.resolve_stages(depth)
+            kept = spec.resolve_stages(depth, first)
         except SidetuneError:  # a stage gap that does not divide this depth
             continue
         if spec.tokens in token_modes and set(stages) <= set(kept):
-            serving.append((spec.tokens == "all", len(kept) * dtype_bytes[spec.dtype], name))
+            serving.append((spec.max_grid is not None, spec.tokens == "all", len(kept) * dtype_bytes[spec.dtype], name))
     return [name for *_, name in sorted(serving)]
 
 

@@ -1,7 +1,8 @@
 """Writing the cache: create or reopen the zarr group, write shards, mark splits complete.
 
 A stored split's group holds:
-  tokens          (N, S, T, D) chunked by `chunk_images`, sharded by `shard_images`
+  tokens          (N, S, T, D) chunked by `chunk_images`, sharded by `shard_images`; (N, E) when
+                  the stages differ in shape (sidetune/cache/layout.py)
   scales          (N, S, T, 1) or (N, S, 1, D) float32, sharded like tokens: int8 specs only
   labels          (N,) int64
   shard_complete  (num_shards,) uint8, one chunk per shard: 1 once that shard's tokens are written
@@ -141,11 +142,13 @@ class CacheWriter:
     def is_complete(self, split: str) -> bool:
         return bool(self.manifest["splits"].get(split, {}).get("complete"))
 
-    def split(self, name: str, labels: np.ndarray, token_shape: tuple[int, int, int],
+    def split(self, name: str, labels: np.ndarray, token_shape: tuple[int, ...],
               dtype: str, chunk_images: int, shard_images: int, compressor: str,
-              scale_shape: tuple[int, int, int] | None = None) -> SplitWriter:
-        """Create a stored split's arrays (or reopen them after an interruption). `scale_shape`:
-        the per-image shape of int8 scales, None for a float dtype."""
+              scale_shape: tuple[int, int, int] | None = None, num_stages: int | None = None) -> SplitWriter:
+        """Create a stored split's arrays (or reopen them after an interruption). `token_shape`:
+        one image's (S, T, D), or (E,) for stages of different shapes (then `num_stages` says
+        how many); `scale_shape`: the per-image shape of int8 scales, None for a float dtype."""
+        num_stages = token_shape[0] if num_stages is None else num_stages
         num_images = len(labels)
         if name in self.manifest["splits"]:
             group = self.root[name]
@@ -161,7 +164,7 @@ class CacheWriter:
             "tokens", shape=(num_images, *token_shape), dtype=dtype,
             chunks=(chunk_images, *token_shape), shards=(shard_images, *token_shape),
             compressors=None if compressor == "none" else "auto", fill_value=0,
-            dimension_names=("image", "stage", "token", "channel"),
+            dimension_names=("image", "stage", "token", "channel") if len(token_shape) == 3 else ("image", "element"),
         )
         if scale_shape is not None:
             group.create_array("scales", shape=(num_images, *scale_shape), dtype="float32",
@@ -169,8 +172,8 @@ class CacheWriter:
                                compressors=None, fill_value=0, dimension_names=("image", "stage", "token", "channel"))
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(num_images, 1),))
         group.create_array("shard_complete", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0)
-        group.create_array("shard_absmax", shape=(num_shards, token_shape[0]), dtype="float32",
-                           chunks=(1, token_shape[0]), fill_value=0)
+        group.create_array("shard_absmax", shape=(num_shards, num_stages), dtype="float32",
+                           chunks=(1, num_stages), fill_value=0)
         self.manifest["splits"][name] = {
             "kind": "stored", "num_images": num_images, "num_shards": num_shards, "complete": False, "absmax": None,
         }

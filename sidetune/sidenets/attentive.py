@@ -2,7 +2,8 @@
 tokens, then a linear classifier (V-JEPA's attentive pooler and "efficient probing" reduced to
 their common core; docs/methods.md says what is kept and what is not).
 
-    X = LN_f(z_N)                     (B, T, D), shared by every configuration
+    X = LN_f(z_N)                     (B, T, D), shared by every configuration (LN_f: the backbone's
+                                      final norm, or LayerNorm without affine where it has none)
     K = X W_k + b_k,  V = X W_v + b_v (B, T, w): w = `rank`, or D with `full_width`
     a = MHA(Q, K, V)                  Q: `queries` learned vectors of width w, `heads` heads
     logits = flatten(a) W + b         (queries · w) -> classes"""
@@ -41,10 +42,10 @@ class AttentiveProbe(SideNet):
 
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, D) last-stage tokens -> (K, B, queries · width): what the queries read."""
-        x = tokens[:, -1].float()
-        if self.final_norm_weight is not None:
-            x = torch.nn.functional.layer_norm(x, (x.shape[-1],), self.final_norm_weight, self.final_norm_bias,
-                                               self.final_norm_eps)
+        x = self.stage_tokens(tokens)[-1].float()
+        # The backbone's final norm; without one (CNNs), a plain LayerNorm keeps the keys in range.
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), self.final_norm_weight, self.final_norm_bias,
+                                           self.final_norm_eps if self.final_norm_weight is not None else 1e-6)
         k, (b, t, _), w, h = self.num_configs, x.shape, self.width, self.heads
         kv = shared_product(x, self.w_kv) + self.b_kv[:, None, None, :]  # (K, B, T, 2w)
         keys, values = (part.reshape(k * b, t, h, w // h).transpose(1, 2) for part in kv.split(w, -1))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sidetune.cache.layout import unpack_stages
 from sidetune.errors import SidetuneError
 
 # cuDNN's attention backward returned NaN and then faulted (illegal memory access) on r-wide heads
@@ -37,6 +38,21 @@ class FeatureLayout:
     num_classes: int
     stages: tuple[int, ...]  # the stages the cache stores
     token_selection: str
+    # (tokens, width) of each stored stage, in `stages` order; empty: all (num_tokens, width)
+    stage_shapes: tuple[tuple[int, int], ...] = ()
+    # the backbone's first stage: 0 for a ViT (the tokens entering block 1), 1 for a model read
+    # through forward_intermediates (sidetune/backbones.py)
+    first_stage: int = 0
+
+    def shape(self, stage: int) -> tuple[int, int]:
+        """(tokens, width) of a stored stage."""
+        if not self.stage_shapes:
+            return self.num_tokens, self.width
+        return self.stage_shapes[self.stages.index(stage)]
+
+    @property
+    def uniform(self) -> bool:
+        return len({self.shape(stage) for stage in self.stages}) <= 1
 
 
 def param_generator(seed: int, name: str) -> torch.Generator:
@@ -115,6 +131,10 @@ class SideNet(nn.Module):
         self.register_buffer("final_norm_weight", weight)
         self.register_buffer("final_norm_bias", bias)
         self.final_norm_eps = eps
+
+    def stage_tokens(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """A batch of the stages `stages_needed` names -> their (B, T_s, D_s) tokens, in order."""
+        return unpack_stages(tokens, [self.layout.shape(stage) for stage in self.stages_needed()])
 
     # --- to implement: stages_needed, and represent or pooled_features --------------------
     def stages_needed(self) -> list[int]:
@@ -200,6 +220,23 @@ class SideNet(nn.Module):
 
     def trainable_parameters_per_config(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
+
+
+# Methods that read pooled features or the last stage alone: any cache, whatever its stages' shapes.
+ANY_STAGE_SHAPES = ("linear", "ridge", "attentive", "head2toe")
+
+
+def refuse_mixed_widths(method: str, layout: FeatureLayout) -> None:
+    """Side networks that add stage outputs together need every stage in one (tokens, width)."""
+    if layout.uniform:
+        return
+    shapes = ", ".join(f"stage {stage}: {t} x {d}" for stage, (t, d) in zip(layout.stages, layout.stage_shapes))
+    raise SidetuneError(
+        f"Method {method} adds the stored stages' tokens together, so it needs every stage to have the same "
+        f"number of tokens and width; this cache's stages differ ({shapes}), as a hierarchical backbone's do "
+        f"(Swin, ConvNeXt, EfficientNet, ResNet). Train one of {', '.join(ANY_STAGE_SHAPES)} on it, or extract a "
+        "ViT-style backbone for this method."
+    )
 
 
 def layer_norm_stacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

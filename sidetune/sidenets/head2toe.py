@@ -29,8 +29,8 @@ class Head2Toe(SideNet):
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = True,
                  group_lasso: float = 0.0, top_stages: int = 0):
-        self.per_stage = layout.width * (2 if pool == "both" else 1)
-        super().__init__(layout, num_configs, pool, standardize, feature_width=len(layout.stages) * self.per_stage)
+        self.stage_widths = [layout.shape(stage)[1] * (2 if pool == "both" else 1) for stage in layout.stages]
+        super().__init__(layout, num_configs, pool, standardize, feature_width=sum(self.stage_widths))
         if group_lasso < 0 or not 0 <= top_stages <= len(layout.stages):
             raise SidetuneError(f"head2toe: group_lasso must be at least 0 and top_stages between 0 and the "
                                 f"{len(layout.stages)} stored stages (got {group_lasso} and {top_stages}).")
@@ -40,26 +40,26 @@ class Head2Toe(SideNet):
     def stages_needed(self) -> list[int]:
         return list(self.layout.stages)
 
-    def stage_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, S, T, D) -> (B, S, D'): each stage pooled and L2-normalised."""
-        pooled = torch.stack([self.pool_tokens(tokens[:, s].float().unsqueeze(0))[0] for s in range(tokens.shape[1])], 1)
-        return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    def stage_features(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's (B, D'_s) features: pooled and L2-normalised."""
+        pooled = [self.pool_tokens(x.float().unsqueeze(0))[0] for x in self.stage_tokens(tokens)]
+        return [x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) for x in pooled]
 
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Shared by every configuration: (1, B, S · D')."""
-        return self.stage_features(tokens).flatten(1).unsqueeze(0)
+        """Shared by every configuration: (1, B, sum of D'_s)."""
+        return torch.cat(self.stage_features(tokens), -1).unsqueeze(0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = self.stage_mask.repeat_interleave(self.per_stage)
+        widths = torch.tensor(self.stage_widths, device=self.stage_mask.device)
+        mask = self.stage_mask.repeat_interleave(widths, output_size=sum(self.stage_widths))
         x = (self.pooled_features(tokens) - self.feature_mean) / self.feature_scale * mask
         return torch.matmul(x, self.head_weight) + self.head_bias[:, None, :]
 
     def penalty(self) -> torch.Tensor | None:
         if not self.group_lasso:
             return None
-        k, _, classes = self.head_weight.shape
-        by_stage = self.head_weight.view(k, len(self.layout.stages), self.per_stage * classes)
-        return self.group_lasso * by_stage.norm(dim=-1).sum(-1)
+        by_stage = self.head_weight.split(self.stage_widths, dim=1)  # (K, D'_s, C) each
+        return self.group_lasso * sum(group.flatten(1).norm(dim=-1) for group in by_stage)
 
     @torch.no_grad()
     def fit_standardizer(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -68,7 +68,7 @@ class Head2Toe(SideNet):
         super().fit_standardizer(kept)
         if not self.top_stages:
             return
-        features = torch.cat([self.stage_features(tokens).double() for tokens, _ in kept])  # (N, S, D')
+        features = torch.cat([self.pooled_features(tokens)[0].double() for tokens, _ in kept])  # (N, sum D'_s)
         labels = torch.cat([labels for _, labels in kept])
         overall = features.mean(0)
         between, within = torch.zeros_like(overall), torch.zeros_like(overall)
@@ -76,6 +76,7 @@ class Head2Toe(SideNet):
             members = features[labels == label]
             between += len(members) * (members.mean(0) - overall) ** 2
             within += ((members - members.mean(0)) ** 2).sum(0)
-        scores = (between / within.clamp_min(1e-12)).mean(-1)  # per stage
+        fisher = between / within.clamp_min(1e-12)
+        scores = torch.stack([part.mean() for part in fisher.split(self.stage_widths)])  # per stage
         self.stage_mask.zero_()
         self.stage_mask[scores.topk(self.top_stages).indices] = 1.0

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import FeatureLayout, SideNet, attention, ones, shared_product, uniform_fan_in, zeros
+from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, ones, refuse_mixed_widths, shared_product,
+                                    uniform_fan_in, zeros)
 
 LN_EPS = 1e-6
 
@@ -37,12 +38,13 @@ class LAST(SideNet):
                  gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True,
                  standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
+        refuse_mixed_widths(self.name, layout)
         if layout.depth % gap:
             raise SidetuneError(f"LAST gap {gap} must divide the backbone depth {layout.depth}; choose a divisor.")
         if rank % heads:
             raise SidetuneError(f"LAST heads ({heads}) must divide the rank ({rank}).")
         self.rank, self.gap, self.depth, self.heads = rank, gap, depth, heads
-        self.groups = layout.depth // gap
+        self.groups = len(self.stages_needed()) - 1
         d = layout.width
         for i in range(self.groups):
             for j in range(depth):
@@ -54,7 +56,9 @@ class LAST(SideNet):
                 self.stacked(f"{prefix}.w_o", (rank, d), zeros if zero_init_out else uniform_fan_in(rank))
 
     def stages_needed(self) -> list[int]:
-        return list(range(0, self.layout.depth + 1, self.gap))
+        """Stage 0 (the tokens entering block 1), then every `gap`-th block's output; a backbone
+        without stage 0 (read through forward_intermediates) starts from its first such stage."""
+        return [stage for stage in range(0, self.layout.depth + 1, self.gap) if stage >= self.layout.first_stage]
 
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
         prefix_sum = tokens[:, 0].float()

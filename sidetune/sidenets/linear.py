@@ -22,4 +22,4 @@ class LinearProbe(SideNet):
 
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Shared by every configuration: (1, B, D), computed once."""
-        return self.head_features(tokens[:, -1].float().unsqueeze(0))
+        return self.head_features(self.stage_tokens(tokens)[-1].float().unsqueeze(0))

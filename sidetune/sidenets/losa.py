@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sidetune.sidenets.base import FeatureLayout, SideNet, layer_norm_stacked, ones, uniform_fan_in, zeros
+from sidetune.sidenets.base import (FeatureLayout, SideNet, layer_norm_stacked, ones, refuse_mixed_widths, uniform_fan_in,
+                                    zeros)
 
 
 class LoSA(SideNet):
@@ -16,6 +17,7 @@ class LoSA(SideNet):
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls",
                  token_rank: int = 16, channel_rank: int = 16, standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
+        refuse_mixed_widths(self.name, layout)
         self.token_rank, self.channel_rank = token_rank, channel_rank
         d, t = layout.width, layout.num_tokens
         for layer in range(1, layout.depth + 1):

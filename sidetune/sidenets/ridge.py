@@ -43,7 +43,7 @@ class RidgeProbe(SideNet):
 
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Shared by every configuration: (1, B, D), computed once."""
-        return self.head_features(tokens[:, -1].float().unsqueeze(0))
+        return self.head_features(self.stage_tokens(tokens)[-1].float().unsqueeze(0))
 
     @torch.no_grad()
     def fit(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], penalties: torch.Tensor) -> None:

@@ -1,0 +1,112 @@
+"""How a cache lays out one image's tokens.
+
+Every stored stage has a shape (`StageShape`: tokens, width, spatial grid, prefix tokens). When
+all stored stages share one (tokens, width) — every ViT — an image is one (S, T, D) array, as
+format 1 stored it. When they differ — the stages of a Swin, a ConvNeXt, an EfficientNet — an
+image is one flat (E,) vector, the stages' (T_s, D_s) tokens one after another (E = sum of
+T_s * D_s), and `TokenLayout` cuts a batch back into per-stage (B, T_s, D_s) views. One array
+either way: a batch is one gather and a shard one write."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """One stage's output as tokens: `num_tokens` (the `num_prefix_tokens` first, then the
+    `grid` of spatial positions, row-major) of `width` channels."""
+
+    stage: int
+    num_tokens: int
+    width: int
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+
+    def describe(self) -> dict:
+        return {**asdict(self), "grid": list(self.grid)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "StageShape":
+        return cls(record["stage"], record["num_tokens"], record["width"], tuple(record["grid"]),
+                   record["num_prefix_tokens"])
+
+    @property
+    def numel(self) -> int:
+        return self.num_tokens * self.width
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The stored stages' shapes, in stage order."""
+
+    shapes: tuple[StageShape, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "TokenLayout":
+        layout = manifest["layout"]
+        if "stage_shapes" in layout:
+            return cls(tuple(StageShape.from_record(record) for record in layout["stage_shapes"]))
+        grid = tuple(manifest["backbone"].get("patch_grid", (0, 0)))  # caches written before stage shapes
+        if layout["token_selection"] != "all":
+            grid = (1, 1) if layout["token_selection"] == "mean" else (0, 0)
+        return cls(tuple(StageShape(stage, layout["num_tokens"], layout["width"], grid, layout["num_prefix_tokens"])
+                         for stage in layout["stages"]))
+
+    @property
+    def stages(self) -> list[int]:
+        return [shape.stage for shape in self.shapes]
+
+    @property
+    def uniform(self) -> bool:
+        return len({(shape.num_tokens, shape.width) for shape in self.shapes}) == 1
+
+    def image_shape(self, stages: Sequence[int] | None = None) -> tuple[int, ...]:
+        """One image's array: (S, T, D) when uniform, else (E,)."""
+        shapes = self._shapes(stages)
+        if self.uniform:
+            return len(shapes), shapes[0].num_tokens, shapes[0].width
+        return (sum(shape.numel for shape in shapes),)
+
+    def _shapes(self, stages: Sequence[int] | None) -> list[StageShape]:
+        if stages is None:
+            return list(self.shapes)
+        return [self.shapes[self.stages.index(stage)] for stage in stages]
+
+    def select(self, array, positions: Sequence[int]):
+        """The stages at `positions` (on the stored stage axis) of a batch or array with images
+        first (numpy or torch, stored or decoded)."""
+        positions = list(positions)
+        if positions == list(range(len(self.shapes))):
+            return array
+        if self.uniform:
+            return array[:, positions]
+        starts = np.cumsum([0] + [shape.numel for shape in self.shapes])
+        columns = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in positions])
+        return array[:, columns] if isinstance(array, np.ndarray) else array[:, torch.from_numpy(columns).to(array.device)]
+
+    def unpack(self, tokens: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
+        """A batch holding `stages` -> their (B, T_s, D_s) tokens."""
+        return unpack_stages(tokens, [(s.num_tokens, s.width) for s in self._shapes(stages)])
+
+
+def pack_stages(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-stage (B, T_s, D_s) tokens -> (B, S, T, D) when their shapes agree, else (B, E)."""
+    if len({tuple(x.shape[1:]) for x in outputs}) == 1:
+        return torch.stack(list(outputs), dim=1)
+    return torch.cat([x.flatten(1) for x in outputs], dim=1)
+
+
+def unpack_stages(tokens: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """(B, S, T, D) or (B, E) tokens of stages shaped (T_s, D_s) -> a (B, T_s, D_s) view each."""
+    if tokens.dim() == 4:
+        return list(tokens.unbind(1))
+    views, start = [], 0
+    for num_tokens, width in shapes:
+        views.append(tokens[:, start:start + num_tokens * width].view(tokens.shape[0], num_tokens, width))
+        start += num_tokens * width
+    return views

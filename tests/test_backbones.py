@@ -1,0 +1,191 @@
+"""Any timm backbone with forward_intermediates: the cached tokens are timm's own per-stage
+outputs (ViT relatives with register tokens, Swin, ConvNeXt, EfficientNet), stages of
+different shapes are stored and read back, and the side networks that can read them train."""
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import sidetune
+from cli.main import app
+from sidetune.backbones import Preprocessing
+
+# Tiny variants of real architectures, built by timm from a folder's config.json (model_args),
+# as `--model local-dir:FOLDER` loads them.
+TINY_SWIN = ("swin_tiny_patch4_window7_224",
+             {"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2], "img_size": 64, "window_size": 4})
+TINY_DINOV2_REG = ("vit_small_patch14_reg4_dinov2", {"depth": 3, "embed_dim": 32, "num_heads": 2, "img_size": 56})
+TINY_EVA = ("eva02_tiny_patch14_224", {"depth": 2, "img_size": 56})
+
+
+def local_model(folder, architecture: str, model_args: dict, seed: int = 0) -> str:
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
+    save_for_hf(model, str(folder), model_args=model_args)
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["input_size"] = [3, model_args["img_size"], model_args["img_size"]]
+    (folder / "config.json").write_text(json.dumps(config))
+    return f"local-dir:{folder}"
+
+
+def float32_spec(tmp_path, **fields) -> str:
+    path = tmp_path / "exact.yaml"
+    lines = {"stages": "all", "tokens": "all", "dtype": "float32", "shard_images": 4, **fields}
+    path.write_text("".join(f"{key}: {value}\n" for key, value in lines.items()))
+    return str(path)
+
+
+def timm_outputs(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """timm's own per-stage outputs as (B, T, D) tokens, prefix tokens first."""
+    if hasattr(model, "num_prefix_tokens"):
+        outputs = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True)
+        return [torch.cat([prefix, patches], 1) for patches, prefix in outputs]
+    return [x.flatten(2).transpose(1, 2) for x in model.forward_intermediates(images, intermediates_only=True)]
+
+
+def cached_and_timm(model_name: str, folder, tmp_path, **spec_fields):
+    sidetune.extract(model_name, str(folder), tmp_path / "cache", spec=float32_spec(tmp_path, **spec_fields),
+                     pretrained=False, workers=0, batch_size=3)
+    cache = sidetune.open_cache(tmp_path / "cache")
+    split = cache.split("train")
+    backbone = sidetune.backbones.load_recorded_backbone(cache.manifest["backbone"])
+    transform = Preprocessing.from_record(cache.manifest["preprocessing"]).transform()
+    images = torch.stack([transform(image) for image in _images(cache, "train")])
+    with torch.inference_mode():
+        expected = timm_outputs(backbone.model, images)
+        final = backbone.model.forward_features(images)
+    stored = [torch.from_numpy(x) for x in _unpack(split)]
+    return cache, stored, expected, final
+
+
+def _images(cache, split):
+    from sidetune.datasets import load_source
+
+    images = load_source(cache.manifest["dataset"]["argument"], splits=[split]).splits[split]
+    return [images.image(i) for i in range(len(images))]
+
+
+def _unpack(split):
+    tokens = torch.from_numpy(split.load())
+    return [x.numpy() for x in split.layout.unpack(tokens, split.stages)]
+
+
+def assert_tokens_equal(stored: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(stored, expected.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    from conftest import write_image
+
+    root = tmp_path / "images"
+    for index in range(6):
+        write_image(root / "train" / f"class{index % 2}" / f"{index}.png", seed=index, size=40)
+    return root
+
+
+def test_a_vit_with_register_tokens_caches_timms_block_outputs_with_every_prefix_token(folder, tmp_path):
+    model = local_model(tmp_path / "dinov2", *TINY_DINOV2_REG)
+    cache, stored, expected, _ = cached_and_timm(model, folder, tmp_path)
+    assert cache.manifest["backbone"]["num_prefix_tokens"] == 5  # CLS and 4 registers, counted from the model
+    assert cache.split("train").stages == [0, 1, 2, 3]
+    for block, tokens in enumerate(expected, start=1):
+        assert_tokens_equal(stored[block], tokens)
+
+
+def test_an_eva_caches_timms_block_outputs_from_stage_1(folder, tmp_path):
+    cache, stored, expected, _ = cached_and_timm(local_model(tmp_path / "eva", *TINY_EVA), folder, tmp_path)
+    assert cache.manifest["backbone"]["path"] == "intermediates" and cache.split("train").stages == [1, 2]
+    for tokens, reference in zip(stored, expected):
+        assert_tokens_equal(tokens, reference)
+
+
+def test_a_swin_caches_each_stage_as_its_grid_of_tokens_with_its_own_width(folder, tmp_path):
+    cache, stored, expected, _ = cached_and_timm(local_model(tmp_path / "swin", *TINY_SWIN), folder, tmp_path)
+    shapes = cache.manifest["layout"]["stage_shapes"]
+    assert [(s["num_tokens"], s["width"], s["grid"]) for s in shapes] == [
+        (256, 16, [16, 16]), (64, 32, [8, 8]), (16, 64, [4, 4]), (4, 128, [2, 2])]
+    assert len(stored) == len(expected) == 4
+    for tokens, reference in zip(stored, expected):
+        assert_tokens_equal(tokens, reference)
+    assert cache.final_norm() is not None  # Swin's final LayerNorm, applied by stage two
+
+
+def test_a_convnext_caches_timms_stage_outputs(folder, tmp_path):
+    cache, stored, expected, _ = cached_and_timm("test_convnext", folder, tmp_path)
+    assert cache.split("train").tokens.ndim == 2  # stages of different shapes: one flat vector per image
+    for tokens, reference in zip(stored, expected, strict=True):
+        assert_tokens_equal(tokens, reference)
+
+
+def test_an_efficientnet_caches_its_stages_and_then_the_features_its_classifier_reads(folder, tmp_path):
+    cache, stored, expected, final = cached_and_timm("test_efficientnet", folder, tmp_path)
+    assert len(stored) == len(expected) + 1
+    for tokens, reference in zip(stored, expected):
+        assert_tokens_equal(tokens, reference)
+    assert_tokens_equal(stored[-1], final.flatten(2).transpose(1, 2))  # after conv_head: 256 channels
+    assert cache.manifest["layout"]["width"] == final.shape[1]
+
+
+def test_max_grid_average_pools_large_grids_and_keeps_small_ones(folder, tmp_path):
+    cache, stored, expected, _ = cached_and_timm("test_convnext", folder, tmp_path, max_grid=7)
+    for tokens, reference in zip(stored, expected):
+        side = int(reference.shape[1] ** 0.5)
+        grid = reference.transpose(1, 2).reshape(len(reference), -1, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, (min(side, 7), min(side, 7))).flatten(2).transpose(1, 2)
+        assert_tokens_equal(tokens, pooled)
+    assert [s["grid"] for s in cache.manifest["layout"]["stage_shapes"]] == [[7, 7], [7, 7], [7, 7], [5, 5]]
+
+
+def test_keeping_the_last_stages_of_a_cnn_stores_only_those(folder, tmp_path):
+    sidetune.extract("test_resnet", str(folder), tmp_path / "cache", spec="cnn-last2", pretrained=False, workers=0)
+    cache = sidetune.open_cache(tmp_path / "cache")
+    assert cache.split("train").stages == [4, 5]
+    assert cache.split("train").tokens.shape == (6, 49 * 192 + 25 * 96)
+
+
+def test_an_int8_spec_is_refused_for_stages_of_different_shapes(folder, tmp_path):
+    with pytest.raises(sidetune.SidetuneError, match="int8.*same tokens and width.*--spec final"):
+        sidetune.extract("test_convnext", str(folder), tmp_path / "cache", spec="int8", pretrained=False, workers=0)
+
+
+@pytest.fixture(scope="module")
+def convnext_digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("convnext") / "cache"
+    sidetune.extract("test_convnext", "digits", out, spec="cnn-grid7", splits=["train800", "val200"], limit=200,
+                     pretrained=False, workers=0)
+    return out
+
+
+@pytest.mark.parametrize("method, options", [("linear", ["--pool", "mean"]), ("ridge", ["--pool", "mean"]),
+                                             ("attentive", ["--lr", "0.01", "--epochs", "10"]),
+                                             ("head2toe", ["--pool", "mean"])])
+def test_probes_train_from_a_cnn_cache_through_the_cli(convnext_digits, tmp_path, method, options):
+    result = CliRunner().invoke(app, ["train", "--cache", str(convnext_digits), "--method", method, "--epochs", "3",
+                                      "--train-split", "train800", "--eval-split", "val200",
+                                      "--out", str(tmp_path / "run"), *options])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["top1"] > 20.0  # 10 classes: well above chance from random ConvNeXt features
+
+
+def test_head2toe_on_a_cnn_reads_every_stage_at_its_own_width(convnext_digits):
+    from sidetune.engine import build_sidenet
+
+    net = build_sidenet(sidetune.open_cache(convnext_digits), "head2toe", {"pool": "mean"}, 2)
+    assert net.stage_widths == [24, 32, 48, 64] and net.head_weight.shape == (2, 168, 10)
+
+
+def test_a_method_adding_stages_together_is_refused_on_a_cnn_naming_those_that_work(convnext_digits):
+    from sidetune.engine import build_sidenet
+
+    for method in ("last", "losa"):
+        with pytest.raises(sidetune.SidetuneError, match=f"Method {method} adds.*linear, ridge, attentive, head2toe"):
+            build_sidenet(sidetune.open_cache(convnext_digits), method, {"pool": "mean"}, 1)
