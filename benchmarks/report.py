@@ -82,7 +82,20 @@ def storage(record: dict) -> str:
     return (f"{record['backbone']}: the 1000 training images stored once (train800 and val200 as rows), test live or cached.\n\n"
             + table(["spec", "a task, test live (mean)", "19 tasks, test live", "19 tasks, test cached", "cached / live"], summary)
             + "\n\nPer task, test live / test cached:\n\n"
-            + table(["task", "test images", *[r["spec"] for r in shown]], per_task))
+            + table(["task", "test images", *[r["spec"] for r in shown]], per_task)
+            + storage_per_image(record))
+
+
+def storage_per_image(record: dict) -> str:
+    from sidetune.cache.plan import human_bytes
+
+    if "per_image" not in record:
+        return ""
+    specs = list(record["per_image"][0]["bytes"])
+    rows = [[r["backbone"], r["stages"], *[human_bytes(r["bytes"][spec]) for spec in specs]] for r in record["per_image"]]
+    return ("\n\nPer image, by backbone (224 x 224 input; a CNN's or Swin's stages differ in shape, so `cnn-grid7` pools "
+            "each grid to at most 7 x 7 and `cnn-last2` keeps the last two stages, pooled alike):\n\n"
+            + table(["backbone", "stages", *specs], rows))
 
 
 def codecs(record: dict) -> str:
@@ -118,7 +131,23 @@ def methods(record: dict) -> str:
             + table(["task", "method", "val200 top-1", "seconds", "parameters", "epochs", "configurations"], rows))
 
 
-RENDERERS = {"methods": methods, "ridge": ridge, "halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
+def real_weights(record: dict) -> str:
+    by = {(r["weights"], r["method"]): r for r in record["rows"]}
+    methods = list(dict.fromkeys(r["method"] for r in record["rows"]))
+    rows = [[method, f"{by['pretrained', method]['top1']:.1f}", f"{by['random', method]['top1']:.1f}",
+             f"{by['pretrained', method]['top1'] - by['random', method]['top1']:+.1f}",
+             f"{by['pretrained', method]['top1'] - by['pretrained', 'linear']['top1']:+.1f}",
+             by["pretrained", method]["configurations"], by["pretrained", method]["seconds"]] for method in methods]
+    extract = by["pretrained", methods[0]]["extract_seconds"]
+    return (f"{describe(record)} {record['model']} on {record['dataset']}: train800 / val200 from its training set, "
+            f"test = a fixed sample of {record['test_images']:,} of its test images; every stage, grids pooled to "
+            f"3 x 3; each method's default grid ({record['epochs']} epochs) selected on val200, refit on train800val200. "
+            f"Extracting a cache took {extract} s.\n\n"
+            + table(["method", "pretrained top-1", "random top-1", "pretrained - random", "vs linear (pretrained)",
+                     "configurations", "sweep seconds"], rows))
+
+
+RENDERERS = {"real_weights": real_weights, "methods": methods, "ridge": ridge, "halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """Disk for the whole VTAB-1k suite at ViT-B/16: every shipped cache spec, the test splits
-cached or live, from the real split sizes and the same planning code `extract` uses.
+cached or live, from the real split sizes and the same planning code `extract` uses; and the
+bytes per image of each spec for backbones of every family (their shapes from a randomly
+initialised copy: one forward of a blank image each).
 
-    python benchmarks/storage.py            # writes results/storage.json (no compute, no data)
+    python benchmarks/storage.py            # writes results/storage.json (no data)
 
 Per task, a VTAB-1k cache stores train800val200 (1000 images) with train800 and val200 as its
 rows; its test split is either cached too (`--splits train800,val200,train800val200,test`) or
@@ -13,8 +15,9 @@ import argparse
 from pathlib import Path
 
 from common import write_result
-from sidetune.cache.plan import SplitPlan, split_nbytes
-from sidetune.cache.spec import available_specs, load_spec
+from sidetune.cache.layout import StageShape, TokenLayout
+from sidetune.cache.plan import SplitPlan, image_nbytes, split_nbytes
+from sidetune.cache.spec import CacheSpec, available_specs, load_spec
 from sidetune.datasets.catalogue import VTAB_TASKS
 
 # VTAB-1k test split sizes (the tfds test splits the protocol reports on).
@@ -24,12 +27,20 @@ TEST_IMAGES = {
     "diabetic_retinopathy": 42670, "clevr_count": 15000, "clevr_dist": 15000, "dmlab": 22735, "kitti": 711,
     "dsprites_loc": 73728, "dsprites_ori": 73728, "smallnorb_azi": 12150, "smallnorb_ele": 12150,
 }
-VIT_B16 = {"depth": 12, "tokens": 197, "prefix": 1, "width": 768}
+VIT_B16 = TokenLayout(tuple(StageShape(stage, 197, 768, (14, 14), 1) for stage in range(13)))
+BACKBONES = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "convnext_tiny", "resnet50", "tf_efficientnet_lite0")
+PER_IMAGE_SPECS = ("default", "final", "mean", "cnn-grid7", "cnn-last2")
+
+
+def spec_layout(spec: CacheSpec, backbone: TokenLayout) -> TokenLayout:
+    """The stored shapes of `backbone`'s stages under `spec`."""
+    stages = spec.resolve_stages(backbone.stages[-1], backbone.stages[0])
+    return TokenLayout(tuple(spec.stored_shape(backbone.shapes[backbone.stages.index(s)]) for s in stages))
 
 
 def task_bytes(spec_name: str, test_images: int, test_cached: bool) -> int:
     spec = load_spec(spec_name)
-    shape = (len(spec.resolve_stages(VIT_B16["depth"])), spec.num_tokens(VIT_B16["tokens"]), VIT_B16["width"])
+    shape = spec_layout(spec, VIT_B16).image_shape()
     splits = [SplitPlan("train800val200", "stored", 1000), SplitPlan("train800", "view", 800),
               SplitPlan("val200", "view", 200), SplitPlan("test", "stored" if test_cached else "live", test_images)]
     return sum(split_nbytes(split, shape, spec.codec()) for split in splits)
@@ -47,7 +58,22 @@ def main() -> None:
         rows.append({"spec": spec, "per_task_live": live, "per_task_cached": cached,
                      "suite_live": sum(live.values()), "suite_cached": sum(cached.values())})
     write_result("storage", {"backbone": "vit_b16 (12 blocks, 197 tokens, width 768)", "test_images": TEST_IMAGES,
-                             "rows": rows}, args.out)
+                             "rows": rows, "per_image": per_image_bytes()}, args.out)
+
+
+def per_image_bytes() -> list[dict]:
+    from sidetune.backbones import load_backbone
+
+    rows = []
+    for name in BACKBONES:
+        backbone = TokenLayout(load_backbone(name, pretrained=False).stages)
+        row = {"backbone": name, "stages": len(backbone.shapes), "bytes": {}}
+        for spec_name in PER_IMAGE_SPECS:
+            spec = load_spec(spec_name)
+            row["bytes"][spec_name] = image_nbytes(spec_layout(spec, backbone).image_shape(), spec.codec())
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

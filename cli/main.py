@@ -376,7 +376,8 @@ def sweep(
 
         task_caches = [sidetune.open_cache(cache)] if cache is not None else list(find_caches(caches, chosen_tasks).values())
         first, tasks_count = task_caches[0], len(task_caches)
-        seconds = estimate_seconds(first, configs, device, protocol=protocol, top_k=top_k, max_stack=max_stack) * tasks_count
+        seconds = estimate_seconds(first, configs, device, protocol=protocol, top_k=top_k, max_stack=max_stack,
+                                   train_split=train_split) * tasks_count
         console.print(f"[bold]{len(configs)}[/] configurations of {method}{grid_note}, on "
                       f"{tasks_count} cache{'s' if tasks_count > 1 else ''}: about {_duration(seconds)} of training")
     options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,

@@ -112,7 +112,7 @@ def feature_layout(manifest: dict) -> FeatureLayout:
         num_classes=len(manifest["dataset"]["class_names"]),
         stages=tuple(layout["stages"]),
         token_selection=layout["token_selection"],
-        stage_shapes=tuple((s.num_tokens, s.width) for s in TokenLayout.from_manifest(manifest).shapes),
+        stage_shapes=TokenLayout.from_manifest(manifest).shapes,
         first_stage=backbone_stages[0]["stage"] if backbone_stages else 0,
     )
 
@@ -123,13 +123,17 @@ def build_sidenet(cache: Cache, method: str, options: dict, num_configs: int) ->
     net = create_sidenet(method, layout, num_configs, **options)
     missing = [s for s in net.stages_needed() if s not in layout.stages]
     if missing or layout.token_selection not in net.token_selections:
-        serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections, layout.first_stage)
+        backbone_stages = cache.manifest["backbone"].get("stages") or [{"num_tokens": 0, "width": 0}]
+        one_shape = len({(stage["num_tokens"], stage["width"]) for stage in backbone_stages}) == 1
+        serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections, layout.first_stage, one_shape)
         fix = (f"Extract with --spec {serving[0]}" + (f" (or {', '.join(serving[1:3])})" if serving[1:] else "")
                if serving else "Extract with a spec that keeps them")
+        readers = [name for name in SIDENETS if name != method and _reads(name, layout)]
         raise SidetuneError(
             f"Method {method} reads stages {net.stages_needed()} with {'/'.join(net.token_selections)} "
             f"tokens; cache {cache.path} stores stages {list(layout.stages)} with "
-            f"'{layout.token_selection}' tokens. {fix}."
+            f"'{layout.token_selection}' tokens. {fix}"
+            + (f", or train a method that reads this cache: {', '.join(readers)}." if readers else ".")
         )
     norm = cache.final_norm()
     if norm is None:
@@ -137,6 +141,15 @@ def build_sidenet(cache: Cache, method: str, options: dict, num_configs: int) ->
     else:
         net.set_final_norm(torch.from_numpy(norm["weight"]), torch.from_numpy(norm["bias"]), norm["eps"])
     return net
+
+
+def _reads(method: str, layout: FeatureLayout) -> bool:
+    """Whether `method`, at its default options, finds what it reads in a cache of `layout`."""
+    try:
+        net = create_sidenet(method, layout, 1)
+    except SidetuneError:
+        return False
+    return layout.token_selection in net.token_selections and set(net.stages_needed()) <= set(layout.stages)
 
 
 def restore_sidenet(manifest: dict, config: TrainConfig, state: dict[str, torch.Tensor]) -> SideNet:
@@ -148,7 +161,7 @@ def restore_sidenet(manifest: dict, config: TrainConfig, state: dict[str, torch.
         net.set_final_norm(None, None, 0.0)
     else:
         width = manifest["layout"]["width"]
-        net.set_final_norm(torch.empty(width), torch.empty(width), norm["eps"])
+        net.set_final_norm(torch.empty(width), torch.empty(width), norm["eps"])  # values: from the state
     net.load_config_state(state)
     return net.eval()
 

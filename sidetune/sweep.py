@@ -107,13 +107,14 @@ def default_grid(method: str) -> dict[str, list]:
 
 
 def estimate_seconds(cache: Cache, configs: list[TrainConfig], device: str | torch.device, *, protocol: str = "auto",
-                     top_k: int = 1, max_stack: int | None = None) -> float:
+                     top_k: int = 1, max_stack: int | None = None, train_split: str | None = None) -> float:
     """A rough wall time for `sweep`: one training step of each group's stack timed on a real
     batch (after the steps that warm up and capture it), times the steps its stacks take, for
-    selection and the top-k's retraining (or the one phase of protocol none)."""
+    selection and the top-k's retraining (or the one phase of protocol none, on `train_split`)."""
     device = resolve_device(device) if isinstance(device, str) else device
-    vtab = protocol == "vtab" or (protocol == "auto" and all(split in cache.splits for split in VTAB_SPLITS))
-    train_split = "train800" if vtab else default_splits(cache)[0]
+    vtab = protocol == "vtab" or (protocol == "auto" and train_split is None
+                                  and all(split in cache.splits for split in VTAB_SPLITS))
+    train_split = "train800" if vtab else train_split or default_splits(cache)[0]
     groups: dict[tuple, list[TrainConfig]] = {}
     for config in configs:
         groups.setdefault(config.group_key(), []).append(config)

@@ -183,9 +183,117 @@ def test_head2toe_on_a_cnn_reads_every_stage_at_its_own_width(convnext_digits):
     assert net.stage_widths == [24, 32, 48, 64] and net.head_weight.shape == (2, 168, 10)
 
 
-def test_a_method_adding_stages_together_is_refused_on_a_cnn_naming_those_that_work(convnext_digits):
+@pytest.mark.parametrize("method", ["last", "losa"])
+def test_side_networks_adding_stages_train_from_a_cnn_cache_through_the_cli(convnext_digits, tmp_path, method):
+    result = CliRunner().invoke(app, ["train", "--cache", str(convnext_digits), "--method", method, "--pool", "mean",
+                                      "--lr", "0.01", "--epochs", "10", "--train-split", "train800",
+                                      "--eval-split", "val200", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["top1"] > 20.0
+
+
+def test_stage_embeddings_map_narrower_stages_isometrically_onto_the_last_stages_width(convnext_digits):
     from sidetune.engine import build_sidenet
 
+    net = build_sidenet(sidetune.open_cache(convnext_digits), "last", {"pool": "mean"}, 1)
+    assert net.stage_embedding_4 is None  # the last stage is read as it is
+    for stage, width in ((1, 24), (2, 32), (3, 48)):
+        matrix = getattr(net, f"stage_embedding_{stage}")
+        assert matrix.shape == (width, 64)
+        torch.testing.assert_close(matrix @ matrix.T, torch.eye(width), atol=1e-5, rtol=0)
+
+
+def test_last_on_a_cnn_is_last_on_each_stage_resampled_to_the_last_grid_and_embedded(convnext_digits):
+    """The extension as written in docs/methods.md: the same LAST, given by hand the stages
+    average-pooled to the last stage's grid and multiplied by their embeddings, gives the same logits."""
+    from sidetune.cache.loader import load_features
+    from sidetune.engine import build_sidenet
+    from sidetune.sidenets import FeatureLayout, create_sidenet
+
+    cache = sidetune.open_cache(convnext_digits)
+    net = build_sidenet(cache, "last", {"pool": "mean", "rank": 4}, 2)
+    net.reset_parameters([0, 1])
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():  # non-zero outputs, so that every stage matters
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    split = cache.split("val200")
+    stored = [torch.from_numpy(x).float()[:8] for x in _unpack(split)]
+    by_hand = []
+    for shape, tokens in zip(split.layout.shapes, stored):
+        grid = tokens.transpose(1, 2).reshape(8, shape.width, *shape.grid)
+        pooled = F.adaptive_avg_pool2d(grid, (5, 5)).flatten(2).transpose(1, 2)
+        matrix = getattr(net, f"stage_embedding_{shape.stage}")
+        by_hand.append(pooled if matrix is None else pooled @ matrix)
+    uniform = create_sidenet("last", FeatureLayout(depth=4, width=64, num_tokens=25, num_prefix_tokens=0,
+                                                   num_classes=10, stages=(1, 2, 3, 4), token_selection="all",
+                                                   first_stage=1), 2, pool="mean", rank=4)
+    uniform.set_final_norm(None, None, 0.0)
+    uniform.load_state_dict(net.state_dict(), strict=False)
+    features = load_features(cache, "val200", net.stages_needed(), torch.device("cpu"))
+    batch = next(features.batches(8))[0]
+    torch.testing.assert_close(net(batch), uniform(torch.stack(by_hand, 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_last_and_losa_train_on_a_vit_relative_without_stage_0_starting_from_stage_1(folder, tmp_path):
+    from sidetune.engine import build_sidenet, train_group
+
+    sidetune.extract(local_model(tmp_path / "eva", *TINY_EVA), str(folder), tmp_path / "cache", pretrained=False, workers=0)
+    cache = sidetune.open_cache(tmp_path / "cache")
+    assert build_sidenet(cache, "last", {}, 1).stages_needed() == [1, 2]
     for method in ("last", "losa"):
-        with pytest.raises(sidetune.SidetuneError, match=f"Method {method} adds.*linear, ridge, attentive, head2toe"):
-            build_sidenet(sidetune.open_cache(convnext_digits), method, {"pool": "mean"}, 1)
+        [result] = train_group(cache, [sidetune.TrainConfig.create(method, epochs=2)],
+                               "train", "train", "cpu")
+        assert result.status == "ok" and result.top1 is not None
+
+
+def test_a_method_the_cache_cannot_serve_is_refused_naming_float_specs_and_the_methods_that_can(folder, tmp_path):
+    from sidetune.engine import build_sidenet
+
+    sidetune.extract("test_convnext", str(folder), tmp_path / "cache", spec="mean", pretrained=False, workers=0)
+    with pytest.raises(sidetune.SidetuneError,
+                       match=r"--spec default \(or cnn-grid7\), or train a method that reads this cache: linear, ridge, head2toe\."):
+        build_sidenet(sidetune.open_cache(tmp_path / "cache"), "last", {"pool": "mean"}, 1)
+
+
+def test_a_cnn_run_scores_its_live_test_split_and_predicts_the_logits_its_cache_gives(tmp_path, vtab_folder):
+    """A VTAB-style folder through a ConvNeXt: test left live, scored through the backbone at
+    the end of training, and `predict` on the test images matches the side network on a cached copy."""
+    from conftest import config
+    from sidetune.engine import TrainConfig, restore_sidenet
+    from sidetune.predict import predict
+    from sidetune.runs import open_run
+
+    options = {"spec": "cnn-grid7", "pretrained": False, "workers": 0}
+    sidetune.extract("test_convnext", str(vtab_folder), tmp_path / "live", **options)
+    run_dir, result = sidetune.train(tmp_path / "live", config("last", epochs=2, rank=4, pool="mean"), out=tmp_path / "run")
+    assert json.loads((run_dir / "metrics.json").read_text())["eval_split"] == "test" and result.top1 is not None
+    sidetune.extract("test_convnext", str(vtab_folder), tmp_path / "cached", splits=["test"], **options)
+    cached = torch.from_numpy(sidetune.open_cache(tmp_path / "cached").split("test").load())
+    run = open_run(run_dir)
+    net = restore_sidenet(run.cache_manifest, TrainConfig.from_record(run.config["config"]), run.state())
+    paths = [vtab_folder / line.split()[0] for line in (vtab_folder / "test.txt").read_text().splitlines()]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack([p.logits for p in predict(run_dir, paths)]), net(cached)[0].float(),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_stacked_side_networks_on_a_cnn_cache_train_as_they_do_alone(convnext_digits):
+    from conftest import config
+    from sidetune.engine import train_group
+
+    configs = [config("last", epochs=2, lr=lr, rank=4, pool="mean") for lr in (0.01, 0.003)]
+    cache = sidetune.open_cache(convnext_digits)
+    stacked = train_group(cache, configs, "train800", "val200", "cpu")
+    alone = [train_group(cache, [c], "train800", "val200", "cpu")[0] for c in configs]
+    for together, single in zip(stacked, alone):
+        assert together.top1 == single.top1
+        torch.testing.assert_close(together.state["head_weight"], single.state["head_weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_sweep_over_a_cnn_cache_runs_from_the_command_line(convnext_digits, tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--cache", str(convnext_digits), "--method", "losa", "--pool", "mean",
+                                      "--lr", "0.01,0.003", "--epochs", "2", "--protocol", "none", "--train-split",
+                                      "train800", "--eval-split", "val200", "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert [row["status"] for row in rows] == ["ok", "ok"]

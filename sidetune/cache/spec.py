@@ -149,9 +149,11 @@ def available_specs() -> list[str]:
     return sorted(path.stem for path in SPECS_DIR.glob("*.yaml"))
 
 
-def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], first: int = 0) -> list[str]:
+def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], first: int = 0,
+                  int8: bool = True) -> list[str]:
     """The shipped specs that keep `stages` (of a backbone with stages `first`..`depth`) with
-    tokens in `token_modes`, the fewest bytes per image first (pooling specs, made for CNNs, last)."""
+    tokens in `token_modes` (int8 ones only if `int8`: stages of one shape), the fewest bytes per
+    image first (pooling specs, made for CNNs, last)."""
     dtype_bytes = {"int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
     serving = []
     for name in available_specs():
@@ -160,7 +162,7 @@ def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], f
             kept = spec.resolve_stages(depth, first)
         except SidetuneError:  # a stage gap that does not divide this depth
             continue
-        if spec.tokens in token_modes and set(stages) <= set(kept):
+        if spec.tokens in token_modes and set(stages) <= set(kept) and (int8 or spec.dtype != "int8"):
             serving.append((spec.max_grid is not None, spec.tokens == "all", len(kept) * dtype_bytes[spec.dtype], name))
     return [name for *_, name in sorted(serving)]
 

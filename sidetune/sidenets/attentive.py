@@ -24,6 +24,7 @@ def small_normal(tensor: torch.Tensor, generator: torch.Generator) -> None:
 
 class AttentiveProbe(SideNet):
     name = "attentive"
+    norm_without_final_norm = True  # keys from unnormalised CNN features saturate the softmax
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", queries: int = 1, rank: int = 64,
                  heads: int = 1, full_width: bool = False):
@@ -43,9 +44,8 @@ class AttentiveProbe(SideNet):
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, D) last-stage tokens -> (K, B, queries · width): what the queries read."""
         x = self.stage_tokens(tokens)[-1].float()
-        # The backbone's final norm; without one (CNNs), a plain LayerNorm keeps the keys in range.
         x = torch.nn.functional.layer_norm(x, (x.shape[-1],), self.final_norm_weight, self.final_norm_bias,
-                                           self.final_norm_eps if self.final_norm_weight is not None else 1e-6)
+                                           self.final_norm_eps)
         k, (b, t, _), w, h = self.num_configs, x.shape, self.width, self.heads
         kv = shared_product(x, self.w_kv) + self.b_kv[:, None, None, :]  # (K, B, T, 2w)
         keys, values = (part.reshape(k * b, t, h, w // h).transpose(1, 2) for part in kv.split(w, -1))

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sidetune.cache.layout import unpack_stages
+from sidetune.cache.layout import StageShape, unpack_stages
 from sidetune.errors import SidetuneError
 
 # cuDNN's attention backward returned NaN and then faulted (illegal memory access) on r-wide heads
 # on an H100 (torch 2.11, cuDNN 9, head dim 16); flash, memory-efficient and math attention are
 # exact there, so cuDNN is left out.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+PLAIN_NORM_EPS = 1e-6
+STAGE_EMBEDDING_SEED = 1_000_000  # + the stage index: the fixed maps of stages onto one width
 POOLS = ("cls", "mean", "both")  # both: CLS and the mean of the patch tokens, concatenated (2D features)
 
 
@@ -38,8 +40,8 @@ class FeatureLayout:
     num_classes: int
     stages: tuple[int, ...]  # the stages the cache stores
     token_selection: str
-    # (tokens, width) of each stored stage, in `stages` order; empty: all (num_tokens, width)
-    stage_shapes: tuple[tuple[int, int], ...] = ()
+    # each stored stage's shape, in `stages` order; empty: all (num_tokens, width), as a ViT's
+    stage_shapes: tuple[StageShape, ...] = ()
     # the backbone's first stage: 0 for a ViT (the tokens entering block 1), 1 for a model read
     # through forward_intermediates (sidetune/backbones.py)
     first_stage: int = 0
@@ -48,7 +50,8 @@ class FeatureLayout:
         """(tokens, width) of a stored stage."""
         if not self.stage_shapes:
             return self.num_tokens, self.width
-        return self.stage_shapes[self.stages.index(stage)]
+        shape = self.stage_shapes[self.stages.index(stage)]
+        return shape.num_tokens, shape.width
 
     @property
     def uniform(self) -> bool:
@@ -83,6 +86,8 @@ class SideNet(nn.Module):
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
     default_lr: ClassVar[float] = 1e-3  # METHODS.md's AdamW default for side networks
     closed_form: ClassVar[bool] = False  # True: `fit` sets the parameters (no epochs)
+    # True: without a backbone final norm, a plain LayerNorm stands in for it (`set_final_norm`)
+    norm_without_final_norm: ClassVar[bool] = False
     # What `sidetune sweep` tries when given no values (docs/methods.md says where each comes from).
     default_grid: ClassVar[dict[str, list]] = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3]}
 
@@ -127,7 +132,11 @@ class SideNet(nn.Module):
                     self.initialisers[name](parameter[k], param_generator(seed, name))
 
     def set_final_norm(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
-        """The backbone's frozen final LayerNorm, read from the cache (identity if absent)."""
+        """The backbone's frozen final LayerNorm, read from the cache. Where the backbone has
+        none (ConvNeXt, EfficientNet, ResNet), networks that read tokens through it
+        (`norm_without_final_norm`) get a LayerNorm without affine parameters; the others none."""
+        if weight is None and self.norm_without_final_norm:
+            weight, bias, eps = torch.ones(self.layout.width), torch.zeros(self.layout.width), PLAIN_NORM_EPS
         self.register_buffer("final_norm_weight", weight)
         self.register_buffer("final_norm_bias", bias)
         self.final_norm_eps = eps
@@ -135,6 +144,42 @@ class SideNet(nn.Module):
     def stage_tokens(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """A batch of the stages `stages_needed` names -> their (B, T_s, D_s) tokens, in order."""
         return unpack_stages(tokens, [self.layout.shape(stage) for stage in self.stages_needed()])
+
+    def build_stage_embeddings(self) -> None:
+        """For side networks that add stages together (LAST, LoSA) on a cache whose stages differ
+        in shape: a fixed matrix per stage that maps its width onto the last stage's, with
+        orthonormal columns (an exact isometry where the stage is narrower), drawn from a seeded
+        generator and shared by every configuration (`uniform_stages` applies them)."""
+        if self.layout.uniform:
+            return
+        shapes = [self.layout.stage_shapes[self.layout.stages.index(s)] for s in self.stages_needed()]
+        if len({shape.num_prefix_tokens for shape in shapes}) > 1:
+            raise SidetuneError(f"Method {self.name} needs one number of prefix tokens in every stage it reads; this "
+                                f"cache's stages have {sorted({s.num_prefix_tokens for s in shapes})}.")
+        target = self.layout.width
+        for shape in shapes:
+            generator = torch.Generator().manual_seed(STAGE_EMBEDDING_SEED + shape.stage)
+            gaussian = torch.randn(max(shape.width, target), min(shape.width, target), generator=generator)
+            q = torch.linalg.qr(gaussian).Q  # orthonormal columns
+            matrix = q.T if shape.width < target else q  # (D_s, D)
+            self.register_buffer(f"stage_embedding_{shape.stage}", matrix if shape.width != target else None)
+
+    def uniform_stages(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The batch as (B, S, T, D) tokens of the last needed stage's grid and width: as it is
+        when the stages share a shape; otherwise each stage's grid average-pooled (or, when
+        smaller, bilinearly resized) to the last stage's grid, its prefix tokens kept, and its
+        channels mapped by its stage embedding."""
+        if tokens.dim() == 4:
+            return tokens
+        stages = self.stages_needed()
+        last = self.layout.stage_shapes[self.layout.stages.index(stages[-1])]
+        outputs = []
+        for stage, x in zip(stages, self.stage_tokens(tokens)):
+            shape = self.layout.stage_shapes[self.layout.stages.index(stage)]
+            x = resample_grid(x.float(), shape.num_prefix_tokens, shape.grid, last.grid)
+            matrix = getattr(self, f"stage_embedding_{stage}")
+            outputs.append(x if matrix is None else x @ matrix)
+        return torch.stack(outputs, 1)
 
     # --- to implement: stages_needed, and represent or pooled_features --------------------
     def stages_needed(self) -> list[int]:
@@ -222,21 +267,18 @@ class SideNet(nn.Module):
         return sum(p[0].numel() for p in self.parameters())
 
 
-# Methods that read pooled features or the last stage alone: any cache, whatever its stages' shapes.
-ANY_STAGE_SHAPES = ("linear", "ridge", "attentive", "head2toe")
-
-
-def refuse_mixed_widths(method: str, layout: FeatureLayout) -> None:
-    """Side networks that add stage outputs together need every stage in one (tokens, width)."""
-    if layout.uniform:
-        return
-    shapes = ", ".join(f"stage {stage}: {t} x {d}" for stage, (t, d) in zip(layout.stages, layout.stage_shapes))
-    raise SidetuneError(
-        f"Method {method} adds the stored stages' tokens together, so it needs every stage to have the same "
-        f"number of tokens and width; this cache's stages differ ({shapes}), as a hierarchical backbone's do "
-        f"(Swin, ConvNeXt, EfficientNet, ResNet). Train one of {', '.join(ANY_STAGE_SHAPES)} on it, or extract a "
-        "ViT-style backbone for this method."
-    )
+def resample_grid(x: torch.Tensor, prefix: int, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """(B, P + h*w, D) tokens on an h x w grid -> (B, P + H*W, D) on the target grid: average
+    pooling where the grid is at least as large in both directions, bilinear resizing otherwise."""
+    if tuple(grid) == tuple(target):
+        return x
+    b, _, d = x.shape
+    patches = x[:, prefix:].transpose(1, 2).reshape(b, d, *grid)
+    if grid[0] >= target[0] and grid[1] >= target[1]:
+        patches = F.adaptive_avg_pool2d(patches, target)
+    else:
+        patches = F.interpolate(patches, size=tuple(target), mode="bilinear", align_corners=False)
+    return torch.cat([x[:, :prefix], patches.flatten(2).transpose(1, 2)], dim=1)
 
 
 def layer_norm_stacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

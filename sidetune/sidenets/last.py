@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, ones, refuse_mixed_widths, shared_product,
+from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, ones, shared_product,
                                     uniform_fan_in, zeros)
 
 LN_EPS = 1e-6
@@ -32,19 +32,20 @@ LN_EPS = 1e-6
 
 class LAST(SideNet):
     name = "last"
+    norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", rank: int = 16,
                  gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True,
                  standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
-        refuse_mixed_widths(self.name, layout)
         if layout.depth % gap:
             raise SidetuneError(f"LAST gap {gap} must divide the backbone depth {layout.depth}; choose a divisor.")
         if rank % heads:
             raise SidetuneError(f"LAST heads ({heads}) must divide the rank ({rank}).")
         self.rank, self.gap, self.depth, self.heads = rank, gap, depth, heads
         self.groups = len(self.stages_needed()) - 1
+        self.build_stage_embeddings()
         d = layout.width
         for i in range(self.groups):
             for j in range(depth):
@@ -61,6 +62,7 @@ class LAST(SideNet):
         return [stage for stage in range(0, self.layout.depth + 1, self.gap) if stage >= self.layout.first_stage]
 
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.uniform_stages(tokens)
         prefix_sum = tokens[:, 0].float()
         attended: list[torch.Tensor] = []  # a_j, (K, B, T, r) each
         outputs: list[torch.Tensor] = []  # W_o,j, (K, r, D) each

@@ -7,18 +7,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sidetune.sidenets.base import (FeatureLayout, SideNet, layer_norm_stacked, ones, refuse_mixed_widths, uniform_fan_in,
+from sidetune.sidenets.base import (FeatureLayout, SideNet, layer_norm_stacked, ones, uniform_fan_in,
                                     zeros)
 
 
 class LoSA(SideNet):
     name = "losa"
+    norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls",
                  token_rank: int = 16, channel_rank: int = 16, standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
-        refuse_mixed_widths(self.name, layout)
         self.token_rank, self.channel_rank = token_rank, channel_rank
+        self.build_stage_embeddings()
         d, t = layout.width, layout.num_tokens
         for layer in range(1, layout.depth + 1):
             prefix = f"mixer{layer}"
@@ -38,6 +39,7 @@ class LoSA(SideNet):
         return list(range(1, self.layout.depth + 1))
 
     def represent(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.uniform_stages(tokens)
         k = self.num_configs
         h = torch.zeros(k, *tokens[:, 0].shape, device=tokens.device)  # float32: the stored 16-bit tokens add into it
         for layer in range(1, self.layout.depth + 1):

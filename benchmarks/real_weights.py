@@ -1,0 +1,66 @@
+"""Real pretrained weights on real images: EfficientNet-Lite0's ImageNet weights against random
+weights of the same architecture, on Fashion-MNIST in a VTAB-1k-style split, every method, each
+by the VTAB-1k protocol of `sidetune sweep` (its default grid selected on
+val200, refit on train800val200, top-1 on a fixed 1,000-image test sample).
+
+    python benchmarks/real_weights.py [--epochs 20] [--test-images 1000] [--out FILE]
+
+Needs what tests/test_real_weights.py needs (`pip install -e '.[test]'`,
+`apt-get install dataset-fashion-mnist`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import WORK, machine, write_result
+
+import sidetune
+from sidetune.sweep import default_grid, expand_grid
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from real_data import TIMM_NAME, convert_lite0_weights, fashion_mnist_folder  # noqa: E402
+
+SPEC = "stages: all\ntokens: all\nmax_grid: 3\ndtype: float16\n"
+METHODS = {"linear": {"pool": "mean"}, "ridge": {"pool": "mean"}, "head2toe": {"pool": "mean"}, "attentive": {},
+           "last": {"pool": "mean"}, "losa": {"pool": "mean"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    root = WORK / "real-weights"
+    root.mkdir(parents=True, exist_ok=True)
+    weights = convert_lite0_weights(root / "lite0.safetensors")
+    folder = fashion_mnist_folder(root / f"fashion-{args.test_images}", test_images=args.test_images)
+    (root / "spec.yaml").write_text(SPEC)
+    rows = []
+    for name, source in (("pretrained", {"weights": weights}), ("random", {"pretrained": False})):
+        cache = root / f"cache-{name}-{args.test_images}"
+        started = time.perf_counter()
+        sidetune.extract(TIMM_NAME, str(folder), cache, spec=str(root / "spec.yaml"), preprocess="inception",
+                         splits=["train800", "val200", "train800val200", "test"], device="cpu", overwrite=True, **source)
+        extract_seconds = time.perf_counter() - started
+        for method, options in METHODS.items():
+            grid = {key: values for key, values in default_grid(method).items()}
+            fixed = {**options} if method == "ridge" else {**options, "epochs": args.epochs}
+            configs = expand_grid(method, grid, fixed)
+            started = time.perf_counter()
+            report = sidetune.sweep(cache, configs, out=root / f"sweep-{name}-{method}", protocol="vtab", device="cpu")
+            rows.append({"weights": name, "method": method, "top1": round(report.best.top1, 2),
+                         "configurations": len(configs), "seconds": round(time.perf_counter() - started, 1),
+                         "extract_seconds": round(extract_seconds, 1)})
+            print(rows[-1], flush=True)
+    write_result("real_weights", {"model": TIMM_NAME, "dataset": "fashion-mnist (Debian)", "epochs": args.epochs,
+                                  "test_images": args.test_images, "machine": machine(torch.device("cpu")),
+                                  "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
