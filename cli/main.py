@@ -141,7 +141,7 @@ def show_info(path: str | Path) -> None:
 @app.command()
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
-    method: str = typer.Option("last", help="Side network: last, losa, linear, ridge (closed form: --wd is its L2 strength), attentive or head2toe."),
+    method: str = typer.Option("last", help="Side network: last, losa, linear, ridge (closed form: --wd is its L2 strength), attentive, head2toe or restuning (Res-Tuning-Bypass)."),
     rank: Optional[int] = typer.Option(None, min=1, help="LAST: attention rank r (default 16)."),
     gap: Optional[int] = typer.Option(None, min=1, help="LAST: read every g-th stage (default 1)."),
     depth: Optional[int] = typer.Option(None, min=1, help="LAST: attention modules per group (default 1)."),
@@ -154,6 +154,7 @@ def train(
     full_width: Optional[bool] = typer.Option(None, "--full-width/--no-full-width", help="attentive: keys and values of the backbone's width instead of --rank."),
     group_lasso: Optional[float] = typer.Option(None, min=0, help="head2toe: per-stage group-lasso strength (default 0)."),
     top_stages: Optional[int] = typer.Option(None, min=0, help="head2toe: keep only the k stages that separate the classes best (default 0: all)."),
+    bottleneck: Optional[int] = typer.Option(None, min=1, help="restuning: the adapters' bottleneck width (default 32)."),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="Standardise pooled features with training-split statistics (linear: on; others: off)."),
     epochs: int = typer.Option(100, min=1, help="Training epochs."),
@@ -163,7 +164,9 @@ def train(
     batch_size: int = typer.Option(64, min=1, help="Images per step."),
     label_smoothing: float = typer.Option(0.0, min=0, max=1, help="Label smoothing."),
     seed: int = typer.Option(0, help="Initialisation seed."),
-    data_seed: int = typer.Option(0, help="Batch-order seed."),
+    data_seed: int = typer.Option(0, help="Batch-order seed (and augmentation draws)."),
+    augment: str = typer.Option("none", help="Feature-space augmentation of training batches: none, or frofa-brightness (c²FroFA: per-channel brightness on min-max-mapped patch tokens; docs/methods.md)."),
+    augment_magnitude: float = typer.Option(0.5, help="frofa-brightness: factors 1 + v, v uniform in [-m, m]."),
     train_split: Optional[str] = typer.Option(None, help="Default: train800val200 when the cache has it, else train."),
     eval_split: Optional[str] = typer.Option(None, help="Default: test."),
     eval_every: int = typer.Option(0, min=0, help="Also evaluate every N epochs and keep the best state (best.safetensors)."),
@@ -184,10 +187,11 @@ def train(
 
     given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "token_rank": token_rank,
              "channel_rank": channel_rank, "pool": pool, "standardize": standardize, "targets": targets,
-             "queries": queries, "full_width": full_width, "group_lasso": group_lasso, "top_stages": top_stages}
+             "queries": queries, "full_width": full_width, "group_lasso": group_lasso, "top_stages": top_stages,
+             "bottleneck": bottleneck}
     options = {name: value for name, value in given.items() if value is not None}
     fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
-                  seed=seed, data_seed=data_seed)
+                  seed=seed, data_seed=data_seed, augment=augment, augment_magnitude=augment_magnitude)
     fields.update({name: value for name, value in (("lr", lr), ("warmup_epochs", warmup_epochs)) if value is not None})
     config = TrainConfig.create(method, options, **fields)
     budget = None if memory_budget is None else int(memory_budget * 2**30)
@@ -298,7 +302,7 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
-    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), attentive or head2toe."),
+    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), attentive, head2toe or restuning."),
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
     wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),
@@ -311,9 +315,12 @@ def sweep(
     queries: Optional[str] = typer.Option(None, help="attentive: numbers of learned queries, comma-separated."),
     group_lasso: Optional[str] = typer.Option(None, help="head2toe: group-lasso strengths, comma-separated."),
     top_stages: Optional[str] = typer.Option(None, help="head2toe: numbers of stages kept, comma-separated."),
+    bottleneck: Optional[str] = typer.Option(None, help="restuning: adapter bottleneck widths, comma-separated."),
     pool: Optional[str] = typer.Option(None, help="Poolings (cls, mean), comma-separated."),
     seed: Optional[str] = typer.Option(None, help="Initialisation seeds, comma-separated."),
     label_smoothing: Optional[str] = typer.Option(None, help="Label smoothings, comma-separated."),
+    augment: Optional[str] = typer.Option(None, help="Feature-space augmentations (none, frofa-brightness), comma-separated."),
+    augment_magnitude: Optional[str] = typer.Option(None, help="frofa-brightness magnitudes (default 0.5), comma-separated."),
     epochs: Optional[str] = typer.Option(None, help="Epochs (default 100), comma-separated."),
     warmup_epochs: Optional[str] = typer.Option(None, help="Warmup epochs (default: a tenth of the epochs)."),
     batch_size: Optional[str] = typer.Option(None, help="Batch sizes (default 64), comma-separated."),
@@ -345,8 +352,9 @@ def sweep(
     method = method or file_method or "last"
     listed = {"lr": lr, "weight_decay": wd, "rank": rank, "gap": gap, "depth": depth, "heads": heads,
               "token_rank": token_rank, "channel_rank": channel_rank, "queries": queries, "group_lasso": group_lasso,
-              "top_stages": top_stages, "pool": pool, "seed": seed,
-              "label_smoothing": label_smoothing, "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
+              "top_stages": top_stages, "bottleneck": bottleneck, "pool": pool, "seed": seed,
+              "label_smoothing": label_smoothing, "augment": augment, "augment_magnitude": augment_magnitude,
+              "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     for name, text in listed.items():
         if text is not None:
             values[name] = [_number(part) for part in _split_list(text)]
@@ -488,8 +496,8 @@ def demo(
             batch_size=64, workers=None, limit=None, overwrite=False, dry_run=False)
     train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
           pool=None, standardize=None, targets=None, queries=None, full_width=None, group_lasso=None, top_stages=None,
-          epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
-          label_smoothing=0.0, seed=0, data_seed=0, train_split=None, eval_split=None, eval_every=0, out=run,
+          bottleneck=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
+          label_smoothing=0.0, seed=0, data_seed=0, augment="none", augment_magnitude=0.5, train_split=None, eval_split=None, eval_every=0, out=run,
           device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
           overwrite=True)
 

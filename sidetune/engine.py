@@ -20,6 +20,7 @@ import torch
 
 from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
 from sidetune.cache.reader import Cache
+from sidetune.augment import BrightnessAugmentation, augmentation_generator, check_augmentation
 from sidetune.cache.layout import TokenLayout
 from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError
@@ -41,7 +42,9 @@ class TrainConfig:
     epochs: int = 100
     warmup_epochs: int = 10
     batch_size: int = 64
-    data_seed: int = 0  # batch order; shared by a stacked group
+    data_seed: int = 0  # batch order (and augmentation draws); shared by a stacked group
+    augment: str = "none"  # feature-space augmentation of training batches (sidetune/augment.py)
+    augment_magnitude: float = 0.5
 
     @classmethod
     def create(cls, method: str, options: dict | None = None, **fields) -> "TrainConfig":
@@ -55,10 +58,12 @@ class TrainConfig:
         if fields["warmup_epochs"] > epochs:
             raise SidetuneError(f"Warmup ({fields['warmup_epochs']} epochs) is longer than training "
                                 f"({epochs} epochs); lower --warmup-epochs.")
+        check_augmentation(fields.get("augment", cls.augment), fields.get("augment_magnitude", cls.augment_magnitude))
         return cls(method=method, options=options, **fields)
 
     def group_key(self) -> tuple:
-        return (self.method, self.options, self.epochs, self.warmup_epochs, self.batch_size, self.data_seed)
+        return (self.method, self.options, self.epochs, self.warmup_epochs, self.batch_size, self.data_seed,
+                self.augment, self.augment_magnitude)
 
     def describe(self) -> dict:
         record = asdict(self)
@@ -278,6 +283,11 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     eval_data = None
     if net.standardize:
         net.fit_standardizer(train_data.batches(256))
+    augmentation = None
+    if first.augment != "none" and first.augment_magnitude > 0:
+        shapes = [net.layout.shape(stage) for stage in stages]
+        augmentation = BrightnessAugmentation.fit(train_data.batches(256), shapes, net.layout.num_prefix_tokens,
+                                                  first.augment_magnitude)
 
     k = len(configs)
     fingerprint = [c.describe() for c in configs]
@@ -302,8 +312,11 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         number = epoch * steps_per_epoch
         step.start_epoch()
         shuffle = torch.Generator().manual_seed(first.data_seed * 100_003 + epoch)
+        draws = augmentation_generator(first.data_seed, epoch, device) if augmentation else None
         net.train()
         for tokens, labels in train_data.batches(first.batch_size, shuffle, out=step.inputs):
+            if augmentation is not None:
+                tokens = augmentation(tokens, draws)
             step(tokens, labels, number + 1, lr_multiplier(number, total_steps, warmup_steps))
             number += 1
         totals = step.epoch_totals()  # the epoch's one wait for the device

@@ -42,11 +42,11 @@ from sidetune.train import default_splits
 
 StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,
-               "warmup_epochs": int, "batch_size": int, "data_seed": int}
+               "warmup_epochs": int, "batch_size": int, "data_seed": int, "augment": str, "augment_magnitude": float}
 # The smallest value each numeric setting takes (lr must be above it); method options that are
 # integers (ranks, heads, gap, depth) must be at least 1.
 LOWEST = {"lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "epochs": 1, "warmup_epochs": 0, "batch_size": 1,
-          "top_stages": 0, "group_lasso": 0.0}
+          "top_stages": 0, "group_lasso": 0.0, "augment_magnitude": 0.0}
 FLAGS = {"weight_decay": "wd"}
 
 
@@ -442,6 +442,8 @@ def train_command(cache_path: str | Path, config: TrainConfig) -> str:
     flags = {"method": config.method, "epochs": config.epochs, "lr": config.lr, "wd": config.weight_decay,
              "warmup-epochs": config.warmup_epochs, "batch-size": config.batch_size,
              "label-smoothing": config.label_smoothing, "seed": config.seed, "data-seed": config.data_seed}
+    if config.augment != "none":
+        flags.update({"augment": config.augment, "augment-magnitude": config.augment_magnitude})
     parts = ["sidetune", "train", "--cache", str(cache_path)]
     parts += [f"--{name} {value}" for name, value in flags.items()]
     for name, value in config.options:
