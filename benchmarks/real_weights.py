@@ -1,7 +1,9 @@
 """Real pretrained weights on real images: EfficientNet-Lite0's ImageNet weights against random
-weights of the same architecture, on Fashion-MNIST in a VTAB-1k-style split, every method, each
-by the VTAB-1k protocol of `sidetune sweep` (its default grid selected on
-val200, refit on train800val200, top-1 on a fixed 1,000-image test sample).
+weights of the same architecture, on Fashion-MNIST in a VTAB-1k-style split: every method (and
+linear and LAST with c²FroFA feature augmentation), each by the VTAB-1k protocol of `sidetune
+sweep`: its default grid (restuning: two learning rates; with c²FroFA also magnitudes 0.25 and
+0.5, LAST at rank 16) selected on val200, refit on train800val200, top-1 on a fixed 1,000-image
+test sample.
 
     python benchmarks/real_weights.py [--epochs 20] [--test-images 1000] [--out FILE]
 
@@ -25,8 +27,16 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from real_data import TIMM_NAME, convert_lite0_weights, fashion_mnist_folder  # noqa: E402
 
 SPEC = "stages: all\ntokens: all\nmax_grid: 3\ndtype: float16\n"
-METHODS = {"linear": {"pool": "mean"}, "ridge": {"pool": "mean"}, "head2toe": {"pool": "mean"}, "attentive": {},
-           "last": {"pool": "mean"}, "losa": {"pool": "mean"}}
+# (row, method, fixed settings, grid replacing or extending the method's default grid)
+AUGMENTED = {"augment": "frofa-brightness"}
+MAGNITUDES = {"augment_magnitude": [0.25, 0.5]}
+METHODS = [("linear", "linear", {"pool": "mean"}, {}), ("ridge", "ridge", {"pool": "mean"}, {}),
+           ("head2toe", "head2toe", {"pool": "mean"}, {}), ("attentive", "attentive", {}, {}),
+           ("last", "last", {"pool": "mean"}, {}), ("losa", "losa", {"pool": "mean"}, {}),
+           ("restuning", "restuning", {"pool": "mean", "bottleneck": 32, "weight_decay": 1e-4},
+            {"lr": [1e-3, 3e-3], "weight_decay": [1e-4], "bottleneck": [32]}),
+           ("linear + c2FroFA", "linear", {"pool": "mean", **AUGMENTED}, MAGNITUDES),
+           ("last + c2FroFA", "last", {"pool": "mean", "rank": 16, **AUGMENTED}, {"rank": [16], **MAGNITUDES})]
 
 
 def main() -> None:
@@ -47,13 +57,15 @@ def main() -> None:
         sidetune.extract(TIMM_NAME, str(folder), cache, spec=str(root / "spec.yaml"), preprocess="inception",
                          splits=["train800", "val200", "train800val200", "test"], device="cpu", overwrite=True, **source)
         extract_seconds = time.perf_counter() - started
-        for method, options in METHODS.items():
-            grid = {key: values for key, values in default_grid(method).items()}
-            fixed = {**options} if method == "ridge" else {**options, "epochs": args.epochs}
+        for label, method, options, extra in METHODS:
+            grid = {**default_grid(method), **extra}
+            fixed = {key: value for key, value in options.items() if key not in grid}
+            fixed = fixed if method == "ridge" else {**fixed, "epochs": args.epochs}
             configs = expand_grid(method, grid, fixed)
             started = time.perf_counter()
-            report = sidetune.sweep(cache, configs, out=root / f"sweep-{name}-{method}", protocol="vtab", device="cpu")
-            rows.append({"weights": name, "method": method, "top1": round(report.best.top1, 2),
+            folder = root / f"sweep-{name}-{label.replace(' + ', '-')}"
+            report = sidetune.sweep(cache, configs, out=folder, protocol="vtab", device="cpu")
+            rows.append({"weights": name, "method": label, "top1": round(report.best.top1, 2),
                          "configurations": len(configs), "seconds": round(time.perf_counter() - started, 1),
                          "extract_seconds": round(extract_seconds, 1)})
             print(rows[-1], flush=True)

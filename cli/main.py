@@ -113,16 +113,22 @@ def show_info(path: str | Path) -> None:
     backbone, pre, layout, data = manifest["backbone"], manifest["preprocessing"], manifest["layout"], manifest["dataset"]
     name = f"{backbone['alias']} ({backbone['timm_name']})" if backbone["alias"] else backbone["timm_name"]
     console.print(f"[bold]{path}[/]  format v{manifest['format_version']}, created {manifest['created']}")
-    console.print(f"backbone       {name}, {backbone['depth']} blocks, width {backbone['width']}, weights {backbone['weights_source']} sha256 {backbone['weights_sha256'][:12]}")
+    console.print(f"backbone       {name}, {backbone['depth']} {'blocks' if backbone.get('path', 'vit') == 'vit' else 'stages'}, width {backbone['width']}, weights {backbone['weights_source']} sha256 {backbone['weights_sha256'][:12]}")
     console.print(f"preprocessing  {pre['name']}: {pre['size'][0]}x{pre['size'][1]} {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}"
                   + (f", crop_pct {pre['crop_pct']}" if pre.get("crop_pct") else ""))
     console.print(f"dataset        {data['name']} ({data['source']}), {data['num_classes']} classes"
                   + (f", VTAB-1k {data['vtab_group']}" if data.get("vtab_group") else ""))
-    console.print(f"layout         stages {layout['stages']}, {layout['num_tokens']} tokens ({layout['token_selection']}), "
+    shapes = cache.token_layout
+    if shapes.uniform:
+        tokens = f"{layout['num_tokens']} tokens x {layout['width']}"
+    else:  # stages of different shapes (a CNN, a Swin): each stage's tokens x width
+        tokens = ", ".join(f"{s.stage}: {s.num_tokens} x {s.width}" for s in shapes.shapes)
+    console.print(f"layout         stages {layout['stages']}, {tokens} ({layout['token_selection']}), "
                   f"{manifest['spec']['dtype']}, spec '{manifest['spec']['name']}', compute {manifest['compute']['precision']}")
     for note in data.get("notes", []):
         console.print(f"[yellow]note[/]           {note}")
-    table = Table("split", "images", "kept as", "shape (N, S, T, D)", "on disk", "shards", "max |x|", "state")
+    axes = "(N, S, T, D)" if shapes.uniform else "(N, E)"
+    table = Table("split", "images", "kept as", f"shape {axes}", "on disk", "shards", "max |x|", "state")
     for split in cache.splits.values():
         state = "[green]complete" if split.complete else "[yellow]incomplete"
         if split.kind == "stored":

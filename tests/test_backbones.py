@@ -297,3 +297,13 @@ def test_a_sweep_over_a_cnn_cache_runs_from_the_command_line(convnext_digits, tm
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
     assert [row["status"] for row in rows] == ["ok", "ok"]
+
+
+def test_a_cnn_split_streamed_by_shard_gives_the_resident_batches(convnext_digits):
+    from sidetune.cache.loader import StreamedFeatures, load_features
+
+    cache = sidetune.open_cache(convnext_digits)
+    streamed = load_features(cache, "train800", [3, 4], torch.device("cpu"), budget_bytes=50_000)
+    resident = load_features(cache, "train800", [3, 4], torch.device("cpu"))
+    assert isinstance(streamed, StreamedFeatures) and streamed.sample_shape == (49 * 48 + 25 * 64,)
+    assert torch.equal(torch.cat([t for t, _ in streamed.batches(32)]), torch.cat([t for t, _ in resident.batches(32)]))
