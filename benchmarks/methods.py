@@ -1,5 +1,6 @@
 """Every method side by side on one cache: top-1 and seconds of linear, ridge, attentive,
-head2toe, LAST and LoSA, on digits and on a generated VTAB-style task.
+head2toe, LAST, LoSA, restuning and LAST with c²FroFA augmentation, on digits and on a
+generated VTAB-style task.
 
     python benchmarks/methods.py [--epochs 20] [--out FILE]
 
@@ -25,7 +26,9 @@ from sidetune.engine import train_group
 from sidetune.sweep import default_grid, expand_grid
 
 METHODS = [("linear", {}, {}), ("ridge", {}, None), ("attentive", {"lr": 1e-2}, {}), ("head2toe", {}, {}),
-           ("last", {"lr": 3e-3}, {"rank": 8}), ("losa", {"lr": 3e-3}, {"token_rank": 8, "channel_rank": 8})]
+           ("last", {"lr": 3e-3}, {"rank": 8}), ("losa", {"lr": 3e-3}, {"token_rank": 8, "channel_rank": 8}),
+           ("restuning", {"lr": 3e-3}, {"bottleneck": 8}),
+           ("last", {"lr": 3e-3, "augment": "frofa-brightness", "augment_magnitude": 0.5}, {"rank": 8})]
 
 
 def main() -> None:
@@ -48,7 +51,8 @@ def main() -> None:
             started = time.perf_counter()
             results = train_group(cache, configs, "train800", "val200", "cpu", loaded=loaded)
             best = max(results, key=lambda r: r.top1 if r.top1 is not None else -1.0)
-            rows.append({"task": task, "method": method, "top1": round(best.top1, 2), "seconds": round(time.perf_counter() - started, 2),
+            label = method + (" + c2FroFA" if fields.get("augment", "none") != "none" else "")
+            rows.append({"task": task, "method": label, "top1": round(best.top1, 2), "seconds": round(time.perf_counter() - started, 2),
                          "params": best.params, "epochs": 0 if options is None else args.epochs,
                          "configurations": len(configs)})
             print(rows[-1], flush=True)

@@ -63,8 +63,8 @@ def main() -> None:
             fixed = fixed if method == "ridge" else {**fixed, "epochs": args.epochs}
             configs = expand_grid(method, grid, fixed)
             started = time.perf_counter()
-            folder = root / f"sweep-{name}-{label.replace(' + ', '-')}"
-            report = sidetune.sweep(cache, configs, out=folder, protocol="vtab", device="cpu")
+            sweep_out = root / f"sweep-{name}-{label.replace(' + ', '-')}"
+            report = sidetune.sweep(cache, configs, out=sweep_out, protocol="vtab", device="cpu")
             rows.append({"weights": name, "method": label, "top1": round(report.best.top1, 2),
                          "configurations": len(configs), "seconds": round(time.perf_counter() - started, 1),
                          "extract_seconds": round(extract_seconds, 1)})

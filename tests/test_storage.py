@@ -164,3 +164,11 @@ def test_a_format_1_cache_is_still_read_and_trains(tmp_path):
     assert cache.manifest["format_version"] == 1 and cache.split("val200").kind == "stored"
     [result] = train_group(cache, [config("linear", epochs=2)], "train800", "val200", device_under_test())
     assert result.status == "ok"
+
+
+def test_a_spec_without_the_newer_options_records_itself_as_caches_written_before_them():
+    from sidetune.cache.spec import load_spec
+
+    assert set(load_spec("default").describe()) == {"name", "stages", "tokens", "dtype", "scale", "chunk_images",
+                                                    "shard_images", "compressor", "description"}
+    assert load_spec("cnn-grid7").describe()["max_grid"] == 7

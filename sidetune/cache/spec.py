@@ -130,9 +130,13 @@ class CacheSpec:
         return Codec(self.dtype, self.scale)
 
     def describe(self) -> dict:
+        """The manifest's record (an identity field): fields added since format 2 appear only
+        when set, so a cache written before them resumes under the same spec."""
         record = asdict(self)
         if isinstance(self.stages, tuple):
             record["stages"] = list(self.stages)
+        if record["max_grid"] is None:
+            del record["max_grid"]
         return record
 
 
