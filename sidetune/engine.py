@@ -18,10 +18,10 @@ from typing import Callable
 
 import torch
 
-from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
-from sidetune.cache.reader import Cache
 from sidetune.augment import BrightnessAugmentation, augmentation_generator, check_augmentation
 from sidetune.cache.layout import TokenLayout
+from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
+from sidetune.cache.reader import Cache
 from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError
 from sidetune.optim import StackedAdamW
@@ -506,8 +506,14 @@ class StackedStep:
         return graph
 
 
+def _configs(records: list[dict]) -> list[TrainConfig]:
+    """Configurations from their descriptions; fields added since a record was written take
+    their defaults, so a checkpoint from before them still resumes."""
+    return [TrainConfig.from_record(record) for record in records]
+
+
 def _restore(net: SideNet, optimizer: StackedAdamW, fresh: GroupState, saved: GroupState) -> GroupState:
-    if saved.fingerprint != fresh.fingerprint:
+    if _configs(saved.fingerprint) != _configs(fresh.fingerprint):
         raise SidetuneError("The checkpoint was written for other configurations than these; "
                             "start a new run directory (or pass the same settings to resume).")
     with torch.no_grad():

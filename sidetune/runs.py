@@ -101,7 +101,12 @@ def prepare_run_dir(out: Path, config_record: dict, overwrite: bool) -> bool:
 
 
 def _comparable(record: dict) -> str:
-    return json.dumps({k: v for k, v in record.items() if k not in ("created", "device")}, sort_keys=True, default=_jsonable)
+    from sidetune.engine import TrainConfig  # lazily: the engine is the heavier module
+
+    fields = {k: v for k, v in record.items() if k not in ("created", "device")}
+    if "config" in fields:  # a config written before a field existed has that field at its default
+        fields["config"] = TrainConfig.from_record(fields["config"]).describe()
+    return json.dumps(fields, sort_keys=True, default=_jsonable)
 
 
 @dataclass

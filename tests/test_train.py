@@ -116,3 +116,29 @@ def test_a_run_logged_to_tensorboard_holds_its_epochs_and_final_top1(digits_cach
     events.Reload()
     assert [round(e.value, 4) for e in events.Scalars("loss")] == [round(row["loss"], 4) for row in result.history]
     assert events.Scalars("hparam/top1")[0].value == pytest.approx(result.top1)
+
+
+def test_a_run_interrupted_before_the_augmentation_settings_existed_still_resumes(digits_cache, tmp_path):
+    from sidetune.runs import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint, save_checkpoint
+
+    settings = config("linear", epochs=3)
+
+    def stop_after_one(stats):
+        if stats.epoch == 1:
+            raise KeyboardInterrupt
+
+    def older(record):
+        return {k: v for k, v in record.items() if not k.startswith("augment")}
+
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
+              on_epoch=stop_after_one, checkpoint_seconds=0)
+    record = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps({**record, "config": older(record["config"])}))
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)
+    state.fingerprint = [older(f) for f in state.fingerprint]
+    save_checkpoint(tmp_path / "run" / CHECKPOINT_FILE, state)
+    epochs_seen = []
+    train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
+          on_epoch=lambda stats: epochs_seen.append(stats.epoch))
+    assert epochs_seen == [2, 3]
