@@ -50,8 +50,9 @@ class Head2Toe(SideNet):
         return torch.cat(self.stage_features(tokens), -1).unsqueeze(0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        widths = torch.tensor(self.stage_widths, device=self.stage_mask.device)
-        mask = self.stage_mask.repeat_interleave(widths, output_size=sum(self.stage_widths))
+        # each stage's mask entry over its features, from views of the buffer: no host-to-device
+        # copy inside a step (a CUDA graph cannot capture one)
+        mask = torch.cat([self.stage_mask[s:s + 1].expand(width) for s, width in enumerate(self.stage_widths)])
         x = (self.pooled_features(tokens) - self.feature_mean) / self.feature_scale * mask
         return torch.matmul(x, self.head_weight) + self.head_bias[:, None, :]
 
