@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: generated image folders, child processes that report
-their own peak memory, machine descriptions and JSON results.
+"""What the benchmark scripts share: generated image folders and the random-test_vit task
+caches built from them, child processes that report their own peak memory, machine
+descriptions and JSON results.
 
 Each measured case runs in a fresh child process (`python SCRIPT --child CASE ...`) so its peak
 memory (RSS on CPU, max allocated on GPU) is its own; the parent compares the children of one
@@ -42,6 +43,32 @@ def generated_images(folder: Path, count: int, classes: int = 4, size: int = 224
     marker.touch()
     return folder
 
+
+
+def vtab_style_folder(folder: Path) -> Path:
+    """A VTAB-style folder of 1200 generated 64x64 images, 4 classes: list files for train800,
+    val200, train800val200 and a 200-image test split."""
+    images = generated_images(folder / "images", 1200, classes=4, size=64)
+    paths = sorted(images.rglob("*.png"), key=lambda p: int(p.stem))
+    lines = [f"{path.relative_to(folder)} {int(path.parent.name.removeprefix('class'))}" for path in paths]
+    parts = {"train800": lines[:800], "val200": lines[800:1000], "train800val200": lines[:1000], "test": lines[1000:]}
+    for split, split_lines in parts.items():
+        (folder / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
+    return folder
+
+
+def random_vit_caches(prefix: str) -> dict:
+    """The two small benchmark tasks through the random test_vit (every stage and token):
+    digits and a generated VTAB-style folder, extracted (or resumed) into WORK/<prefix>-<task>."""
+    import sidetune
+
+    tasks = {"digits": "digits", "generated": str(vtab_style_folder(WORK / "halving-task"))}
+    caches = {}
+    for task, dataset in tasks.items():
+        path = WORK / f"{prefix}-{task}"
+        sidetune.extract("test_vit", dataset, path, pretrained=False, device="cpu")
+        caches[task] = sidetune.open_cache(path)
+    return caches
 
 def peak_memory(device: torch.device) -> int:
     """Bytes: this process's peak RSS on CPU, or the peak allocated GPU memory.

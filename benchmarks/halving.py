@@ -17,19 +17,9 @@ from pathlib import Path
 import torch
 
 import sidetune
-from common import WORK, generated_images, machine, write_result
+from common import WORK, machine, random_vit_caches, write_result
 from sidetune.halving import Halving
 from sidetune.sweep import default_grid, expand_grid
-
-
-def vtab_style_folder(folder: Path) -> Path:
-    images = generated_images(folder / "images", 1200, classes=4, size=64)
-    paths = sorted(images.rglob("*.png"), key=lambda p: int(p.stem))
-    lines = [f"{path.relative_to(folder)} {int(path.parent.name.removeprefix('class'))}" for path in paths]
-    parts = {"train800": lines[:800], "val200": lines[800:1000], "train800val200": lines[:1000], "test": lines[1000:]}
-    for split, split_lines in parts.items():
-        (folder / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
-    return folder
 
 
 def main() -> None:
@@ -37,12 +27,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    tasks = {"digits": "digits", "generated": str(vtab_style_folder(WORK / "halving-task"))}
     rows = []
-    for task, dataset in tasks.items():
-        cache_path = WORK / f"halving-{task}"
-        sidetune.extract("test_vit", dataset, cache_path, pretrained=False, device="cpu")
-        cache = sidetune.open_cache(cache_path)
+    for task, cache in random_vit_caches("halving").items():
         for method in ("linear", "last"):
             configs = expand_grid(method, default_grid(method), {"epochs": args.epochs})
             outcome = {}

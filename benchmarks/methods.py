@@ -18,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-import sidetune
-from common import WORK, machine, write_result
-from halving import vtab_style_folder
+from common import machine, random_vit_caches, write_result
 from sidetune.cache.loader import LoadedSplits
 from sidetune.engine import train_group
 from sidetune.sweep import default_grid, expand_grid
@@ -36,12 +34,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    tasks = {"digits": "digits", "generated": str(vtab_style_folder(WORK / "halving-task"))}
     rows = []
-    for task, dataset in tasks.items():
-        path = WORK / f"methods-{task}"
-        sidetune.extract("test_vit", dataset, path, pretrained=False, device="cpu")
-        cache = sidetune.open_cache(path)
+    for task, cache in random_vit_caches("methods").items():
         loaded = LoadedSplits(cache, torch.device("cpu"))
         for method, fields, options in METHODS:
             if options is None:  # ridge: its whole default grid, one solve
