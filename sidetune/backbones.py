@@ -128,10 +128,16 @@ def _vit_stages(model: nn.Module) -> tuple[StageShape, ...]:
                  for i in range(len(model.blocks) + 1))
 
 
+def _returns_tokens(model: nn.Module) -> bool:
+    """Whether the model's intermediates are token sequences with prefix tokens (EVA, BEiT, ...)
+    rather than feature maps (CNNs, Swin)."""
+    return "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+
+
 def _intermediate_tokens(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """One pass of `forward_intermediates`: every intermediate as (B, T, D) tokens (prefix
     tokens first), then the final features when a head convolution changed their width."""
-    token_layout = "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+    token_layout = _returns_tokens(model)
     if token_layout:
         final, intermediates = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
     else:
@@ -157,13 +163,12 @@ def _intermediate_stages(model: nn.Module) -> tuple[StageShape, ...]:
     size = tuple(int(s) for s in model.pretrained_cfg.get("input_size", (3, 224, 224)))
     with torch.inference_mode():
         outputs = _intermediate_tokens(model, torch.zeros(1, *size))
-    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    token_layout = "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+    token_layout = _returns_tokens(model)
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0) if token_layout else 0
     stages = []
     for index, tokens in enumerate(outputs, start=1):
-        spatial = tokens.shape[1] - (prefix if token_layout else 0)
-        grid = _grid(model, spatial, size, token_layout)
-        stages.append(StageShape(index, int(tokens.shape[1]), int(tokens.shape[2]), grid, prefix if token_layout else 0))
+        grid = _grid(model, tokens.shape[1] - prefix, size, token_layout)
+        stages.append(StageShape(index, int(tokens.shape[1]), int(tokens.shape[2]), grid, prefix))
     return tuple(stages)
 
 

@@ -58,7 +58,7 @@ class CacheSpec:
         if not (isinstance(self.shard_images, int) and isinstance(self.chunk_images, int)
                 and 1 <= self.chunk_images <= self.shard_images and self.shard_images % self.chunk_images == 0):
             problems.append("chunk_images must be a positive divisor of shard_images")
-        if not (self.stages in ("all", "last") or _is_every(self.stages) or _is_index_list(self.stages)):
+        if not (self.stages in ("all", "last") or _is_every_or_last(self.stages) or _is_index_list(self.stages)):
             problems.append(f"stages must be 'all', 'last', {{every: g}}, {{last: k}} or a list of indices, "
                             f"not {self.stages!r}")
         if self.max_grid is not None and not (isinstance(self.max_grid, int) and self.max_grid >= 1):
@@ -140,7 +140,7 @@ class CacheSpec:
         return record
 
 
-def _is_every(stages) -> bool:
+def _is_every_or_last(stages) -> bool:
     return (isinstance(stages, dict) and len(stages) == 1 and set(stages) <= {"every", "last"}
             and isinstance(next(iter(stages.values())), int) and next(iter(stages.values())) >= 1)
 

@@ -50,8 +50,12 @@ class FeatureLayout:
         """(tokens, width) of a stored stage."""
         if not self.stage_shapes:
             return self.num_tokens, self.width
-        shape = self.stage_shapes[self.stages.index(stage)]
+        shape = self.stage_shape(stage)
         return shape.num_tokens, shape.width
+
+    def stage_shape(self, stage: int) -> StageShape:
+        """The full shape (grid, prefix tokens) of a stored stage of a cache that records them."""
+        return self.stage_shapes[self.stages.index(stage)]
 
     @property
     def uniform(self) -> bool:
@@ -152,7 +156,7 @@ class SideNet(nn.Module):
         generator and shared by every configuration (`uniform_stages` applies them)."""
         if self.layout.uniform:
             return
-        shapes = [self.layout.stage_shapes[self.layout.stages.index(s)] for s in self.stages_needed()]
+        shapes = [self.layout.stage_shape(stage) for stage in self.stages_needed()]
         if len({shape.num_prefix_tokens for shape in shapes}) > 1:
             raise SidetuneError(f"Method {self.name} needs one number of prefix tokens in every stage it reads; this "
                                 f"cache's stages have {sorted({s.num_prefix_tokens for s in shapes})}.")
@@ -172,10 +176,10 @@ class SideNet(nn.Module):
         if tokens.dim() == 4:
             return tokens
         stages = self.stages_needed()
-        last = self.layout.stage_shapes[self.layout.stages.index(stages[-1])]
+        last = self.layout.stage_shape(stages[-1])
         outputs = []
         for stage, x in zip(stages, self.stage_tokens(tokens)):
-            shape = self.layout.stage_shapes[self.layout.stages.index(stage)]
+            shape = self.layout.stage_shape(stage)
             x = resample_grid(x.float(), shape.num_prefix_tokens, shape.grid, last.grid)
             matrix = getattr(self, f"stage_embedding_{stage}")
             outputs.append(x if matrix is None else x @ matrix)
@@ -303,3 +307,7 @@ def shared_product(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return out.view(b, t, k, n).permute(2, 0, 1, 3)
 
 
+def per_config(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(K, B, T, j) times per-configuration (K, j, n) weights: (K, B, T, n), one batched product."""
+    k, b, t, j = a.shape
+    return torch.bmm(a.reshape(k, b * t, j), weights).view(k, b, t, -1)

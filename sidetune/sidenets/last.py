@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, ones, shared_product,
+from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, ones, per_config, shared_product,
                                     uniform_fan_in, zeros)
 
 LN_EPS = 1e-6
@@ -124,12 +124,6 @@ class LAST(SideNet):
         weighted = torch.einsum("kbt,btd->kbd", rstd, last) + torch.einsum("kbt,kbtj->kbj", rstd, a) @ w_out
         centred = (weighted - (rstd * mean).sum(-1, keepdim=True)) / last.shape[1]
         return centred * norm + self.final_norm_bias
-
-
-def per_config(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(K, B, T, j) times per-configuration (K, j, n) weights: (K, B, T, n), one batched product."""
-    k, b, t, j = a.shape
-    return torch.bmm(a.reshape(k, b * t, j), weights).view(k, b, t, -1)
 
 
 def _normalising(mean: torch.Tensor, mean_square: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,8 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sidetune.sidenets.base import FeatureLayout, SideNet, shared_product, zeros
-from sidetune.sidenets.last import per_config
+from sidetune.sidenets.base import FeatureLayout, SideNet, per_config, shared_product, zeros
 
 
 def xavier_uniform(fan_in: int, fan_out: int):
