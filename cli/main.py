@@ -147,11 +147,13 @@ def show_info(path: str | Path) -> None:
 @app.command()
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
-    method: str = typer.Option("last", help="Side network: last, losa, linear, ridge (closed form: --wd is its L2 strength), attentive, head2toe or restuning (Res-Tuning-Bypass)."),
-    rank: Optional[int] = typer.Option(None, min=1, help="LAST: attention rank r (default 16)."),
+    method: str = typer.Option("last", help="Side network: last, losa, mist, lst (ladder side-tuning), linear, ridge (closed form: --wd is its L2 strength), attentive, head2toe or restuning (Res-Tuning-Bypass)."),
+    rank: Optional[int] = typer.Option(None, min=1, help="LAST, MIST: attention rank r (default 16)."),
     gap: Optional[int] = typer.Option(None, min=1, help="LAST: read every g-th stage (default 1)."),
-    depth: Optional[int] = typer.Option(None, min=1, help="LAST: attention modules per group (default 1)."),
-    heads: Optional[int] = typer.Option(None, min=1, help="LAST: attention heads, dividing the rank (default 1)."),
+    depth: Optional[int] = typer.Option(None, min=1, help="LAST, MIST: attention modules per group (default LAST 1, MIST 4)."),
+    heads: Optional[int] = typer.Option(None, min=1, help="LAST, MIST: attention heads, dividing the rank (default 1)."),
+    groups: Optional[int] = typer.Option(None, min=0, help="MIST: contiguous groups of stages summed (default 0: a summed cache's own, 1 on a cache of every stage)."),
+    reduction: Optional[int] = typer.Option(None, min=1, help="lst: side width = backbone width / reduction (default 8)."),
     token_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: token-mixing rank (default 16)."),
     channel_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: channel-mixing rank (default 16)."),
     pool: Optional[str] = typer.Option(None, help="cls (default), mean of the patch tokens, or both (concatenated)."),
@@ -191,7 +193,8 @@ def train(
     from sidetune.engine import TrainConfig
     from sidetune.train import train as train_run
 
-    given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "token_rank": token_rank,
+    given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "groups": groups, "reduction": reduction,
+             "token_rank": token_rank,
              "channel_rank": channel_rank, "pool": pool, "standardize": standardize, "targets": targets,
              "queries": queries, "full_width": full_width, "group_lasso": group_lasso, "top_stages": top_stages,
              "bottleneck": bottleneck}
@@ -308,14 +311,16 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
-    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), attentive, head2toe or restuning."),
+    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, mist, lst, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), attentive, head2toe or restuning."),
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
     wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),
-    rank: Optional[str] = typer.Option(None, help="LAST ranks, comma-separated."),
+    rank: Optional[str] = typer.Option(None, help="LAST/MIST ranks, comma-separated."),
     gap: Optional[str] = typer.Option(None, help="LAST gaps, comma-separated."),
-    depth: Optional[str] = typer.Option(None, help="LAST depths, comma-separated."),
-    heads: Optional[str] = typer.Option(None, help="LAST head counts, comma-separated."),
+    depth: Optional[str] = typer.Option(None, help="LAST/MIST depths, comma-separated."),
+    heads: Optional[str] = typer.Option(None, help="LAST/MIST head counts, comma-separated."),
+    groups: Optional[str] = typer.Option(None, help="MIST: numbers of summed groups, comma-separated (a cache of every stage)."),
+    reduction: Optional[str] = typer.Option(None, help="lst: side-width reductions, comma-separated."),
     token_rank: Optional[str] = typer.Option(None, help="LoSA token ranks, comma-separated."),
     channel_rank: Optional[str] = typer.Option(None, help="LoSA channel ranks, comma-separated."),
     queries: Optional[str] = typer.Option(None, help="attentive: numbers of learned queries, comma-separated."),
@@ -357,6 +362,7 @@ def sweep(
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
     method = method or file_method or "last"
     listed = {"lr": lr, "weight_decay": wd, "rank": rank, "gap": gap, "depth": depth, "heads": heads,
+              "groups": groups, "reduction": reduction,
               "token_rank": token_rank, "channel_rank": channel_rank, "queries": queries, "group_lasso": group_lasso,
               "top_stages": top_stages, "bottleneck": bottleneck, "pool": pool, "seed": seed,
               "label_smoothing": label_smoothing, "augment": augment, "augment_magnitude": augment_magnitude,
@@ -500,7 +506,8 @@ def demo(
     extract(model=model, dataset="digits", out=out, spec="default", splits=None, data_root=None,
             weights=None, pretrained=False, preprocess="vtab", device="auto", precision="auto",
             batch_size=64, workers=None, limit=None, overwrite=False, dry_run=False)
-    train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, token_rank=None, channel_rank=None,
+    train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, groups=None, reduction=None,
+          token_rank=None, channel_rank=None,
           pool=None, standardize=None, targets=None, queries=None, full_width=None, group_lasso=None, top_stages=None,
           bottleneck=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, augment="none", augment_magnitude=0.5, train_split=None, eval_split=None, eval_every=0, out=run,

@@ -130,13 +130,14 @@ def build_sidenet(cache: Cache, method: str, options: dict, num_configs: int) ->
     if missing or layout.token_selection not in net.token_selections:
         backbone_stages = cache.manifest["backbone"].get("stages") or [{"num_tokens": 0, "width": 0}]
         one_shape = len({(stage["num_tokens"], stage["width"]) for stage in backbone_stages}) == 1
-        serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections, layout.first_stage, one_shape)
+        serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections, layout.first_stage, one_shape,
+                                net.reads_sums)
         fix = (f"Extract with --spec {serving[0]}" + (f" (or {', '.join(serving[1:3])})" if serving[1:] else "")
                if serving else "Extract with a spec that keeps them")
         readers = [name for name in SIDENETS if name != method and _reads(name, layout)]
         raise SidetuneError(
             f"Method {method} reads stages {net.stages_needed()} with {'/'.join(net.token_selections)} "
-            f"tokens; cache {cache.path} stores stages {list(layout.stages)} with "
+            f"tokens; cache {cache.path} stores {layout.describe_stages()} with "
             f"'{layout.token_selection}' tokens. {fix}"
             + (f", or train a method that reads this cache: {', '.join(readers)}." if readers else ".")
         )

@@ -119,8 +119,7 @@ def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backb
 
 def stored_layout(spec: CacheSpec, backbone: Backbone) -> TokenLayout:
     """The shapes of the stages `spec` keeps of `backbone`, as stored."""
-    stages = spec.resolve_stages(backbone.depth, backbone.stage_indices[0])
-    layout = TokenLayout(tuple(spec.stored_shape(backbone.shape_of(stage)) for stage in stages))
+    layout = spec.stored_layout(backbone.stages)
     if spec.dtype == "int8" and not layout.uniform:
         raise SidetuneError(
             f"Cache spec '{spec.name}' stores int8, which sidetune supports only where every kept stage has the "
@@ -271,9 +270,9 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
                         "file, if any), then rerun the same command: finished shards are kept."
                     )
                 with autocast(device, autocast_dtype):  # the forward only: CPU autocast refuses cat of float16
-                    stacked = stored_tokens(backbone, spec, token_layout.stages, images.to(device, non_blocking=True))
+                    stacked = stored_tokens(backbone, spec, token_layout, images.to(device, non_blocking=True))
                 absmax = stage_absmax(stacked, token_layout).float().cpu().numpy()
-                _check_range(stacked, absmax, spec, token_layout.stages, name, split, indices)
+                _check_range(stacked, absmax, spec, token_layout, name, split, indices)
                 tokens, scales = (None if t is None else t.cpu() for t in spec.codec().encode(stacked))
                 for shard, shard_tokens, shard_absmax, shard_scales in assembler.add(indices, tokens, absmax, scales):
                     shard_writer.submit(shard, shard_tokens, shard_absmax, shard_scales)
@@ -285,14 +284,22 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
     return SplitReport(name, len(split), len(pending), skipped, time.perf_counter() - started, complete)
 
 
-def stored_tokens(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor) -> torch.Tensor:
-    """(B, S, T, D) (or flat (B, E), sidetune/cache/layout.py) float32 tokens of one batch, as the
-    cache stores them before the spec's codec encodes them. Extraction, live evaluation and
-    `predict` all compute features here."""
-    outputs = [
-        spec.select_tokens(x, backbone.shape_of(stage)).float()
-        for stage, x in zip(sorted(stages), backbone.forward(images, stages))
-    ]
+def stored_tokens(backbone: Backbone, spec: CacheSpec, layout: TokenLayout, images: torch.Tensor) -> torch.Tensor:
+    """(B, S, T, D) (or flat (B, E), sidetune/cache/layout.py) float32 tokens of one batch, as a
+    cache of `layout` stores them before the spec's codec encodes them (sums added in float32, in
+    stage order). Extraction, live evaluation and `predict` all compute features here."""
+    wanted = layout.backbone_stages
+    selected = {stage: spec.select_tokens(x, backbone.shape_of(stage)).float()
+                for stage, x in zip(wanted, backbone.forward(images, wanted))}
+    outputs = []
+    for shape in layout.shapes:
+        if not shape.summed:
+            outputs.append(selected[shape.stage])
+            continue
+        total = selected[shape.summed[0]].clone()
+        for stage in shape.summed[1:]:
+            total += selected[stage]
+        outputs.append(total)
     return pack_stages(outputs)
 
 
@@ -304,28 +311,28 @@ def stage_absmax(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return torch.stack([torch.maximum(x.amax(), -x.amin()) for x in layout.unpack(tokens, layout.stages)])
 
 
-def as_read_from_cache(backbone: Backbone, spec: CacheSpec, stages: list[int], images: torch.Tensor,
+def as_read_from_cache(backbone: Backbone, spec: CacheSpec, layout: TokenLayout, images: torch.Tensor,
                        autocast_dtype: torch.dtype | None) -> torch.Tensor:
     """(B, S, T, D) tokens of one batch exactly as stage two reads them back from a cache:
     computed (at the cache's precision), encoded as stored, decoded. Live evaluation and
     `predict` feed side networks these."""
     with autocast(images.device, autocast_dtype):
-        tokens = stored_tokens(backbone, spec, stages, images)
+        tokens = stored_tokens(backbone, spec, layout, images)
     codec = spec.codec()
     return codec.decode(*codec.encode(tokens))
 
 
-def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, stages: list[int],
+def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, layout: TokenLayout,
                  split_name: str, split: ImageSplit, indices: list[int]) -> None:
     if not np.isfinite(absmax).all():
-        bad_stage = stages[int(np.flatnonzero(~np.isfinite(absmax))[0])]
+        bad_stage = layout.shapes[int(np.flatnonzero(~np.isfinite(absmax))[0])].label
         bad_image = indices[int(torch.nonzero(~torch.isfinite(stacked).flatten(1).all(1))[0])]
         raise SidetuneError(
-            f"The backbone produced non-finite values at stage {bad_stage} for {split.describe(bad_image)} "
+            f"The backbone produced non-finite values at {bad_stage} for {split.describe(bad_image)} "
             f"in split {split_name}. With --precision fp16 this is overflow: use --precision bf16 or fp32."
         )
     if spec.dtype in ("float16", "int8") and absmax.max() > FLOAT16_MAX:  # int8 decodes to float16
-        bad = [f"stage {stages[i]} (max |x| = {absmax[i]:.4g})" for i in np.flatnonzero(absmax > FLOAT16_MAX)]
+        bad = [f"{layout.shapes[i].label} (max |x| = {absmax[i]:.4g})" for i in np.flatnonzero(absmax > FLOAT16_MAX)]
         raise SidetuneError(
             f"Activations overflow float16 in split {split_name}: {', '.join(bad)} exceed {FLOAT16_MAX:.0f}. "
             "Nothing was stored as inf. Use a cache spec with dtype: bfloat16 or float32 (and --overwrite)."

@@ -37,8 +37,7 @@ class LiveFeatures:
         self.num_images = len(self.labels)
         self.spec = spec_from_record(manifest["spec"])
         self.layout = cache.token_layout
-        self.cache_stages = self.layout.stages
-        self.positions = [self.cache_stages.index(stage) for stage in stages]
+        self.positions = [self.layout.stages.index(stage) for stage in stages]
         self.sample_shape = self.layout.image_shape(stages)
         self.dtype = self.spec.codec().decoded_dtype()
 
@@ -80,7 +79,7 @@ class LiveFeatures:
             for batch, indices, errors in loader:
                 if errors:
                     raise SidetuneError(f"Could not read image {errors[0]} of live split {self.name}. Fix or restore it.")
-                tokens = as_read_from_cache(backbone, self.spec, self.cache_stages, batch.to(self.device), precision)
+                tokens = as_read_from_cache(backbone, self.spec, self.layout, batch.to(self.device), precision)
                 pending.append(self.layout.select(tokens, self.positions))
                 self.progress.advance(len(indices))
                 while sum(len(t) for t in pending) >= batch_size:

@@ -70,15 +70,14 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     transform = Preprocessing.from_record(manifest["preprocessing"]).transform()
     spec = spec_from_record(manifest["spec"])
     layout = TokenLayout.from_manifest(manifest)
-    stages = layout.stages
-    positions = [stages.index(stage) for stage in net.stages_needed()]
+    positions = [layout.stages.index(stage) for stage in net.stages_needed()]
 
     predictions = []
     with torch.inference_mode():
         for begin in range(0, len(paths), batch_size):
             batch_paths = paths[begin:begin + batch_size]
             images = torch.stack([transform(_read_image(path)) for path in batch_paths]).to(torch_device)
-            tokens = as_read_from_cache(backbone, spec, stages, images, AUTOCAST_DTYPES[manifest["compute"]["precision"]])
+            tokens = as_read_from_cache(backbone, spec, layout, images, AUTOCAST_DTYPES[manifest["compute"]["precision"]])
             logits = net(layout.select(tokens, positions))[0].float().cpu()
             for path, row in zip(batch_paths, logits):
                 predictions.append(Prediction(path, row, row.softmax(-1)))

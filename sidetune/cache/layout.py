@@ -5,7 +5,11 @@ all stored stages share one (tokens, width) — every ViT — an image is one (S
 format 1 stored it. When they differ — the stages of a Swin, a ConvNeXt, an EfficientNet — an
 image is one flat (E,) vector, the stages' (T_s, D_s) tokens one after another (E = sum of
 T_s * D_s), and `TokenLayout` cuts a batch back into per-stage (B, T_s, D_s) views. One array
-either way: a batch is one gather and a shard one write."""
+either way: a batch is one gather and a shard one write.
+
+A stored entry may also be a sum of stages (a `summed` cache spec, MIST's cache): its
+`StageShape.summed` lists the backbone stages it adds up, and its stage id is negative
+(`summed_stage_id`), so it never collides with a backbone stage and sorts before them."""
 
 from __future__ import annotations
 
@@ -26,14 +30,25 @@ class StageShape:
     width: int
     grid: tuple[int, int]
     num_prefix_tokens: int
+    summed: tuple[int, ...] = ()  # the backbone stages this entry is the sum of; empty: `stage` itself
 
     def describe(self) -> dict:
-        return {**asdict(self), "grid": list(self.grid)}
+        record = {**asdict(self), "grid": list(self.grid), "summed": list(self.summed)}
+        if not self.summed:  # absent from plain stages' records, as before sums existed
+            del record["summed"]
+        return record
 
     @classmethod
     def from_record(cls, record: dict) -> "StageShape":
         return cls(record["stage"], record["num_tokens"], record["width"], tuple(record["grid"]),
-                   record["num_prefix_tokens"])
+                   record["num_prefix_tokens"], tuple(record.get("summed", ())))
+
+    @property
+    def label(self) -> str:
+        """'stage 12', or 'the sum of stages 0..6' for a stored sum."""
+        if not self.summed:
+            return f"stage {self.stage}"
+        return f"the sum of stages {self.summed[0]}..{self.summed[-1]}"
 
     @property
     def numel(self) -> int:
@@ -65,6 +80,11 @@ class TokenLayout:
     def uniform(self) -> bool:
         return len({(shape.num_tokens, shape.width) for shape in self.shapes}) == 1
 
+    @property
+    def backbone_stages(self) -> list[int]:
+        """The backbone stages a batch of this layout is computed from (summed ones included)."""
+        return sorted({stage for shape in self.shapes for stage in (shape.summed or (shape.stage,))})
+
     def image_shape(self, stages: Sequence[int] | None = None) -> tuple[int, ...]:
         """One image's array: (S, T, D) when uniform, else (E,)."""
         shapes = self._shapes(stages)
@@ -92,6 +112,19 @@ class TokenLayout:
     def unpack(self, tokens: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
         """A batch holding `stages` -> their (B, T_s, D_s) tokens."""
         return unpack_stages(tokens, [(s.num_tokens, s.width) for s in self._shapes(stages)])
+
+
+def contiguous_groups(stages: Sequence[int], count: int) -> list[tuple[int, ...]]:
+    """`stages` cut into `count` contiguous groups of near-equal size, the larger ones first
+    (13 stages in 2 groups: 0..6 and 7..12): how summed caches and MIST group stages."""
+    if not 1 <= count <= len(stages):
+        raise ValueError(f"cannot cut {len(stages)} stages into {count} groups")
+    return [tuple(int(s) for s in group) for group in np.array_split(np.asarray(stages), count)]
+
+
+def summed_stage_id(group: int, groups: int) -> int:
+    """The stage id of the stored sum of group `group` of `groups`: -groups..-1 in group order."""
+    return group - groups
 
 
 def pack_stages(outputs: Sequence[torch.Tensor]) -> torch.Tensor:

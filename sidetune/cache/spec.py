@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ import yaml
 import cache_specs
 
 from sidetune.cache.codec import INT8_SCALES, Codec
-from sidetune.cache.layout import StageShape
+from sidetune.cache.layout import StageShape, TokenLayout, contiguous_groups, summed_stage_id
 from sidetune.errors import SidetuneError
 
 SPECS_DIR = Path(cache_specs.__file__).parent  # package data: in every install, editable or from a wheel
@@ -31,6 +32,9 @@ class CacheSpec:
     (the first prefix token) or "mean" (mean of the patch tokens). `max_grid`: with tokens "all",
     a stage's spatial grid larger than max_grid x max_grid is average-pooled down to at most
     that (the prefix tokens are kept): small caches of a CNN's high-resolution early stages.
+    `sum_groups`: store, instead of the selected stages, the sums of their tokens over
+    `sum_groups` contiguous groups (`contiguous_groups`), and with `keep_last` the backbone's
+    last stage beside them: MIST's cache, two tensors per image at one group.
     `dtype`: a float type, or int8 with float32 scales per `scale` ("token" or "channel";
     sidetune/cache/codec.py)."""
 
@@ -43,6 +47,8 @@ class CacheSpec:
     shard_images: int = 64
     compressor: str = "none"
     max_grid: int | None = None
+    sum_groups: int | None = None
+    keep_last: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -63,6 +69,10 @@ class CacheSpec:
                             f"not {self.stages!r}")
         if self.max_grid is not None and not (isinstance(self.max_grid, int) and self.max_grid >= 1):
             problems.append(f"max_grid must be a positive integer, not {self.max_grid!r}")
+        if self.sum_groups is not None and not (isinstance(self.sum_groups, int) and self.sum_groups >= 1):
+            problems.append(f"sum_groups must be a positive integer, not {self.sum_groups!r}")
+        if not isinstance(self.keep_last, bool):
+            problems.append(f"keep_last must be true or false, not {self.keep_last!r}")
         if problems:
             raise SidetuneError(f"Cache spec '{self.name}' is invalid: {'; '.join(problems)}.")
 
@@ -94,6 +104,31 @@ class CacheSpec:
                 f"{first}..{depth}. Fix the spec's stage list."
             )
         return sorted(set(self.stages))
+
+    def stored_layout(self, backbone_stages: Sequence[StageShape]) -> TokenLayout:
+        """What this spec stores of a backbone whose stages have these shapes: the kept stages
+        (tokens selected, grids pooled), or their sums and the last stage."""
+        shapes = {shape.stage: self.stored_shape(shape) for shape in backbone_stages}
+        depth, first = backbone_stages[-1].stage, backbone_stages[0].stage
+        stages = self.resolve_stages(depth, first)
+        if self.sum_groups is None:
+            return TokenLayout(tuple(shapes[stage] for stage in stages))
+        if self.sum_groups > len(stages):
+            raise SidetuneError(f"Cache spec '{self.name}' sums {len(stages)} stages in {self.sum_groups} groups; "
+                                f"a group needs at least one stage. Set sum_groups to at most {len(stages)}.")
+        groups = contiguous_groups(stages, self.sum_groups)
+        entries = []
+        for index, group in enumerate(groups):
+            kinds = {replace(shapes[stage], stage=0) for stage in group}
+            if len(kinds) > 1:
+                raise SidetuneError(
+                    f"Cache spec '{self.name}' sums stages {group[0]}..{group[-1]}, but their tokens differ in shape "
+                    f"({', '.join(f'{shapes[s].num_tokens}x{shapes[s].width}' for s in group)}): only stages of one "
+                    "shape add up (a ViT's, EVA's, BEiT's). Use a spec that stores the stages (e.g. default).")
+            entries.append(replace(shapes[group[0]], stage=summed_stage_id(index, len(groups)), summed=group))
+        if self.keep_last:
+            entries.append(shapes[depth])
+        return TokenLayout(tuple(entries))
 
     def stored_shape(self, shape: StageShape) -> StageShape:
         """The shape a backbone stage has once this spec selected (and pooled) its tokens."""
@@ -135,8 +170,11 @@ class CacheSpec:
         record = asdict(self)
         if isinstance(self.stages, tuple):
             record["stages"] = list(self.stages)
-        if record["max_grid"] is None:
-            del record["max_grid"]
+        for field in ("max_grid", "sum_groups"):
+            if record[field] is None:
+                del record[field]
+        if "sum_groups" not in record:
+            del record["keep_last"]
         return record
 
 
@@ -154,10 +192,12 @@ def available_specs() -> list[str]:
 
 
 def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], first: int = 0,
-                  int8: bool = True) -> list[str]:
+                  one_shape: bool = True, sums: bool = False) -> list[str]:
     """The shipped specs that keep `stages` (of a backbone with stages `first`..`depth`) with
-    tokens in `token_modes` (int8 ones only if `int8`: stages of one shape), the fewest bytes per
-    image first (pooling specs, made for CNNs, last)."""
+    tokens in `token_modes` (int8 and summed ones only if the backbone's stages have
+    `one_shape`), the fewest bytes per
+    image first (pooling specs, made for CNNs, last). Summed specs serve a method that reads
+    sums (`sums`: MIST) where they keep the last stage, any other method through that stage."""
     dtype_bytes = {"int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
     serving = []
     for name in available_specs():
@@ -166,8 +206,13 @@ def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], f
             kept = spec.resolve_stages(depth, first)
         except SidetuneError:  # a stage gap that does not divide this depth
             continue
-        if spec.tokens in token_modes and set(stages) <= set(kept) and (int8 or spec.dtype != "int8"):
-            serving.append((spec.max_grid is not None, spec.tokens == "all", len(kept) * dtype_bytes[spec.dtype], name))
+        entries = len(kept)
+        if spec.sum_groups is not None:
+            entries = spec.sum_groups + spec.keep_last
+            kept = ([depth] if spec.keep_last else []) if not sums else (stages if spec.keep_last else [])
+        if spec.tokens in token_modes and set(stages) <= set(kept) and (one_shape or (
+                spec.dtype != "int8" and spec.sum_groups is None)):
+            serving.append((spec.max_grid is not None, spec.tokens == "all", entries * dtype_bytes[spec.dtype], name))
     return [name for *_, name in sorted(serving)]
 
 

@@ -11,10 +11,13 @@ from sidetune.sidenets.head2toe import Head2Toe
 from sidetune.sidenets.last import LAST
 from sidetune.sidenets.linear import LinearProbe
 from sidetune.sidenets.losa import LoSA
+from sidetune.sidenets.lst import LST
+from sidetune.sidenets.mist import MIST
 from sidetune.sidenets.restuning import ResTuning
 from sidetune.sidenets.ridge import RidgeProbe
 
-SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, Head2Toe, LAST, LoSA, ResTuning)}
+SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, Head2Toe, LAST, LoSA, MIST,
+                                                            LST, ResTuning)}
 
 __all__ = ["SIDENETS", "FeatureLayout", "SideNet", "create_sidenet", "method_options", "resolve_options"]
 

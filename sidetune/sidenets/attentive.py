@@ -13,14 +13,8 @@ from __future__ import annotations
 import torch
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import FeatureLayout, SideNet, attention, shared_product, uniform_fan_in, zeros
-
-QUERY_STD = 0.02  # V-JEPA's query initialisation (truncated normal, 0.02)
-
-
-def small_normal(tensor: torch.Tensor, generator: torch.Generator) -> None:
-    tensor.normal_(0.0, QUERY_STD, generator=generator).clamp_(-2 * QUERY_STD, 2 * QUERY_STD)
-
+from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, shared_product, small_normal, uniform_fan_in,
+                                    zeros)
 
 class AttentiveProbe(SideNet):
     name = "attentive"
@@ -34,7 +28,7 @@ class AttentiveProbe(SideNet):
         super().__init__(layout, num_configs, pool, standardize=False, feature_width=queries * width)
         self.num_queries, self.width, self.heads = queries, width, heads
         d = layout.width
-        self.stacked("query", (queries, width), small_normal, decay=False)
+        self.stacked("query", (queries, width), small_normal, decay=False)  # V-JEPA's query initialisation
         self.stacked("w_kv", (d, 2 * width), uniform_fan_in(d))
         self.stacked("b_kv", (2 * width,), zeros, decay=False)
 

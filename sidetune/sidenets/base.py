@@ -61,6 +61,22 @@ class FeatureLayout:
     def uniform(self) -> bool:
         return len({self.shape(stage) for stage in self.stages}) <= 1
 
+    @property
+    def sums(self) -> tuple[StageShape, ...]:
+        """The stored sums of stages (a summed cache), in group order; empty for other caches."""
+        return tuple(shape for shape in self.stage_shapes if shape.summed)
+
+    @property
+    def backbone_stages(self) -> tuple[int, ...]:
+        """The stored backbone stages, a summed cache's sums left out."""
+        return tuple(stage for stage in self.stages if stage >= 0)
+
+    def describe_stages(self) -> str:
+        """'stages [0, 1, ..., 12]', or 'the sum of stages 0..12, stage 12' for a summed cache."""
+        if not self.sums:
+            return f"stages {list(self.stages)}"
+        return ", ".join(shape.label for shape in self.stage_shapes)
+
 
 def param_generator(seed: int, name: str) -> torch.Generator:
     """One generator per (config seed, parameter name): a parameter's initial value never
@@ -72,6 +88,12 @@ def uniform_fan_in(fan_in: int) -> Callable[[torch.Tensor, torch.Generator], Non
     """nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
     return lambda tensor, generator: tensor.uniform_(-bound, bound, generator=generator)
+
+
+def small_normal(tensor: torch.Tensor, generator: torch.Generator, std: float = 0.02) -> None:
+    """Normal(0, 0.02) cut at two standard deviations: the truncated-normal initialisation of
+    ViT-style code (V-JEPA's queries, LST's side blocks)."""
+    tensor.normal_(0.0, std, generator=generator).clamp_(-2 * std, 2 * std)
 
 
 def zeros(tensor: torch.Tensor, generator: torch.Generator) -> None:
@@ -90,6 +112,7 @@ class SideNet(nn.Module):
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
     default_lr: ClassVar[float] = 1e-3  # METHODS.md's AdamW default for side networks
     closed_form: ClassVar[bool] = False  # True: `fit` sets the parameters (no epochs)
+    reads_sums: ClassVar[bool] = False  # True: reads a summed cache's sums (MIST)
     # True: without a backbone final norm, a plain LayerNorm stands in for it (`set_final_norm`)
     norm_without_final_norm: ClassVar[bool] = False
     # What `sidetune sweep` tries when given no values (docs/methods.md says where each comes from).

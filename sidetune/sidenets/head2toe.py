@@ -29,16 +29,16 @@ class Head2Toe(SideNet):
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = True,
                  group_lasso: float = 0.0, top_stages: int = 0):
-        self.stage_widths = [layout.shape(stage)[1] * (2 if pool == "both" else 1) for stage in layout.stages]
+        self.stage_widths = [layout.shape(stage)[1] * (2 if pool == "both" else 1) for stage in layout.backbone_stages]
         super().__init__(layout, num_configs, pool, standardize, feature_width=sum(self.stage_widths))
-        if group_lasso < 0 or not 0 <= top_stages <= len(layout.stages):
+        if group_lasso < 0 or not 0 <= top_stages <= len(layout.backbone_stages):
             raise SidetuneError(f"head2toe: group_lasso must be at least 0 and top_stages between 0 and the "
-                                f"{len(layout.stages)} stored stages (got {group_lasso} and {top_stages}).")
+                                f"{len(layout.backbone_stages)} stored stages (got {group_lasso} and {top_stages}).")
         self.group_lasso, self.top_stages = group_lasso, top_stages
-        self.register_buffer("stage_mask", torch.ones(len(layout.stages)))
+        self.register_buffer("stage_mask", torch.ones(len(layout.backbone_stages)))
 
     def stages_needed(self) -> list[int]:
-        return list(self.layout.stages)
+        return list(self.layout.backbone_stages)
 
     def stage_features(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's (B, D'_s) features: pooled and L2-normalised."""

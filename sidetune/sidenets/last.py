@@ -30,24 +30,20 @@ from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, ones, per
 LN_EPS = 1e-6
 
 
-class LAST(SideNet):
-    name = "last"
-    norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
-    default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
+class LowRankAttentionSide(SideNet):
+    """What LAST and MIST share: `depth` residual low-rank attention modules after each of a
+    sequence of inputs added into a running sum (shared by every configuration), and
+    y = last + A W_O through the frozen final norm and pooling."""
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", rank: int = 16,
-                 gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True,
-                 standardize: bool = False):
-        super().__init__(layout, num_configs, pool, standardize)
-        if layout.depth % gap:
-            raise SidetuneError(f"LAST gap {gap} must divide the backbone depth {layout.depth}; choose a divisor.")
+    norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
+
+    def build_modules(self, groups: int, rank: int, depth: int, heads: int, zero_init_out: bool) -> None:
+        """`depth` modules after each of `groups` inputs, named lsa{group}_{module}."""
         if rank % heads:
-            raise SidetuneError(f"LAST heads ({heads}) must divide the rank ({rank}).")
-        self.rank, self.gap, self.depth, self.heads = rank, gap, depth, heads
-        self.groups = len(self.stages_needed()) - 1
-        self.build_stage_embeddings()
-        d = layout.width
-        for i in range(self.groups):
+            raise SidetuneError(f"{self.name.upper()} heads ({heads}) must divide the rank ({rank}).")
+        self.rank, self.depth, self.heads, self.groups = rank, depth, heads, groups
+        d = self.layout.width
+        for i in range(groups):
             for j in range(depth):
                 prefix = f"lsa{i}_{j}"
                 self.stacked(f"{prefix}.norm_weight", (d,), ones, decay=False)
@@ -56,23 +52,21 @@ class LAST(SideNet):
                     self.stacked(f"{prefix}.w_{projection}", (d, rank), uniform_fan_in(d))
                 self.stacked(f"{prefix}.w_o", (rank, d), zeros if zero_init_out else uniform_fan_in(rank))
 
-    def stages_needed(self) -> list[int]:
-        """Stage 0 (the tokens entering block 1), then every `gap`-th block's output; a backbone
-        without stage 0 (read through forward_intermediates) starts from its first such stage."""
-        return [stage for stage in range(0, self.layout.depth + 1, self.gap) if stage >= self.layout.first_stage]
-
-    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = self.uniform_stages(tokens)
-        prefix_sum = tokens[:, 0].float()
+    def side_features(self, inputs: list[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
+        """(K, B, D) pooled features of y = last + A W_O, where the modules after input i read
+        the running sum inputs[0] + ... + inputs[i] plus every earlier module's output. `inputs`
+        and `last` are (B, T, D), shared by every configuration."""
+        running = inputs[0]
         attended: list[torch.Tensor] = []  # a_j, (K, B, T, r) each
         outputs: list[torch.Tensor] = []  # W_o,j, (K, r, D) each
-        for i in range(1, self.groups + 1):
-            prefix_sum = prefix_sum + tokens[:, i]
-            moments = prefix_sum.mean(-1), prefix_sum.square().mean(-1)  # (B, T) each, shared
+        for i in range(self.groups):
+            if i:
+                running = running + inputs[i]
+            moments = running.mean(-1), running.square().mean(-1)  # (B, T) each, shared
             for j in range(self.depth):
-                attended.append(self._attend(prefix_sum, moments, attended, outputs, f"lsa{i - 1}_{j}"))
-                outputs.append(getattr(self, f"lsa{i - 1}_{j}_w_o"))
-        return self._head(tokens[:, -1].float(), torch.cat(attended, -1), torch.cat(outputs, 1))
+                attended.append(self._attend(running, moments, attended, outputs, f"lsa{i}_{j}"))
+                outputs.append(getattr(self, f"lsa{i}_{j}_w_o"))
+        return self._head(last, torch.cat(attended, -1), torch.cat(outputs, 1))
 
     def _attend(self, x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], attended: list[torch.Tensor],
                 outputs: list[torch.Tensor], prefix: str) -> torch.Tensor:
@@ -124,6 +118,31 @@ class LAST(SideNet):
         weighted = torch.einsum("kbt,btd->kbd", rstd, last) + torch.einsum("kbt,kbtj->kbj", rstd, a) @ w_out
         centred = (weighted - (rstd * mean).sum(-1, keepdim=True)) / last.shape[1]
         return centred * norm + self.final_norm_bias
+
+
+class LAST(LowRankAttentionSide):
+    name = "last"
+    default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
+
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", rank: int = 16,
+                 gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True,
+                 standardize: bool = False):
+        super().__init__(layout, num_configs, pool, standardize)
+        if layout.depth % gap:
+            raise SidetuneError(f"LAST gap {gap} must divide the backbone depth {layout.depth}; choose a divisor.")
+        self.gap = gap
+        self.build_stage_embeddings()
+        self.build_modules(len(self.stages_needed()) - 1, rank, depth, heads, zero_init_out)
+
+    def stages_needed(self) -> list[int]:
+        """Stage 0 (the tokens entering block 1), then every `gap`-th block's output; a backbone
+        without stage 0 (read through forward_intermediates) starts from its first such stage."""
+        return [stage for stage in range(0, self.layout.depth + 1, self.gap) if stage >= self.layout.first_stage]
+
+    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.uniform_stages(tokens)  # u_0 = x_0; the first modules read x_0 + x_1
+        inputs = [tokens[:, 0].float() + tokens[:, 1]] + [tokens[:, i] for i in range(2, tokens.shape[1])]
+        return self.side_features(inputs, tokens[:, -1].float())
 
 
 def _normalising(mean: torch.Tensor, mean_square: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
