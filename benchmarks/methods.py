@@ -1,6 +1,6 @@
 """Every method side by side on one cache: top-1 and seconds of linear, ridge, attentive,
-head2toe, LAST, LoSA, restuning and LAST with c²FroFA augmentation, on digits and on a
-generated VTAB-style task.
+head2toe, LAST, LoSA, restuning, MIST, LST and LAST with c²FroFA augmentation, on digits and on
+a generated VTAB-style task.
 
     python benchmarks/methods.py [--epochs 20] [--out FILE]
 
@@ -25,7 +25,8 @@ from sidetune.sweep import default_grid, expand_grid
 
 METHODS = [("linear", {}, {}), ("ridge", {}, None), ("attentive", {"lr": 1e-2}, {}), ("head2toe", {}, {}),
            ("last", {"lr": 3e-3}, {"rank": 8}), ("losa", {"lr": 3e-3}, {"token_rank": 8, "channel_rank": 8}),
-           ("restuning", {"lr": 3e-3}, {"bottleneck": 8}),
+           ("restuning", {"lr": 3e-3}, {"bottleneck": 8}), ("mist", {"lr": 3e-3}, {"rank": 8}),
+           ("lst", {"lr": 1e-2}, {"reduction": 4}),
            ("last", {"lr": 3e-3, "augment": "frofa-brightness", "augment_magnitude": 0.5}, {"rank": 8})]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from common import write_result
 from sidetune.cache.layout import StageShape, TokenLayout
 from sidetune.cache.plan import SplitPlan, image_nbytes, split_nbytes
-from sidetune.cache.spec import CacheSpec, available_specs, load_spec
+from sidetune.cache.spec import available_specs, load_spec
 from sidetune.datasets.catalogue import VTAB_TASKS
 
 # VTAB-1k test split sizes (the tfds test splits the protocol reports on).
@@ -32,15 +32,9 @@ BACKBONES = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "convnext_t
 PER_IMAGE_SPECS = ("default", "final", "mean", "cnn-grid7", "cnn-last2")
 
 
-def spec_layout(spec: CacheSpec, backbone: TokenLayout) -> TokenLayout:
-    """The stored shapes of `backbone`'s stages under `spec`."""
-    stages = spec.resolve_stages(backbone.stages[-1], backbone.stages[0])
-    return TokenLayout(tuple(spec.stored_shape(backbone.shapes[backbone.stages.index(s)]) for s in stages))
-
-
 def task_bytes(spec_name: str, test_images: int, test_cached: bool) -> int:
     spec = load_spec(spec_name)
-    shape = spec_layout(spec, VIT_B16).image_shape()
+    shape = spec.stored_layout(VIT_B16.shapes).image_shape()
     splits = [SplitPlan("train800val200", "stored", 1000), SplitPlan("train800", "view", 800),
               SplitPlan("val200", "view", 200), SplitPlan("test", "stored" if test_cached else "live", test_images)]
     return sum(split_nbytes(split, shape, spec.codec()) for split in splits)
@@ -70,7 +64,7 @@ def per_image_bytes() -> list[dict]:
         row = {"backbone": name, "stages": len(backbone.shapes), "bytes": {}}
         for spec_name in PER_IMAGE_SPECS:
             spec = load_spec(spec_name)
-            row["bytes"][spec_name] = image_nbytes(spec_layout(spec, backbone).image_shape(), spec.codec())
+            row["bytes"][spec_name] = image_nbytes(spec.stored_layout(backbone.shapes).image_shape(), spec.codec())
         rows.append(row)
         print(row, flush=True)
     return rows

@@ -46,7 +46,7 @@ FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "se
 # The smallest value each numeric setting takes (lr must be above it); method options that are
 # integers (ranks, heads, gap, depth) must be at least 1.
 LOWEST = {"lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "epochs": 1, "warmup_epochs": 0, "batch_size": 1,
-          "top_stages": 0, "group_lasso": 0.0, "augment_magnitude": 0.0}
+          "top_stages": 0, "groups": 0, "group_lasso": 0.0, "augment_magnitude": 0.0}
 FLAGS = {"weight_decay": "wd"}
 
 
