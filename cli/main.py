@@ -123,7 +123,7 @@ def show_info(path: str | Path) -> None:
         tokens = f"{layout['num_tokens']} tokens x {layout['width']}"
     else:  # stages of different shapes (a CNN, a Swin): each stage's tokens x width
         tokens = ", ".join(f"{s.stage}: {s.num_tokens} x {s.width}" for s in shapes.shapes)
-    console.print(f"layout         stages {layout['stages']}, {tokens} ({layout['token_selection']}), "
+    console.print(f"layout         {shapes.describe_stages()}, {tokens} ({layout['token_selection']}), "
                   f"{manifest['spec']['dtype']}, spec '{manifest['spec']['name']}', compute {manifest['compute']['precision']}")
     for note in data.get("notes", []):
         console.print(f"[yellow]note[/]           {note}")

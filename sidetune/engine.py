@@ -137,7 +137,7 @@ def build_sidenet(cache: Cache, method: str, options: dict, num_configs: int) ->
         readers = [name for name in SIDENETS if name != method and _reads(name, layout)]
         raise SidetuneError(
             f"Method {method} reads stages {net.stages_needed()} with {'/'.join(net.token_selections)} "
-            f"tokens; cache {cache.path} stores {layout.describe_stages()} with "
+            f"tokens; cache {cache.path} stores {cache.token_layout.describe_stages()} with "
             f"'{layout.token_selection}' tokens. {fix}"
             + (f", or train a method that reads this cache: {', '.join(readers)}." if readers else ".")
         )

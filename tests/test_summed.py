@@ -165,13 +165,15 @@ def test_mist_learns_digits_from_a_summed_cache_well_above_chance(tmp_path, devi
 
 
 def test_extract_summed_then_train_and_sweep_mist_through_the_cli(tmp_path):
-    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "COLUMNS": "200"}
     cli = lambda *args: subprocess.run([sys.executable, "-m", "sidetune", *args], capture_output=True, text=True,
                                        env=env, cwd=tmp_path)
     cache = str(tmp_path / "cache")
     done = cli("extract", "--model", "test_vit", "--dataset", "digits", "--no-pretrained", "--spec", "summed3",
                "--splits", "train800,val200", "--limit", "64", "--out", cache)
     assert done.returncode == 0, done.stderr
+    assert "the sum of stages 0..2, the sum of stages 3..4, the sum of stages 5..6, stage 6" in cli("info", cache).stdout
     done = cli("train", "--cache", cache, "--method", "mist", "--epochs", "2", "--depth", "1", "--rank", "4",
                "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr

@@ -80,6 +80,12 @@ class TokenLayout:
     def uniform(self) -> bool:
         return len({(shape.num_tokens, shape.width) for shape in self.shapes}) == 1
 
+    def describe_stages(self) -> str:
+        """'stages [0, 1, ..., 12]', or 'the sum of stages 0..12, stage 12' for a summed cache."""
+        if not any(shape.summed for shape in self.shapes):
+            return f"stages {self.stages}"
+        return ", ".join(shape.label for shape in self.shapes)
+
     @property
     def backbone_stages(self) -> list[int]:
         """The backbone stages a batch of this layout is computed from (summed ones included)."""

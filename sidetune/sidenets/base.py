@@ -71,12 +71,6 @@ class FeatureLayout:
         """The stored backbone stages, a summed cache's sums left out."""
         return tuple(stage for stage in self.stages if stage >= 0)
 
-    def describe_stages(self) -> str:
-        """'stages [0, 1, ..., 12]', or 'the sum of stages 0..12, stage 12' for a summed cache."""
-        if not self.sums:
-            return f"stages {list(self.stages)}"
-        return ", ".join(shape.label for shape in self.stage_shapes)
-
 
 def param_generator(seed: int, name: str) -> torch.Generator:
     """One generator per (config seed, parameter name): a parameter's initial value never
