@@ -68,6 +68,31 @@ def extract_tiny(dataset, out, **options):
     return sidetune.extract(options.pop("model", TINY_MODEL), str(dataset), out, **options)
 
 
+def assert_live_run_predicts_its_cached_logits(model: str, spec: str, folder: Path, tmp_path: Path, train_config) -> None:
+    """A VTAB-style folder through `model` with its test split left live: a run of
+    `train_config` scores test through the backbone, and `predict` on the test images gives the
+    logits the run's side network gives on a cached copy of the split."""
+    import json
+
+    import sidetune
+    from sidetune.engine import TrainConfig, restore_sidenet
+    from sidetune.predict import predict
+    from sidetune.runs import open_run
+
+    options = {"spec": spec, "pretrained": False, "workers": 0}
+    sidetune.extract(model, str(folder), tmp_path / "live", **options)
+    run_dir, result = sidetune.train(tmp_path / "live", train_config, out=tmp_path / "run")
+    assert json.loads((run_dir / "metrics.json").read_text())["eval_split"] == "test" and result.top1 is not None
+    sidetune.extract(model, str(folder), tmp_path / "cached", splits=["test"], **options)
+    cached = torch.from_numpy(sidetune.open_cache(tmp_path / "cached").split("test").load())
+    run = open_run(run_dir)
+    net = restore_sidenet(run.cache_manifest, TrainConfig.from_record(run.config["config"]), run.state())
+    paths = [folder / line.split()[0] for line in (folder / "test.txt").read_text().splitlines()]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack([p.logits for p in predict(run_dir, paths)]), net(cached)[0].float(),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def tiny_vit(seed: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(TINY_MODEL, pretrained=False, num_classes=0).eval()

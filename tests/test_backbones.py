@@ -4,7 +4,6 @@ different shapes are stored and read back, and the side networks that can read t
 
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -183,7 +182,7 @@ def test_head2toe_on_a_cnn_reads_every_stage_at_its_own_width(convnext_digits):
     assert net.stage_widths == [24, 32, 48, 64] and net.head_weight.shape == (2, 168, 10)
 
 
-@pytest.mark.parametrize("method", ["last", "losa"])
+@pytest.mark.parametrize("method", ["last", "losa", "mist", "lst"])
 def test_side_networks_adding_stages_train_from_a_cnn_cache_through_the_cli(convnext_digits, tmp_path, method):
     result = CliRunner().invoke(app, ["train", "--cache", str(convnext_digits), "--method", method, "--pool", "mean",
                                       "--lr", "0.01", "--epochs", "10", "--train-split", "train800",
@@ -258,23 +257,10 @@ def test_a_method_the_cache_cannot_serve_is_refused_naming_float_specs_and_the_m
 def test_a_cnn_run_scores_its_live_test_split_and_predicts_the_logits_its_cache_gives(tmp_path, vtab_folder):
     """A VTAB-style folder through a ConvNeXt: test left live, scored through the backbone at
     the end of training, and `predict` on the test images matches the side network on a cached copy."""
-    from conftest import config
-    from sidetune.engine import TrainConfig, restore_sidenet
-    from sidetune.predict import predict
-    from sidetune.runs import open_run
+    from conftest import assert_live_run_predicts_its_cached_logits, config
 
-    options = {"spec": "cnn-grid7", "pretrained": False, "workers": 0}
-    sidetune.extract("test_convnext", str(vtab_folder), tmp_path / "live", **options)
-    run_dir, result = sidetune.train(tmp_path / "live", config("last", epochs=2, rank=4, pool="mean"), out=tmp_path / "run")
-    assert json.loads((run_dir / "metrics.json").read_text())["eval_split"] == "test" and result.top1 is not None
-    sidetune.extract("test_convnext", str(vtab_folder), tmp_path / "cached", splits=["test"], **options)
-    cached = torch.from_numpy(sidetune.open_cache(tmp_path / "cached").split("test").load())
-    run = open_run(run_dir)
-    net = restore_sidenet(run.cache_manifest, TrainConfig.from_record(run.config["config"]), run.state())
-    paths = [vtab_folder / line.split()[0] for line in (vtab_folder / "test.txt").read_text().splitlines()]
-    with torch.no_grad():
-        torch.testing.assert_close(torch.stack([p.logits for p in predict(run_dir, paths)]), net(cached)[0].float(),
-                                   atol=1e-4, rtol=1e-4)
+    assert_live_run_predicts_its_cached_logits("test_convnext", "cnn-grid7", vtab_folder, tmp_path,
+                                               config("last", epochs=2, rank=4, pool="mean"))
 
 
 def test_stacked_side_networks_on_a_cnn_cache_train_as_they_do_alone(convnext_digits):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sidetune
-from conftest import config, extract_tiny, python_path
+from conftest import assert_live_run_predicts_its_cached_logits, config, extract_tiny, python_path
 from sidetune.cache.layout import StageShape
 from sidetune.cache.loader import load_features
 from sidetune.cache.spec import CacheSpec, specs_serving
@@ -186,3 +186,10 @@ def test_extract_summed_then_train_and_sweep_mist_through_the_cli(tmp_path):
     done = cli("train", "--cache", cache, "--method", "mist", "--groups", "2", "--epochs", "1",
                "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "refused"))
     assert done.returncode != 0 and "Use --groups 3" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_mist_run_on_a_summed_cache_scores_its_live_test_split_and_predicts_the_logits_its_cache_gives(
+        tmp_path, vtab_folder):
+    """The sums of a live split and of `predict`'s images are computed as extraction computes them."""
+    assert_live_run_predicts_its_cached_logits("test_vit", "summed3", vtab_folder, tmp_path,
+                                               config("mist", epochs=2, rank=4, depth=1))
