@@ -5,8 +5,10 @@ the random test_vit.
 
     python benchmarks/sweep_vs_runs.py [--configs 16] [--epochs 3] [--out FILE]
 
-Per case: wall seconds, the CPU's user and system seconds and the minor page faults of the
-child processes (getrusage), and the ratio to the K separate runs."""
+Every case runs twice: as the command line runs by default (glibc's malloc keeping freed memory,
+`sidetune.compute.keep_freed_memory`) and with SIDETUNE_MALLOC=default (the C library's own
+settings). Per case: wall seconds, the CPU's user and system seconds and the minor page faults
+of the child processes (getrusage), and the ratio to the K separate runs of the same allocator."""
 
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LRS = ("3e-4", "1e-3", "3e-3", "1e-2")
 
 
-def command(*args: str) -> dict:
+def command(*args: str, malloc: str) -> dict:
     """Run `python -m sidetune ARGS` to completion; its wall, user and system seconds and faults."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "SIDETUNE_MALLOC": malloc}
     done = subprocess.run([sys.executable, "-m", "sidetune", *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode:
@@ -62,23 +64,27 @@ def main() -> None:
     common = ["--cache", str(cache), "--method", "last", "--rank", "8", "--epochs", str(args.epochs),
               "--train-split", "train800", "--eval-split", "val200", "--device", "cpu"]
     runs_dir = WORK / "sweep-vs-runs"
-    separate: dict = {}
-    for seed, lr in configs:
-        separate = add(separate, command("train", *common, "--lr", lr, "--seed", str(seed), "--overwrite",
-                                         "--out", str(runs_dir / f"run-{seed}-{lr}")))
-    rows = [{"case": f"{args.configs} separate `sidetune train` runs", "max_stack": None, **separate}]
-    print(rows[-1], flush=True)
-    for stack in map(int, args.stacks.split(",")):
-        seeds_text = ",".join(sorted({str(seed) for seed, _ in configs}))
-        out = runs_dir / f"sweep-{stack}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        rows.append({"case": f"one `sidetune sweep`, --max-stack {stack}", "max_stack": stack,
-                     **command("sweep", *common, "--protocol", "none", "--lr", ",".join(LRS), "--seed", seeds_text,
-                               "--max-stack", str(stack), "--out", str(out))})
-        print(rows[-1], flush=True)
-    for row in rows:
-        row["vs_separate"] = round(row["seconds"] / separate["seconds"], 3)
-        row.update({key: round(row[key], 2) for key in ("seconds", "user", "system")})
+    rows = []
+    for malloc in ("kept", "default"):
+        separate: dict = {}
+        for seed, lr in configs:
+            separate = add(separate, command("train", *common, "--lr", lr, "--seed", str(seed), "--overwrite",
+                                             "--out", str(runs_dir / f"run-{seed}-{lr}"), malloc=malloc))
+        cases = [{"case": f"{args.configs} separate `sidetune train` runs", "max_stack": None, **separate}]
+        print(cases[-1], flush=True)
+        for stack in map(int, args.stacks.split(",")):
+            seeds_text = ",".join(sorted({str(seed) for seed, _ in configs}))
+            out = runs_dir / f"sweep-{stack}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            cases.append({"case": f"one `sidetune sweep`, --max-stack {stack}", "max_stack": stack,
+                          **command("sweep", *common, "--protocol", "none", "--lr", ",".join(LRS), "--seed",
+                                    seeds_text, "--max-stack", str(stack), "--out", str(out), malloc=malloc)})
+            print(cases[-1], flush=True)
+        for row in cases:
+            row["malloc"] = malloc
+            row["vs_separate"] = round(row["seconds"] / separate["seconds"], 3)
+            row.update({key: round(row[key], 2) for key in ("seconds", "user", "system")})
+        rows += cases
     write_result("sweep_vs_runs", {"model": "test_vit", "method": "last (rank 8)", "configs": args.configs,
                                    "epochs": args.epochs, "machine": machine(torch.device("cpu")), "rows": rows},
                  args.out)

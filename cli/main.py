@@ -540,6 +540,9 @@ def datasets() -> None:
 
 def main() -> None:
     """Console-script entry point: user errors print as one paragraph, exit status 2."""
+    from sidetune.compute import keep_freed_memory
+
+    keep_freed_memory()
     try:
         app()
     except SidetuneError as error:
