@@ -173,7 +173,8 @@ def test_extract_summed_then_train_and_sweep_mist_through_the_cli(tmp_path):
     done = cli("extract", "--model", "test_vit", "--dataset", "digits", "--no-pretrained", "--spec", "summed3",
                "--splits", "train800,val200", "--limit", "64", "--out", cache)
     assert done.returncode == 0, done.stderr
-    assert "the sum of stages 0..2, the sum of stages 3..4, the sum of stages 5..6, stage 6" in cli("info", cache).stdout
+    info = cli("info", cache)
+    assert "the sum of stages 0..2, the sum of stages 3..4, the sum of stages 5..6, stage 6" in info.stderr
     done = cli("train", "--cache", cache, "--method", "mist", "--epochs", "2", "--depth", "1", "--rank", "4",
                "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
