@@ -195,9 +195,9 @@ def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], f
                   one_shape: bool = True, sums: bool = False) -> list[str]:
     """The shipped specs that keep `stages` (of a backbone with stages `first`..`depth`) with
     tokens in `token_modes` (int8 and summed ones only if the backbone's stages have
-    `one_shape`), the fewest bytes per
-    image first (pooling specs, made for CNNs, last). Summed specs serve a method that reads
-    sums (`sums`: MIST) where they keep the last stage, any other method through that stage."""
+    `one_shape`), the fewest bytes per image first (pooling specs, made for CNNs, last). Summed
+    specs serve a method that reads sums (`sums`: MIST) where they keep the last stage, and any
+    other method through that stage alone."""
     dtype_bytes = {"int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
     serving = []
     for name in available_specs():
@@ -209,7 +209,8 @@ def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], f
         entries = len(kept)
         if spec.sum_groups is not None:
             entries = spec.sum_groups + spec.keep_last
-            kept = ([depth] if spec.keep_last else []) if not sums else (stages if spec.keep_last else [])
+            last = [depth] if spec.keep_last else []
+            kept = (stages if last else []) if sums else last
         if spec.tokens in token_modes and set(stages) <= set(kept) and (one_shape or (
                 spec.dtype != "int8" and spec.sum_groups is None)):
             serving.append((spec.max_grid is not None, spec.tokens == "all", entries * dtype_bytes[spec.dtype], name))
