@@ -11,7 +11,10 @@ against the disk's raw sequential write, measured in one run.
 - forward: the same DataLoader, transform, batch size and backbone forward over every stage,
   results dropped. Each is run twice, alternating; the faster of each counts.
 - write: the cache's bytes written again through the cache writer (zarr shards, as extract
-  writes them) vs the same bytes written raw to one file; both end with os.sync()."""
+  writes them) vs the same bytes written raw to one file; both end with os.sync().
+
+Like the command line, it first has glibc keep freed memory (`keep_freed_memory`);
+SIDETUNE_MALLOC=default measures with the C library's own settings (recorded as `malloc`)."""
 
 from __future__ import annotations
 
@@ -40,10 +43,11 @@ def main() -> None:
 
     import sidetune
     from sidetune.backbones import forward_stages, load_backbone, resolve_preprocessing
-    from sidetune.compute import resolve_compute, autocast
+    from sidetune.compute import autocast, keep_freed_memory, resolve_compute
     from sidetune.datasets import load_source
     from sidetune.extract import _ImageDataset, _collate, default_workers
 
+    malloc = "kept" if keep_freed_memory() else "default"
     folder = generated_images(WORK / f"images-{args.images}", args.images)
     cache_path = WORK / f"extract-{args.model}-{args.images}"
     device, dtype = resolve_compute(args.device, "auto")
@@ -86,7 +90,7 @@ def main() -> None:
     ]
     for row in rows:
         print(row)
-    write_result("extraction", {"model": args.model, "images": args.images, "batch_size": args.batch_size,
+    write_result("extraction", {"model": args.model, "images": args.images, "batch_size": args.batch_size, "malloc": malloc,
                                 "cache_bytes": int(tokens.nbytes), "machine": machine(device), "rows": rows}, args.out)
 
 

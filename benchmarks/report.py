@@ -58,8 +58,10 @@ def sweep_vs_runs(record: dict) -> str:
 
 def extraction(record: dict) -> str:
     rows = [[r["measure"], r["value"], f"{r['ratio']:.0%}" if "ratio" in r else None] for r in record["rows"]]
+    allocator = {"kept": ", glibc keeping freed memory (the CLI's default)", "default": ", glibc's own malloc settings"}
     return (f"{describe(record)} {record['model']}, {record['images']} images, batch {record['batch_size']}, "
-            f"{record['cache_bytes'] / 1e6:.0f} MB of cache.\n\n" + table(["measure", "value", "of the baseline"], rows))
+            f"{record['cache_bytes'] / 1e6:.0f} MB of cache{allocator.get(record.get('malloc'), '')}.\n\n"
+            + table(["measure", "value", "of the baseline"], rows))
 
 
 def loading(record: dict) -> str:
