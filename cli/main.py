@@ -212,7 +212,7 @@ def train(
             opened, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
             eval_every=eval_every, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs,
             tensorboard=_tensorboard(log_to), overwrite=overwrite, on_epoch=progress.epoch_done,
-            log=lambda message: console.print(f"[dim]{message}"),
+            live_progress=progress, log=lambda message: console.print(f"[dim]{message}"),
         )
     show_run(run_dir)
 
@@ -404,7 +404,7 @@ def sweep(
                    max_stack=max_stack, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs,
                    tensorboard=_tensorboard(log_to), halving=Halving(halving_factor, halving_min_epochs) if halving else None)
     with TrainProgress(quiet=not main_rank) as progress:
-        callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done)
+        callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done, live_progress=progress)
         if caches is not None:
             def announce(name: str, number: int, total: int) -> None:
                 if main_rank:

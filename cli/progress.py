@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
@@ -50,14 +52,16 @@ class RichProgress(ProgressSink):
         self.progress.advance(self.task, images)
 
 
-class TrainProgress:
+class TrainProgress(ProgressSink):
     """A rich bar over epochs: loss, training accuracy, eval accuracy when measured, and
     throughput in images per second (x configurations); the mean over stacked configurations.
-    A sweep adds one bar per stack (`stack_started`)."""
+    A sweep adds one bar per stack (`stack_started`). A live split's pass through the backbone
+    (the test split, scored at the end) gets a bar of images and images per second."""
 
     def __init__(self, description: str | None = None, epochs: int | None = None, quiet: bool = False):
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.fields[unit]} {task.completed}/{task.total}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("train {task.fields[train]}"),
             TextColumn("eval {task.fields[eval]}"), TextColumn("{task.fields[rate]} img/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
@@ -74,7 +78,18 @@ class TrainProgress:
         self.progress.stop()
 
     def add(self, description: str, epochs: int) -> None:
-        self.task = self.progress.add_task(description, total=epochs, loss="-", train="-", eval="-", rate="-")
+        self.task = self.progress.add_task(description, total=epochs, unit="epoch", loss="-", train="-", eval="-",
+                                           rate="-")
+
+    def start_split(self, name: str, total_images: int, done_images: int) -> None:
+        self.live = self.progress.add_task(name, total=total_images, completed=done_images, unit="images", loss="-",
+                                           train="-", eval="-", rate="-")
+        self.live_started, self.live_done = time.perf_counter(), 0
+
+    def advance(self, images: int) -> None:
+        self.live_done += images
+        rate = self.live_done / max(time.perf_counter() - self.live_started, 1e-9)
+        self.progress.update(self.live, advance=images, rate=f"{rate:,.0f}")
 
     def stack_started(self, number: int, total: int, configs: list) -> None:
         self.add(f"{configs[0].method} stack {number + 1}/{total} ({len(configs)} configs)", configs[0].epochs)

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import yaml
@@ -39,6 +39,9 @@ from sidetune.sidenets import SIDENETS, method_options
 from sidetune.stacking import default_stack_limit, plan_stacks, stack_capacity
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.train import default_splits
+
+if TYPE_CHECKING:  # stage two never imports the backbone code at run time
+    from sidetune.extract import ProgressSink
 
 StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,
@@ -340,6 +343,7 @@ def sweep(
     halving: Halving | None = None,
     on_stack: StackCallback | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    live_progress: ProgressSink | None = None,
 ) -> SweepReport:
     """Train every configuration and write results.jsonl, results.csv and sweep.png to `out`.
 
@@ -354,7 +358,8 @@ def sweep(
     returns the merged report. `tensorboard` writes TensorBoard event files to
     `out`/tensorboard: per configuration and phase, scalars per epoch and an HParams entry.
     `halving` prunes each stack by successive halving while it selects (sidetune/halving.py);
-    the final retraining of the top-k runs in full."""
+    the final retraining of the top-k runs in full. `live_progress` hears a live test split's
+    pass through the backbone."""
     started = time.perf_counter()
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if not configs:
@@ -373,7 +378,8 @@ def sweep(
     torch_device = world.device(torch_device)
     out = sweep_dir(out, cache.path, world)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = LoadedSplits(cache, torch_device, memory_budget)  # one load of each split for every stack and phase
+    # one load of each split for every stack and phase; a live split's pass heard by live_progress
+    loaded = LoadedSplits(cache, torch_device, memory_budget, progress=live_progress)
     board = TensorBoardLog(out / "tensorboard") if tensorboard else None
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
                   cuda_graphs=cuda_graphs, loaded=loaded, board=board, halving=halving, on_stack=on_stack, on_epoch=on_epoch)

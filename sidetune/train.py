@@ -14,9 +14,10 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sidetune import runs
+from sidetune.cache.loader import LoadedSplits
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 from sidetune.compute import resolve_device
@@ -24,6 +25,9 @@ from sidetune.distributed import launched_world_size
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_learning_curve
 from sidetune.tensorboard_log import TensorBoardLog
+
+if TYPE_CHECKING:  # stage two never imports the backbone code at run time
+    from sidetune.extract import ProgressSink
 
 VTAB_DEFAULT = ("train800val200", "test")
 PLAIN_DEFAULT = ("train", "test")
@@ -58,13 +62,14 @@ def train(
     tensorboard: bool = False,
     overwrite: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    live_progress: ProgressSink | None = None,
     log: Callable[[str], None] = lambda message: None,
     checkpoint_seconds: float = 30.0,
 ) -> tuple[Path, TrainResult]:
     """Train one configuration and write its run directory; an interrupted run in `out` with
     the same settings resumes from its last checkpoint. `tensorboard` also writes TensorBoard
-    event files (scalars per epoch, the HParams entry) to `out`/tensorboard. Returns (run
-    directory, result)."""
+    event files (scalars per epoch, the HParams entry) to `out`/tensorboard. `live_progress`
+    hears a live evaluation split's pass through the backbone. Returns (run directory, result)."""
     if launched_world_size() > 1:
         raise SidetuneError("`sidetune train` trains one configuration in one process; under torchrun every rank "
                             "would write the same run. Run it without torchrun, or share configurations between "
@@ -106,8 +111,9 @@ def train(
             last_saved = time.monotonic()
 
     [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
-                           memory_budget=memory_budget, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint,
-                           compile=compile, cuda_graphs=cuda_graphs)
+                           on_epoch=epoch_done, resume=resume, checkpoint=checkpoint, compile=compile,
+                           cuda_graphs=cuda_graphs,
+                           loaded=LoadedSplits(cache, torch_device, memory_budget, progress=live_progress))
     if board is not None:
         board.result(".", config, result.top1, {"train_split": train_split, "eval_split": eval_split})
         board.close()

@@ -1,6 +1,7 @@
 """The command line as a user types it."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -86,3 +87,15 @@ def test_the_command_line_serves_a_steps_blocks_from_memory_it_keeps_not_from_fr
 
     assert mapped_mib("bare-python") == 20
     assert mapped_mib("after-the-cli") == 0
+
+
+def test_train_and_sweep_show_a_progress_bar_with_throughput_for_the_live_test_split(tmp_path, vtab_folder):
+    cache = str(tmp_path / "cache")
+    assert sidetune_cli("extract", "--model", "test_vit", "--no-pretrained", "--dataset", str(vtab_folder),
+                        "--out", cache).returncode == 0
+    trained = sidetune_cli("train", "--cache", cache, "--method", "linear", "--epochs", "1", "--out", str(tmp_path / "run"))
+    swept = sidetune_cli("sweep", "--cache", cache, "--method", "linear", "--lr", "0.1,0.3", "--epochs", "1",
+                         "--out", str(tmp_path / "sweep"))
+    for done in (trained, swept):
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"test \(live\).*images 6/6.* [\d,]+ img/s", done.stderr), done.stderr
