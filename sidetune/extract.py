@@ -287,19 +287,19 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
 def stored_tokens(backbone: Backbone, spec: CacheSpec, layout: TokenLayout, images: torch.Tensor) -> torch.Tensor:
     """(B, S, T, D) (or flat (B, E), sidetune/cache/layout.py) float32 tokens of one batch, as a
     cache of `layout` stores them before the spec's codec encodes them (sums added in float32, in
-    stage order). Extraction, live evaluation and `predict` all compute features here."""
+    stage order). Extraction, live evaluation and `predict` all compute features here. A sum
+    is accumulated as the backbone yields its stages, so a summed cache never holds them all."""
+    kept_at = {shape.stage: i for i, shape in enumerate(layout.shapes) if not shape.summed}
+    summed_at = {stage: i for i, shape in enumerate(layout.shapes) for stage in shape.summed}
+    outputs: list[torch.Tensor | None] = [None] * len(layout.shapes)
     wanted = layout.backbone_stages
-    selected = {stage: spec.select_tokens(x, backbone.shape_of(stage)).float()
-                for stage, x in zip(wanted, backbone.forward(images, wanted))}
-    outputs = []
-    for shape in layout.shapes:
-        if not shape.summed:
-            outputs.append(selected[shape.stage])
-            continue
-        total = selected[shape.summed[0]].clone()
-        for stage in shape.summed[1:]:
-            total += selected[stage]
-        outputs.append(total)
+    for stage, x in zip(wanted, backbone.forward(images, wanted)):
+        x = spec.select_tokens(x, backbone.shape_of(stage)).float()
+        if stage in summed_at:
+            i = summed_at[stage]
+            outputs[i] = x.clone() if outputs[i] is None else outputs[i].add_(x)
+        if stage in kept_at:
+            outputs[kept_at[stage]] = x
     return pack_stages(outputs)
 
 
