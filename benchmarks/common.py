@@ -44,7 +44,6 @@ def generated_images(folder: Path, count: int, classes: int = 4, size: int = 224
     return folder
 
 
-
 def vtab_style_folder(folder: Path) -> Path:
     """A VTAB-style folder of 1200 generated 64x64 images, 4 classes: list files for train800,
     val200, train800val200 and a 200-image test split."""
@@ -69,6 +68,7 @@ def random_vit_caches(prefix: str) -> dict:
         sidetune.extract("test_vit", dataset, path, pretrained=False, device="cpu")
         caches[task] = sidetune.open_cache(path)
     return caches
+
 
 def peak_memory(device: torch.device) -> int:
     """Bytes: this process's peak RSS on CPU, or the peak allocated GPU memory.

@@ -16,6 +16,7 @@ import argparse
 import itertools
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -75,7 +76,7 @@ def main() -> None:
         for stack in map(int, args.stacks.split(",")):
             seeds_text = ",".join(sorted({str(seed) for seed, _ in configs}))
             out = runs_dir / f"sweep-{stack}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            shutil.rmtree(out, ignore_errors=True)
             cases.append({"case": f"one `sidetune sweep`, --max-stack {stack}", "max_stack": stack,
                           **command("sweep", *common, "--protocol", "none", "--lr", ",".join(LRS), "--seed",
                                     seeds_text, "--max-stack", str(stack), "--out", str(out), malloc=malloc)})

@@ -58,6 +58,24 @@ def python_path() -> str:
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
+def sidetune_cli(*args, cwd=None):
+    """`python -m sidetune ARGS` as a user runs it, offline; output captured."""
+    import subprocess
+    import sys
+
+    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sidetune", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def float32_spec(folder: Path, name: str = "exact", **fields) -> str:
+    """A spec file of one's own, float32 so cached tokens can be compared exactly: every stage and
+    token unless `fields` say otherwise."""
+    path = folder / f"{name}.yaml"
+    lines = {"stages": "all", "tokens": "all", "dtype": "float32", "shard_images": 4, **fields}
+    path.write_text("".join(f"{key}: {value}\n" for key, value in lines.items()))
+    return str(path)
+
+
 def extract_tiny(dataset, out, **options):
     """`sidetune.extract` with test_vit (seeded random weights unless `weights` is given),
     in-process image loading; any extract option can be overridden."""

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import sidetune
 from cli.main import app
+from conftest import float32_spec
 from sidetune.backbones import Preprocessing
 
 # Tiny variants of real architectures, built by timm from a folder's config.json (model_args),
@@ -32,13 +33,6 @@ def local_model(folder, architecture: str, model_args: dict, seed: int = 0) -> s
     config["pretrained_cfg"]["input_size"] = [3, model_args["img_size"], model_args["img_size"]]
     (folder / "config.json").write_text(json.dumps(config))
     return f"local-dir:{folder}"
-
-
-def float32_spec(tmp_path, **fields) -> str:
-    path = tmp_path / "exact.yaml"
-    lines = {"stages": "all", "tokens": "all", "dtype": "float32", "shard_images": 4, **fields}
-    path.write_text("".join(f"{key}: {value}\n" for key, value in lines.items()))
-    return str(path)
 
 
 def timm_outputs(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:

@@ -6,12 +6,7 @@ import subprocess
 import sys
 
 import sidetune
-from conftest import python_path
-
-
-def sidetune_cli(*args, cwd=None):
-    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sidetune", *args], capture_output=True, text=True, env=env, cwd=cwd)
+from conftest import python_path, sidetune_cli
 
 
 def test_extract_then_info_shows_splits_sizes_and_completion(tmp_path):

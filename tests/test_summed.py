@@ -2,8 +2,6 @@
 network that reads them."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,19 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import sidetune
-from conftest import assert_live_run_predicts_its_cached_logits, config, extract_tiny, python_path
+from conftest import assert_live_run_predicts_its_cached_logits, config, extract_tiny, float32_spec, sidetune_cli
 from sidetune.cache.layout import StageShape
 from sidetune.cache.loader import load_features
 from sidetune.cache.spec import CacheSpec, specs_serving
 from sidetune.engine import build_sidenet, train_group
-
-
-def float32_spec(tmp_path, name: str, **fields) -> str:
-    """A user's own spec file: float32, so sums can be compared exactly."""
-    path = tmp_path / f"{name}.yaml"
-    lines = {"stages": "all", "tokens": "all", "dtype": "float32", "shard_images": 8, **fields}
-    path.write_text("".join(f"{key}: {value}\n" for key, value in lines.items()))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +155,7 @@ def test_mist_learns_digits_from_a_summed_cache_well_above_chance(tmp_path, devi
 
 
 def test_extract_summed_then_train_and_sweep_mist_through_the_cli(tmp_path):
-    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "COLUMNS": "200"}
-    cli = lambda *args: subprocess.run([sys.executable, "-m", "sidetune", *args], capture_output=True, text=True,
-                                       env=env, cwd=tmp_path)
+    cli = lambda *args: sidetune_cli(*args, cwd=tmp_path)
     cache = str(tmp_path / "cache")
     done = cli("extract", "--model", "test_vit", "--dataset", "digits", "--no-pretrained", "--spec", "summed3",
                "--splits", "train800,val200", "--limit", "64", "--out", cache)

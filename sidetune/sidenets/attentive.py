@@ -16,6 +16,7 @@ from sidetune.errors import SidetuneError
 from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, shared_product, small_normal, uniform_fan_in,
                                     zeros)
 
+
 class AttentiveProbe(SideNet):
     name = "attentive"
     norm_without_final_norm = True  # keys from unnormalised CNN features saturate the softmax
