@@ -29,13 +29,26 @@ def describe(record: dict) -> str:
 
 
 def stage_two(record: dict) -> str:
-    rows = [[r["batch_size"], r["method"], r["epoch_seconds"], f"{r['time_ratio_to_cache']}x",
-             round(r["peak_memory_bytes"] / 2**20), f"{r['memory_ratio_to_cache']}x"] for r in record["rows"]]
     memory = "peak GPU memory allocated (MiB)" if record["machine"]["device"] == "cuda" else "peak RSS (MiB)"
     note = f" {record['note']}" if record.get("note") else ""
-    return (f"{describe(record)} {record['model']} ({'pretrained' if record['pretrained'] else 'random weights'}), "
-            f"{record['images']} generated images (their train split).{note}\n\n"
-            + table(["batch", "way", "s / epoch", "time vs cache", memory, "memory vs cache"], rows))
+    heading = (f"{describe(record)} {record['model']} ({'pretrained' if record['pretrained'] else 'random weights'}), "
+               f"{record['images']} generated images (their train split).{note}\n\n")
+    if "summary" not in record:  # written before the per-method rows (LAST only; round two's first GPU run)
+        rows = [[r["batch_size"], r["method"], r["epoch_seconds"], f"{r['time_ratio_to_cache']}x",
+                 round(r["peak_memory_bytes"] / 2**20), f"{r['memory_ratio_to_cache']}x"] for r in record["rows"]]
+        return heading + table(["batch", "way", "s / epoch", "time vs cache", memory, "memory vs cache"], rows)
+    summary = [[r["batch_size"], r["method"], r["cache_seconds"], r["cache_compiled_seconds"], r["paper_seconds"],
+                f"{r['over_paper']}x", f"{r['over_paper_compiled']}x", f"{r['over_lora']}x", f"{r['over_lora_compiled']}x",
+                f"{r['side_gflop_per_image'] * 1000:.3g}", f"{100 * r['efficiency']:.2g}%", f"{100 * r['efficiency_compiled']:.2g}%"]
+               for r in record["summary"]]
+    rows = [[r["batch_size"], r["method"], r["way"], r["epoch_seconds"], round(r["peak_memory_bytes"] / 2**20)]
+            for r in record["rows"]]
+    return (heading + f"The backbone's forward: {record['backbone_gflop_per_image']} GFLOP per image. Each case the "
+            f"fastest of {record['repeats']} processes.\n\n"
+            + table(["batch", "side network", "cache s / epoch", "compiled", "paper's way", "speed-up over paper's way",
+                     "compiled", "over LoRA", "compiled", "side MFLOP / image (training)", "FLOP efficiency vs the forward",
+                     "compiled"], summary)
+            + "\n\nEvery case:\n\n" + table(["batch", "side network", "way", "s / epoch", memory], rows))
 
 
 def sweep_amortisation(record: dict) -> str:

@@ -1,25 +1,38 @@
-"""Stage two against the paper's way and against LoRA: time per epoch and peak memory.
+"""Stage two against the paper's way and against LoRA: time per epoch, peak memory, FLOP efficiency.
 
     python benchmarks/stage_two.py                                   # CPU: vit_tiny, 256 images, batch 32
     python benchmarks/stage_two.py --model vit_b16 --device cuda --batch-sizes 32,64 --images 1024
 
-Three ways to train on the same images, same batch size, one epoch measured after a warm-up
-epoch, each in its own process (so peak memory is its own):
+For each side network (linear, LAST r = 8, LoSA at its defaults) three ways to train on the same
+images with the same batch size, each in its own process (so peak memory is its own), timed as
+the fastest of three epochs after a warm-up epoch, and the fastest of `--repeats` such processes
+run in alternating order:
 
-- cache: LAST (r = 8) trained by sidetune's engine from the extracted cache; cache_compiled
-  the same with `--compile` (its warm-up epoch compiles).
-- paper: the identical LAST side network and optimiser step, with the frozen backbone run on
-  every batch to produce its inputs (no gradient through the backbone) — how LAST is trained
-  without a cache.
-- lora: LoRA (r = 8 on every block's qkv, B zero-initialised) on the same timm model with a
-  linear head, backpropagating through the backbone — what users run today.
+- cache: the side network trained by sidetune's engine from the extracted cache;
+  cache_compiled the same with `--compile` (its warm-up epoch compiles).
+- paper: the identical side network and optimiser step, with the frozen backbone run on every
+  batch to produce its inputs (no gradient through the backbone): how it is trained without a
+  cache.
 
-The images are decoded and preprocessed once into memory for paper and lora, so their
-figures exclude image decoding: the comparison favours them."""
+and, once per batch size, lora (LoRA r = 8 on every block's qkv, B zero-initialised, on the same
+timm model with a linear head, backpropagating through the backbone: what users run today) and
+forward (the bare backbone forward over the same batches: the FLOP rate the backbone reaches on
+this device).
+
+Efficiency is the side network's achieved training FLOP rate (analytic matrix-product FLOPs of
+its forward and backward as the engine computes them, `side_training_flops`, over the cache
+way's seconds) divided by the backbone forward's (`backbone_forward_flops` over the forward
+case's seconds). Element-wise work is not counted, so it shows how far a step is from pure
+matrix-product speed.
+
+The images are decoded and preprocessed once into memory for paper, lora and forward, so their
+figures exclude image decoding: the comparison favours them. Every case keeps freed memory as
+the command line does (`sidetune.compute.keep_freed_memory`)."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -30,8 +43,10 @@ from torch import nn
 
 from common import WORK, generated_images, machine, peak_memory, run_child, write_result
 
-LAST_OPTIONS = {"rank": 8}
+METHODS = {"linear": {}, "last": {"rank": 8}, "losa": {}}
 LORA_RANK = 8
+WAYS = ("cache", "cache_compiled", "paper")
+TIMED_EPOCHS = 3  # after a warm-up epoch; the fastest counts (this machine's noise is ±20% between epochs)
 
 
 def main() -> None:
@@ -39,6 +54,8 @@ def main() -> None:
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-sizes", default="32")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Side networks to measure (comma-separated).")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs of every case, alternating; the fastest counts.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pretrained", action="store_true", help="Hub weights (default: seeded random weights).")
     parser.add_argument("--out", type=Path, default=None)
@@ -46,39 +63,117 @@ def main() -> None:
     parser.add_argument("--args")
     args = parser.parse_args()
     if args.child:
+        from sidetune.compute import keep_freed_memory
+
+        keep_freed_memory()  # every case with the command line's allocator settings
         print(json.dumps(CASES[args.child](**json.loads(args.args))))
         return
 
     import sidetune
+    from sidetune.backbones import load_backbone
 
     folder = generated_images(WORK / f"images-{args.images}", args.images)
     cache_path = WORK / f"cache-{args.model}-{args.images}"
     sidetune.extract(args.model, str(folder), cache_path, pretrained=args.pretrained, device=args.device)
-    rows = []
+    cache = sidetune.open_cache(cache_path)
+    backbone = load_backbone(args.model, pretrained=False)
+    shapes = {"width": backbone.width, "depth": backbone.depth, "tokens": backbone.num_tokens,
+              "classes": len(cache.class_names)}
+    backbone_flops = backbone_forward_flops(backbone.model, backbone.num_tokens)
+    methods = args.methods.split(",")
+    rows: list[dict] = []
+    summary: list[dict] = []
     for batch_size in map(int, args.batch_sizes.split(",")):
         common = {"model": args.model, "cache": str(cache_path), "folder": str(folder), "batch_size": batch_size,
                   "device": args.device, "pretrained": args.pretrained}
-        measured = {case: run_child(Path(__file__), case, common) for case in CASES}
-        for case, result in measured.items():
-            row = {"batch_size": batch_size, "method": case, **result,
-                   "time_ratio_to_cache": round(result["epoch_seconds"] / measured["cache"]["epoch_seconds"], 2),
-                   "memory_ratio_to_cache": round(result["peak_memory_bytes"] / measured["cache"]["peak_memory_bytes"], 2)}
-            rows.append(row)
-            print(row, flush=True)
-    write_result("stage_two", {"model": args.model, "images": args.images, "pretrained": args.pretrained,
-                               "machine": machine(torch.device(args.device)), "rows": rows}, args.out)
+        cases = [("backbone", "forward"), ("lora", "lora")] + [(method, way) for method in methods for way in WAYS]
+        measured: dict[tuple[str, str], dict] = {}
+        for repeat in range(args.repeats):  # the fastest of alternating repeats counts
+            for method, way in cases if repeat % 2 == 0 else reversed(cases):
+                arguments = common if method in ("backbone", "lora") else {**common, "method": method}
+                result = run_child(Path(__file__), way, arguments)
+                if (method, way) not in measured or result["epoch_seconds"] < measured[(method, way)]["epoch_seconds"]:
+                    measured[(method, way)] = result
+        for method, way in cases:
+            result = measured[(method, way)]
+            rows.append({"batch_size": batch_size, "method": method, "way": way, **result})
+            print(rows[-1], flush=True)
+        summary += summarise(measured, methods, shapes, backbone_flops, batch_size)
+    write_result("stage_two", {"model": args.model, "images": args.images, "pretrained": args.pretrained, "repeats": args.repeats,
+                               "shapes": shapes, "backbone_gflop_per_image": round(backbone_flops / 1e9, 3),
+                               "machine": machine(torch.device(args.device)), "rows": rows, "summary": summary},
+                 args.out)
 
 
-def _cache_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool,
+def summarise(measured: dict[tuple[str, str], dict], methods: list[str], shapes: dict, backbone_flops: float,
+              batch_size: int) -> list[dict]:
+    """Per side network: its seconds each way, its speed-ups over the paper's way and LoRA, its
+    analytic training FLOPs per image and its FLOP efficiency (eager and compiled)."""
+    forward, lora = measured[("backbone", "forward")]["epoch_seconds"], measured[("lora", "lora")]["epoch_seconds"]
+    summary = []
+    for method in methods:
+        flops = side_training_flops(method, METHODS[method], **shapes, batch_size=batch_size)
+        seconds = {way: measured[(method, way)]["epoch_seconds"] for way in WAYS}
+        row = {"batch_size": batch_size, "method": method, **{f"{way}_seconds": s for way, s in seconds.items()},
+               "side_gflop_per_image": float(f"{flops / 1e9:.4g}")}
+        for suffix, way in (("", "cache"), ("_compiled", "cache_compiled")):
+            row[f"over_paper{suffix}"] = round(seconds["paper"] / seconds[way], 2)
+            row[f"over_lora{suffix}"] = round(lora / seconds[way], 2)
+            row[f"efficiency{suffix}"] = float(f"{flops * forward / (backbone_flops * seconds[way]):.3g}")
+        summary.append(row)
+        print(row, flush=True)
+    return summary
+
+
+def backbone_forward_flops(model: nn.Module, tokens: int) -> float:
+    """FLOPs (2 per multiply-add) of one image through a timm ViT's patch embedding and blocks:
+    every linear layer of a block applied to every token, and attention's two T x T products."""
+    proj = model.patch_embed.proj
+    patches = tokens - model.num_prefix_tokens
+    total = 2 * patches * proj.in_channels * math.prod(proj.kernel_size) * proj.out_channels
+    for block in model.blocks:
+        total += sum(2 * tokens * m.in_features * m.out_features for m in block.modules() if isinstance(m, nn.Linear))
+        total += 2 * 2 * tokens * tokens * model.embed_dim
+    return float(total)
+
+
+def side_training_flops(method: str, options: dict, width: int, depth: int, tokens: int, classes: int,
+                        batch_size: int) -> float:
+    """FLOPs (2 per multiply-add) of one image's training forward and backward through a side
+    network, matrix products only, as the engine computes them (frozen inputs need no gradient);
+    products of weights alone, once per step, count a batch's share."""
+    d, t = width, tokens
+    head = 2 * 2 * d * classes  # the linear head: forward and its weights' gradient
+    if method == "linear":
+        return float(head)
+    if method == "last":  # low-rank form (sidetune/sidenets/last.py), depth 1, gap 1: one module per block
+        r = options["rank"]
+        total = 0.0
+        for j in range(depth):  # module j carries the corrections of the j modules before it
+            shared = 2 * t * d * (3 * r + j * r)  # the shared tokens times [γ⊙W, W_Oᵀ]; backward: weights only
+            corrections = 2 * t * (j * r) * (3 * r)  # A (W_O (γ⊙W)); backward: both operands
+            attention = 2 * 2 * t * t * r  # QKᵀ and PV; backward: four such products
+            weights = 2 * (j * r) * d * (3 * r + j * r)  # W_O (γ⊙W) and the Gram W_O W_Oᵀ, once per step
+            total += 2 * shared + 3 * corrections + 3 * attention + 3 * weights / batch_size
+        return total + 3 * 2 * (depth * r) * d + head  # y = x_N + A W_O at the CLS token
+    if method == "losa":  # per block: token mixing (T -> r_t -> T) and channel mixing (D -> r_c -> D)
+        mixing = 2 * 2 * d * t * (options.get("token_rank", 16) + options.get("channel_rank", 16))
+        return float(depth * 3 * mixing + head)  # backward: inputs and weights
+    raise ValueError(f"no FLOP count for {method}")
+
+
+def _cache_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool, method: str,
                 compile: bool = False) -> dict:
     import sidetune
     from sidetune.engine import train_group
 
-    epochs = []
-    config = sidetune.TrainConfig.create("last", LAST_OPTIONS, epochs=2, warmup_epochs=0, batch_size=batch_size)
+    ends = []
+    config = sidetune.TrainConfig.create(method, METHODS[method], epochs=1 + TIMED_EPOCHS, warmup_epochs=0,
+                                         batch_size=batch_size)
     train_group(sidetune.open_cache(cache), [config], "train", "train", torch.device(device),
-                on_epoch=lambda stats: epochs.append(stats.seconds), compile=compile)
-    return {"epoch_seconds": round(epochs[1] - epochs[0], 3), "peak_memory_bytes": peak_memory(torch.device(device))}
+                on_epoch=lambda stats: ends.append(stats.seconds), compile=compile, evaluate=False)
+    return {"epoch_seconds": round(min(b - a for a, b in itertools.pairwise(ends)), 3),
+            "peak_memory_bytes": peak_memory(torch.device(device))}
 
 
 def _images(backbone, folder: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +187,7 @@ def _images(backbone, folder: str, device: torch.device) -> tuple[torch.Tensor, 
     return images.to(device), torch.from_numpy(split.labels).to(device)
 
 
-def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool) -> dict:
+def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool, method: str) -> dict:
     import sidetune
     from sidetune.backbones import forward_stages, load_backbone
     from sidetune.engine import StackedStep, build_sidenet, training_autocast
@@ -102,7 +197,7 @@ def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: st
     backbone = load_backbone(model, pretrained=pretrained)
     backbone.model.to(device)
     images, labels = _images(backbone, folder, device)
-    net = build_sidenet(sidetune.open_cache(cache), "last", LAST_OPTIONS, 1)
+    net = build_sidenet(sidetune.open_cache(cache), method, METHODS[method], 1)
     net.reset_parameters([0])
     net.to(device)
     stages = net.stages_needed()
@@ -116,6 +211,26 @@ def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: st
                 tokens = torch.stack([x.half() for x in forward_stages(backbone.model, images[begin:begin + batch_size], stages)], 1)
             number += 1
             step(tokens, labels[begin:begin + batch_size], number, 1.0)
+        return number
+
+    return _timed_epochs(epoch, device)
+
+
+def _forward_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool) -> dict:
+    """The bare backbone forward over the batches (the part of the paper's way the cache removes)."""
+    from sidetune.backbones import forward_stages, load_backbone
+    from sidetune.engine import training_autocast
+
+    device = torch.device(device)
+    backbone = load_backbone(model, pretrained=pretrained)
+    backbone.model.to(device)
+    images, _ = _images(backbone, folder, device)
+
+    def epoch(number: int) -> int:
+        for begin in range(0, len(images), batch_size):
+            with torch.no_grad(), training_autocast(device):
+                for _ in forward_stages(backbone.model, images[begin:begin + batch_size], [backbone.depth]):
+                    pass
         return number
 
     return _timed_epochs(epoch, device)
@@ -168,13 +283,16 @@ def _lora_case(model: str, cache: str, folder: str, batch_size: int, device: str
 
 
 def _timed_epochs(epoch, device: torch.device) -> dict:
-    """One warm-up epoch, then one timed epoch."""
+    """One warm-up epoch, then the fastest of TIMED_EPOCHS timed ones."""
     step = epoch(0)
-    _synchronize(device)
-    started = time.perf_counter()
-    epoch(step)
-    _synchronize(device)
-    return {"epoch_seconds": round(time.perf_counter() - started, 3), "peak_memory_bytes": peak_memory(device)}
+    seconds = []
+    for _ in range(TIMED_EPOCHS):
+        _synchronize(device)
+        started = time.perf_counter()
+        step = epoch(step)
+        _synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return {"epoch_seconds": round(min(seconds), 3), "peak_memory_bytes": peak_memory(device)}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -183,7 +301,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 CASES = {"cache": _cache_case, "cache_compiled": lambda **args: _cache_case(**args, compile=True),
-         "paper": _paper_case, "lora": _lora_case}
+         "paper": _paper_case, "lora": _lora_case, "forward": _forward_case}
 
 if __name__ == "__main__":
     main()
