@@ -10,7 +10,8 @@ Reports, per method and K, the seconds for 2 epochs on train800 (trained, evalua
 val200; the split's features are loaded once beforehand and shared by every run) and the ratio to K = 1, and the seconds of K separate single-config runs
 (measured, one after another in the same process) with the speed-up of the sweep over them.
 The `torch.compile` rows run each K twice: the first run (compiling) is reported as
-`first_run_seconds`, the second as `seconds`."""
+`first_run_seconds`, the second as `seconds`. The process keeps freed memory as the command
+line does."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 import sidetune
 from common import WORK, generated_images, machine, write_result
 from sidetune.cache.loader import LoadedSplits
+from sidetune.compute import keep_freed_memory
 from sidetune.engine import train_group
 from sidetune.sweep import expand_grid
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--skip-compile", action="store_true", help="Leave out the torch.compile rows.")
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does
     device = torch.device(args.device)
     splits = ("train800", "val200")
     if args.model:
