@@ -36,7 +36,7 @@ step() {  # step NAME COMMAND...: run when wanted, log to $out/NAME.log, remembe
 }
 step step_profile python3 benchmarks/step_profile.py --device cuda --width 768 --depth 12 --stacks 1,16 --out "$out/step_profile_gpu.json"
 step tests python3 -m pytest -q --device cuda -p no:cacheprovider -m "not real_weights" ${SIDETUNE_GPU_TESTS:-}
-step stage_two python3 benchmarks/stage_two.py --model vit_b16 --device cuda --batch-sizes 32,64 --images 1024 --out "$out/stage_two_gpu.json"
+step stage_two python3 benchmarks/stage_two.py --model vit_b16 --device cuda --batch-sizes 32,64 --images 1024 --repeats 1 --out "$out/stage_two_gpu.json"
 step sweep_amortisation python3 benchmarks/sweep_amortisation.py --model vit_b16 --device cuda --images 1024 --stacks 1,4,16,64 --skip-compile --out "$out/sweep_amortisation_gpu.json"
 step extraction python3 benchmarks/extraction.py --model vit_b16 --device cuda --images 1024 --batch-size 64 --out "$out/extraction_gpu.json"
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi
