@@ -3,7 +3,7 @@
     python benchmarks/stage_two.py                                   # CPU: vit_tiny, 256 images, batch 32
     python benchmarks/stage_two.py --model vit_b16 --device cuda --batch-sizes 32,64 --images 1024
 
-For each side network (linear, LAST r = 8, LoSA at its defaults) three ways to train on the same
+For each side network (linear, LAST r = 8, LoSA r_t = r_c = 16) three ways to train on the same
 images with the same batch size, each in its own process (so peak memory is its own), timed as
 the fastest of three epochs after a warm-up epoch, and the fastest of `--repeats` such processes
 run in alternating order:
@@ -43,7 +43,7 @@ from torch import nn
 
 from common import WORK, generated_images, machine, peak_memory, run_child, write_result
 
-METHODS = {"linear": {}, "last": {"rank": 8}, "losa": {}}
+METHODS = {"linear": {}, "last": {"rank": 8}, "losa": {"token_rank": 16, "channel_rank": 16}}  # LoSA: its defaults
 LORA_RANK = 8
 WAYS = ("cache", "cache_compiled", "paper")
 TIMED_EPOCHS = 3  # after a warm-up epoch; the fastest counts (this machine's noise is ±20% between epochs)
@@ -157,7 +157,7 @@ def side_training_flops(method: str, options: dict, width: int, depth: int, toke
             total += 2 * shared + 3 * corrections + 3 * attention + 3 * weights / batch_size
         return total + 3 * 2 * (depth * r) * d + head  # y = x_N + A W_O at the CLS token
     if method == "losa":  # per block: token mixing (T -> r_t -> T) and channel mixing (D -> r_c -> D)
-        mixing = 2 * 2 * d * t * (options.get("token_rank", 16) + options.get("channel_rank", 16))
+        mixing = 2 * 2 * d * t * (options["token_rank"] + options["channel_rank"])
         return float(depth * 3 * mixing + head)  # backward: inputs and weights
     raise ValueError(f"no FLOP count for {method}")
 
