@@ -147,15 +147,16 @@ def side_training_flops(method: str, options: dict, width: int, depth: int, toke
     if method == "linear":
         return float(head)
     if method == "last":  # low-rank form (sidetune/sidenets/last.py), depth 1, gap 1: one module per block
-        r = options["rank"]
-        total = 0.0
-        for j in range(depth):  # module j carries the corrections of the j modules before it
-            shared = 2 * t * d * (3 * r + j * r)  # the shared tokens times [γ⊙W, W_Oᵀ]; backward: weights only
-            corrections = 2 * t * (j * r) * (3 * r)  # A (W_O (γ⊙W)); backward: both operands
-            attention = 2 * 2 * t * t * r  # QKᵀ and PV; backward: four such products
-            weights = 2 * (j * r) * d * (3 * r + j * r)  # W_O (γ⊙W) and the Gram W_O W_Oᵀ, once per step
-            total += 2 * shared + 3 * corrections + 3 * attention + 3 * weights / batch_size
-        return total + 3 * 2 * (depth * r) * d + head  # y = x_N + A W_O at the CLS token
+        r, m = options["rank"], depth
+        shared = 2 * t * d * 3 * r * m + 2 * t * d * m * r * m  # S = X_g (γ⊙W_g) and U = X_g W_Oᵀ, every group
+        chain = sum(2 * t * j * r * 3 * r + 2 * t * j * r + 2 * t * (j + 1) * r * r  # corrections, mean, |C|^2
+                    + 2 * 2 * t * t * r  # QKᵀ and PV
+                    + 2 * t * (m - j - 1) * 3 * r * r + 2 * t * m * r * r  # backward: later modules' gradients of a_j
+                    + 5 * 2 * t * t * r for j in range(m))  # backward: the scores again, dV, dP, dQ, dK
+        sums = (2 * 2 * m * t * 3 * r + 2 * m * m * t + 2 * t * m * r + 2 * m * m * t * 2  # c, b, w1, the masks
+                + 2 * t * (m * r) ** 2 + 2 * t * m * r * m * 3 * r)  # G and Z: sums over tokens of products with A
+        small = 3 * (2 * m * d * 3 * r + 2 * m * r * d * m * 3 * r + 2 * m * r * d * m * r)  # βW, Z, G; once per step
+        return 2 * shared + chain + sums + small / batch_size + 3 * 2 * m * r * d + head  # y = x_N + A W_O at CLS
     if method == "losa":  # per block: token mixing (T -> r_t -> T) and channel mixing (D -> r_c -> D)
         mixing = 2 * 2 * d * t * (options["token_rank"] + options["channel_rank"])
         return float(depth * 3 * mixing + head)  # backward: inputs and weights

@@ -24,6 +24,7 @@ from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatur
 from sidetune.cache.reader import Cache
 from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError
+from sidetune.kernels import check_fused
 from sidetune.optim import StackedAdamW
 from sidetune.sidenets import SIDENETS, FeatureLayout, SideNet, create_sidenet, resolve_options
 
@@ -242,15 +243,16 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
                 device: str | torch.device = "cpu", *, eval_every: int = 0, memory_budget: int | None = None,
                 on_epoch: Callable[[EpochStats], None] | None = None, resume: GroupState | None = None,
                 checkpoint: Checkpointer | None = None, compile: bool = False, cuda_graphs: bool | None = None,
-                loaded: LoadedSplits | None = None, evaluate: bool = True, until_epoch: int | None = None
-                ) -> list[TrainResult]:
+                fused: bool = False, loaded: LoadedSplits | None = None, evaluate: bool = True,
+                until_epoch: int | None = None) -> list[TrainResult]:
     """Train configs that share a group key, stacked along the leading axis, and evaluate
     them on `eval_split` after training (and every `eval_every` epochs, which also keeps the
     best state). `on_epoch` sees each epoch's stats; `checkpoint` receives the group's state
     after each epoch, and `resume` continues from such a state. `compile` runs the training
     forward through `torch.compile` (fused kernels; a one-off compile cost per shape).
     `cuda_graphs` captures each step (forward, backward, optimizer) in a CUDA graph and replays
-    it: on by default on CUDA. `loaded` shares the splits' features with other stacks (a sweep
+    it: on by default on CUDA. `fused` runs the fused Triton kernels (sidetune/kernels/: LAST's and
+    MIST's chain of modules, the optimizer) instead of their torch implementations. `loaded` shares the splits' features with other stacks (a sweep
     passes one to all its stacks). With `evaluate` False the final evaluation is left to the
     caller (`score`), whose results then have no top-1 yet. `until_epoch` stops after that
     epoch (the schedule stays that of the full run): with the state `checkpoint` received,
@@ -274,8 +276,11 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         raise SidetuneError(f"--eval-every would run the backbone over the live split {eval_split} every "
                             f"{eval_every} epochs. Evaluate during training on a cached split (--eval-split val200), "
                             f"or extract {eval_split} into the cache with --splits.")
+    if fused:
+        check_fused(device)
     started = time.perf_counter()
     net = build_sidenet(cache, first.method, dict(first.options), len(configs))
+    net.fused = fused
     net.reset_parameters([c.seed for c in configs])
     net.to(device)
     stages = net.stages_needed()
@@ -292,7 +297,8 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
 
     k = len(configs)
     fingerprint = [c.describe() for c in configs]
-    optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]), torch.tensor([c.weight_decay for c in configs]))
+    optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]), torch.tensor([c.weight_decay for c in configs]),
+                             fused=fused)
     state = GroupState(0, {}, {}, torch.ones(k, dtype=torch.bool), {}, [], [None] * k, fingerprint)
     if resume is not None:
         state = _restore(net, optimizer, state, resume)
@@ -517,6 +523,9 @@ def _restore(net: SideNet, optimizer: StackedAdamW, fresh: GroupState, saved: Gr
     if _configs(saved.fingerprint) != _configs(fresh.fingerprint):
         raise SidetuneError("The checkpoint was written for other configurations than these; "
                             "start a new run directory (or pass the same settings to resume).")
+    saved.parameters = net.upgrade_state(saved.parameters, stacked=True)
+    first, second = (net.upgrade_state({name: pair[i] for name, pair in saved.moments.items()}, stacked=True) for i in (0, 1))
+    saved.moments = {name: (first[name], second[name]) for name in first}
     with torch.no_grad():
         for name, parameter in net.named_parameters():
             parameter.copy_(saved.parameters[name])

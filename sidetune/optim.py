@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from sidetune.kernels.adamw import stacked_adamw_
 from sidetune.sidenets import SideNet
 
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 
 
 class StackedAdamW:
@@ -23,7 +22,8 @@ class StackedAdamW:
     After construction the parameters alias one flat buffer: do not move the network to another
     device afterwards."""
 
-    def __init__(self, net: SideNet, lr: torch.Tensor, weight_decay: torch.Tensor):
+    def __init__(self, net: SideNet, lr: torch.Tensor, weight_decay: torch.Tensor, fused: bool = False):
+        self.fused = fused
         named = list(net.named_parameters())
         k = net.num_configs
         device = named[0][1].device
@@ -51,25 +51,19 @@ class StackedAdamW:
             parameter.grad = None
 
     def gathered_gradients(self) -> torch.Tensor:
-        """(K, P): every parameter's gradient (zero where it has none), non-finite values zeroed."""
+        """(K, P): every parameter's gradient (zero where it has none), in one concatenation."""
         k = len(self.params)
-        grads = torch.cat([torch.zeros(k, p[0].numel(), device=p.device) if p.grad is None else p.grad.reshape(k, -1)
-                           for p in self.parameters], dim=1)
-        return torch.nan_to_num_(grads, nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.cat([torch.zeros(k, p[0].numel(), device=p.device) if p.grad is None else p.grad.reshape(k, -1)
+                          for p in self.parameters], dim=1)
 
     @torch.no_grad()
     def step(self, lr_scale: torch.Tensor, step: torch.Tensor, active: torch.Tensor) -> None:
         """One update with every configuration's lr times `lr_scale` (a scalar tensor), bias
         correction for update number `step` (a scalar tensor, from 1), inactive configs unchanged.
-        Takes only device tensors: no host synchronisation, capturable in a CUDA graph."""
-        beta1, beta2 = BETAS
-        grads = self.gathered_gradients()
-        self.exp_avg.mul_(beta1).add_(grads, alpha=1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-        lr = torch.where(active[:, None], self.lr * lr_scale, 0.0)
-        self.params.mul_(1 - lr * self.weight_decay * self.decay)
-        denominator = (self.exp_avg_sq / (1 - torch.pow(beta2, step))).sqrt_().add_(EPS)
-        self.params.addcdiv_(self.exp_avg * (lr / (1 - torch.pow(beta1, step))), denominator, value=-1.0)
+        Takes only device tensors: no host synchronisation, capturable in a CUDA graph. With
+        `fused`, the update is one Triton kernel (sidetune/kernels/adamw.py)."""
+        stacked_adamw_(self.params, self.exp_avg, self.exp_avg_sq, self.gathered_gradients(), self.lr,
+                       self.weight_decay, self.decay, active, lr_scale, step, self.fused)
 
     def moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Both moments of each parameter by name (copies, for a checkpoint)."""

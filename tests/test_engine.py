@@ -40,12 +40,13 @@ def test_last_computes_the_written_formula_for_every_stacked_config(digits_cache
     norm = digits_cache.final_norm()
     final_weight, final_bias = (torch.from_numpy(norm[n]).double().to(device) for n in ("weight", "bias"))
 
-    def module(h, prefix, j):
-        z = torch.nn.functional.layer_norm(h, (64,), p(f"{prefix}_norm_weight", j), p(f"{prefix}_norm_bias", j), 1e-6)
-        q, k, v = (z @ p(f"{prefix}_w_{n}", j) for n in "qkv")
+    def module(h, m, j):  # module m's parameters: its slice of each stacked parameter
+        z = torch.nn.functional.layer_norm(h, (64,), p("lsa_norm_weight", j)[m], p("lsa_norm_bias", j)[m], 1e-6)
+        q, k, v = p("lsa_w_qkv", j)[m].split(8, -1)
+        q, k, v = z @ q, z @ k, z @ v
         heads = [torch.softmax(q[..., c:c + 4] @ k[..., c:c + 4].transpose(-1, -2) / 2.0, -1) @ v[..., c:c + 4]
                  for c in (0, 4)]
-        return h + torch.cat(heads, -1) @ p(f"{prefix}_w_o", j)
+        return h + torch.cat(heads, -1) @ p("lsa_w_o", j)[m]
 
     with torch.no_grad():
         pooled = net.pooled_features(tokens)
@@ -54,7 +55,7 @@ def test_last_computes_the_written_formula_for_every_stacked_config(digits_cache
             for i in range(1, 4):
                 h = u + x[:, i]
                 for depth in range(2):
-                    h = module(h, f"lsa{i - 1}_{depth}", j)
+                    h = module(h, 2 * (i - 1) + depth, j)
                 u = h
             y = torch.nn.functional.layer_norm(u - x[:, :3].sum(1), (64,), final_weight, final_bias, norm["eps"])
             expected = y[:, 0] if pool == "cls" else y[:, 1:].mean(1)

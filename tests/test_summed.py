@@ -78,19 +78,19 @@ def test_mist_computes_the_written_formula_for_each_of_two_stacked_configs(exact
         for k in range(2):
             p = {name: parameter[k].double() for name, parameter in net.named_parameters()}
 
-            def module(u, prefix):
-                z = F.layer_norm(u, (64,), p[f"{prefix}_norm_weight"], p[f"{prefix}_norm_bias"], 1e-6)
-                q, key, v = (z @ p[f"{prefix}_w_{n}"] for n in "qkv")
+            def module(u, m):  # module m's parameters: its slice of each stacked parameter
+                z = F.layer_norm(u, (64,), p["lsa_norm_weight"][m], p["lsa_norm_bias"][m], 1e-6)
+                q, key, v = (z @ w for w in p["lsa_w_qkv"][m].split(8, -1))
                 heads = [torch.softmax(q[..., c:c + 4] @ key[..., c:c + 4].transpose(-1, -2) / 2.0, -1) @ v[..., c:c + 4]
                          for c in (0, 4)]
-                return u + torch.cat(heads, -1) @ p[f"{prefix}_w_o"]
+                return u + torch.cat(heads, -1) @ p["lsa_w_o"][m]
 
             sums = [x[:, 0:4].sum(1), x[:, 4:7].sum(1)]  # 7 stages in 2 groups: 0..3, 4..6
             u = torch.zeros_like(sums[0])
             for g, s in enumerate(sums):
                 u = u + s
                 for j in range(2):
-                    u = module(u, f"lsa{g}_{j}")
+                    u = module(u, 2 * g + j)
             y = F.layer_norm(x[:, 6] + u - sums[0] - sums[1], (64,), final_weight, final_bias, norm["eps"])
             expected = y[:, 0] @ p["head_weight"] + p["head_bias"]
             torch.testing.assert_close(logits[k].double(), expected, atol=1e-4, rtol=1e-4)

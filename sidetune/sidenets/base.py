@@ -90,6 +90,21 @@ def small_normal(tensor: torch.Tensor, generator: torch.Generator, std: float = 
     tensor.normal_(0.0, std, generator=generator).clamp_(-2 * std, 2 * std)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The initialiser of a parameter that stacks parts (one per module, say): each part is
+    drawn as a parameter of its own would be, from the generator of its own name, so stacking
+    changes no initial value. `parts`: (index into one configuration's tensor, name, init)."""
+
+    parts: tuple[tuple[tuple, str, Callable[[torch.Tensor, torch.Generator], None]], ...]
+
+    def fill(self, tensor: torch.Tensor, seed: int) -> None:
+        for index, name, init in self.parts:
+            value = torch.empty(tensor[index].shape)  # contiguous: drawn in the order a parameter's are
+            init(value, param_generator(seed, name))
+            tensor[index].copy_(value)
+
+
 def zeros(tensor: torch.Tensor, generator: torch.Generator) -> None:
     tensor.zero_()
 
@@ -122,6 +137,7 @@ class SideNet(nn.Module):
                                 f"'{layout.token_selection}'. Use --pool cls or mean, or a spec with every token.")
         self.layout = layout
         self.num_configs = num_configs
+        self.fused = False  # True: the network's fused Triton kernels, where it has any (set by the engine)
         self.pool = pool
         self.standardize = standardize
         self.initialisers: dict[str, Callable] = {}
@@ -135,7 +151,7 @@ class SideNet(nn.Module):
         self.stacked("head.weight", (d, c), uniform_fan_in(d))
         self.stacked("head.bias", (c,), uniform_fan_in(d), decay=False)
 
-    def stacked(self, name: str, shape: tuple[int, ...], init: Callable, decay: bool = True) -> nn.Parameter:
+    def stacked(self, name: str, shape: tuple[int, ...], init: Callable | Parts, decay: bool = True) -> nn.Parameter:
         key = name.replace(".", "_")  # module attribute names cannot contain dots
         parameter = nn.Parameter(torch.empty(self.num_configs, *shape))
         self.register_parameter(key, parameter)
@@ -149,8 +165,12 @@ class SideNet(nn.Module):
             raise ValueError(f"{len(seeds)} seeds for {self.num_configs} configs")
         with torch.no_grad():
             for name, parameter in self.named_parameters():
+                init = self.initialisers[name]
                 for k, seed in enumerate(seeds):
-                    self.initialisers[name](parameter[k], param_generator(seed, name))
+                    if isinstance(init, Parts):
+                        init.fill(parameter[k], seed)
+                    else:
+                        init(parameter[k], param_generator(seed, name))
 
     def set_final_norm(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
         """The backbone's frozen final LayerNorm, read from the cache. Where the backbone has
@@ -256,9 +276,16 @@ class SideNet(nn.Module):
         state.update((name, buffer) for name, buffer in self.named_buffers() if buffer is not None)
         return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
 
+    def upgrade_state(self, state: dict[str, torch.Tensor], stacked: bool) -> dict[str, torch.Tensor]:
+        """A state by parameter name as an earlier version of this network saved it, in today's
+        names and shapes (`stacked`: with the leading config axis). The identity unless a
+        network changed how it stores its parameters."""
+        return state
+
     @torch.no_grad()
     def load_config_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a `config_state` into every configuration of this network."""
+        state = self.upgrade_state(state, stacked=False)
         expected = {name for name, _ in self.named_parameters()} | {n for n, b in self.named_buffers() if b is not None}
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

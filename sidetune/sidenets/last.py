@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, ones, per_config, shared_product,
-                                    uniform_fan_in, zeros)
+from sidetune.kernels.chain import lowrank_chain
+from sidetune.kernels.chain_reference import computed_dtype
+from sidetune.sidenets.base import FeatureLayout, Parts, SideNet, ones, per_config, shared_product, uniform_fan_in, zeros
 
 LN_EPS = 1e-6
 
@@ -33,63 +34,67 @@ LN_EPS = 1e-6
 class LowRankAttentionSide(SideNet):
     """What LAST and MIST share: `depth` residual low-rank attention modules after each of a
     sequence of inputs added into a running sum (shared by every configuration), and
-    y = last + A W_O through the frozen final norm and pooling."""
+    y = last + A W_O through the frozen final norm and pooling.
+
+    The modules' parameters are stacked over modules (lsa_norm_weight, lsa_norm_bias (K, M, D),
+    lsa_w_qkv (K, M, D, 3r), lsa_w_o (K, M, r, D)), so a step's work is a fixed number of
+    operations whatever the depth: the shared products of every module in two GEMMs, the small
+    matrices once, and the chain of modules as one op (sidetune/kernels/chain.py)."""
 
     norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
 
     def build_modules(self, groups: int, rank: int, depth: int, heads: int, zero_init_out: bool) -> None:
-        """`depth` modules after each of `groups` inputs, named lsa{group}_{module}."""
+        """`depth` modules after each of `groups` inputs. Module m = i * depth + j starts as the
+        module named lsa{i}_{j} did when each was a parameter of its own (same generators)."""
         if rank % heads:
             raise SidetuneError(f"{self.name.upper()} heads ({heads}) must divide the rank ({rank}).")
         self.rank, self.depth, self.heads, self.groups = rank, depth, heads, groups
-        d = self.layout.width
-        for i in range(groups):
-            for j in range(depth):
-                prefix = f"lsa{i}_{j}"
-                self.stacked(f"{prefix}.norm_weight", (d,), ones, decay=False)
-                self.stacked(f"{prefix}.norm_bias", (d,), zeros, decay=False)
-                for projection in ("q", "k", "v"):
-                    self.stacked(f"{prefix}.w_{projection}", (d, rank), uniform_fan_in(d))
-                self.stacked(f"{prefix}.w_o", (rank, d), zeros if zero_init_out else uniform_fan_in(rank))
+        d, names = self.layout.width, [f"lsa{i}_{j}" for i in range(groups) for j in range(depth)]
+        modules = len(names)
+        per_module = lambda part, init, columns=slice(None): Parts(tuple(  # noqa: E731
+            ((m, Ellipsis, columns), f"{name}_{part}", init) for m, name in enumerate(names)))
+        self.stacked("lsa.norm_weight", (modules, d), per_module("norm_weight", ones), decay=False)
+        self.stacked("lsa.norm_bias", (modules, d), per_module("norm_bias", zeros), decay=False)
+        self.stacked("lsa.w_qkv", (modules, d, 3 * rank), Parts(sum((per_module(
+            f"w_{projection}", uniform_fan_in(d), slice(i * rank, (i + 1) * rank)).parts
+            for i, projection in enumerate("qkv")), ())))
+        self.stacked("lsa.w_o", (modules, rank, d), per_module("w_o", zeros if zero_init_out else uniform_fan_in(rank)))
 
-    def side_features(self, inputs: list[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
-        """(K, B, D) pooled features of y = last + A W_O, where the modules after input i read
-        the running sum inputs[0] + ... + inputs[i] plus every earlier module's output. `inputs`
-        and `last` are (B, T, D), shared by every configuration."""
-        running = inputs[0]
-        attended: list[torch.Tensor] = []  # a_j, (K, B, T, r) each
-        outputs: list[torch.Tensor] = []  # W_o,j, (K, r, D) each
-        for i in range(self.groups):
-            if i:
-                running = running + inputs[i]
-            moments = running.mean(-1), running.square().mean(-1)  # (B, T) each, shared
-            for j in range(self.depth):
-                attended.append(self._attend(running, moments, attended, outputs, f"lsa{i}_{j}"))
-                outputs.append(getattr(self, f"lsa{i}_{j}_w_o"))
-        return self._head(last, torch.cat(attended, -1), torch.cat(outputs, 1))
+    def upgrade_state(self, state: dict[str, torch.Tensor], stacked: bool) -> dict[str, torch.Tensor]:
+        """A state saved when every module had parameters of its own (lsa{i}_{j}_w_q, ...)
+        becomes the stacked one: model files and checkpoints written before still load."""
+        if "lsa0_0_w_q" not in state:
+            return state
+        names = [f"lsa{i}_{j}" for i in range(self.groups) for j in range(self.depth)]
+        axis = 1 if stacked else 0
+        state = dict(state)
+        pop = lambda part: [state.pop(f"{name}_{part}") for name in names]  # noqa: E731
+        for part in ("norm_weight", "norm_bias", "w_o"):
+            state[f"lsa_{part}"] = torch.stack(pop(part), axis)
+        columns = [torch.stack(pop(f"w_{projection}"), axis) for projection in "qkv"]
+        state["lsa_w_qkv"] = torch.cat(columns, -1)
+        return state
 
-    def _attend(self, x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor], attended: list[torch.Tensor],
-                outputs: list[torch.Tensor], prefix: str) -> torch.Tensor:
-        """a = MHA_r(LN(x + sum_j a_j W_o,j)) for every configuration, (K, B, T, r)."""
-        k, (b, t, d), r = self.num_configs, x.shape, self.rank
-        p = lambda name: getattr(self, f"{prefix}_{name}")
-        w = torch.cat([p("w_q"), p("w_k"), p("w_v")], dim=-1)  # (K, D, 3r)
-        scaled = p("norm_weight")[:, :, None] * w  # γ ⊙ W
-        bias = torch.einsum("kd,kdr->kr", p("norm_bias"), w)  # βW
-        if not attended:  # the first module: h = x_0 + x_1, no correction yet
-            mean, rstd = _normalising(*moments)
-            projected = shared_product(x, scaled)
-            qkv = rstd[None, ..., None] * (projected - mean[None, ..., None] * scaled.sum(1)[:, None, None, :])
-        else:
-            a, w_out = torch.cat(attended, -1), torch.cat(outputs, 1)  # (K, B, T, Jr), (K, Jr, D)
-            projected = shared_product(x, torch.cat([scaled, w_out.transpose(1, 2)], -1))  # (K, B, T, 3r + Jr)
-            x_scaled, x_out = projected[..., :3 * r], projected[..., 3 * r:]
-            mean, rstd = _corrected_statistics(moments, x_out, a, w_out, d)
-            projected = x_scaled + per_config(a, w_out @ scaled)  # h (γ⊙W)
-            qkv = rstd[..., None] * (projected - mean[..., None] * scaled.sum(1)[:, None, None, :])
-        qkv = qkv + bias[:, None, None, :]
-        q, key, v = qkv.reshape(k * b, t, 3, self.heads, r // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return attention(q, key, v).transpose(1, 2).reshape(k, b, t, r)  # from (K*B, heads, T, r/heads)
+    def side_features(self, running: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """(K, B, D) pooled features of y = last + A W_O, where the modules of group g read the
+        running sum running[g] plus every earlier module's output. `running` is (G, B, T, D) in
+        float32 and `last` (B, T, D), both shared by every configuration."""
+        groups, b, t, d = running.shape
+        k, modules, r, depth = self.num_configs, self.groups * self.depth, self.rank, self.depth
+        w_qkv, w_out = self.lsa_w_qkv, self.lsa_w_o
+        scaled = w_qkv * self.lsa_norm_weight[..., None]  # γ ⊙ W, (K, M, D, 3r)
+        weights = scaled.view(k, groups, depth, d, 3 * r).permute(1, 3, 2, 0, 4).reshape(groups, d, -1)
+        s = torch.bmm(running.view(groups, b * t, d), weights).view(groups, b, t, depth, k, 3 * r)
+        flat_out = w_out.reshape(k, modules * r, d)
+        u = (running.view(groups * b * t, d) @ flat_out.reshape(k * modules * r, d).t()).view(groups, b, t, k, modules, r)
+        variance, mean = torch.var_mean(running, -1, correction=0)
+        bias = torch.einsum("kmd,kmdc->kmc", self.lsa_norm_bias, w_qkv)  # βW
+        z = torch.bmm(flat_out, scaled.permute(0, 2, 1, 3).reshape(k, d, modules * 3 * r))  # W_o,j (γ_m ⊙ W_m)
+        with torch.autocast(running.device.type, enabled=False):  # statistics: float32
+            gram = torch.bmm(flat_out, flat_out.transpose(1, 2)).view(k, modules, r, modules, r)
+        a = lowrank_chain(s, u, mean, variance + mean * mean, scaled.sum(2), bias, w_out.sum(-1), gram,
+                          z.view(k, modules, r, modules, 3 * r), self.heads, d, LN_EPS, self.fused)
+        return self._head(last, a.view(k, b, t, modules * r), flat_out)
 
     def _head(self, last: torch.Tensor, a: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
         """The frozen final norm and pooling of y = x_m + A W_O: (K, B, D), or (K, B, 2D) for both."""
@@ -97,7 +102,7 @@ class LowRankAttentionSide(SideNet):
             raise SidetuneError(f"pool '{self.pool}' needs a CLS token, but the backbone has none; use --pool mean.")
         parts = []
         if self.pool in ("cls", "both"):
-            y = last[None, :, 0] + a[:, :, 0] @ w_out  # (K, B, D)
+            y = last[None, :, 0].to(a.dtype) + a[:, :, 0] @ w_out  # (K, B, D)
             norm = self.final_norm_weight
             parts.append(y if norm is None else F.layer_norm(y, (y.shape[-1],), norm, self.final_norm_bias, self.final_norm_eps))
         if self.pool in ("mean", "both"):
@@ -108,7 +113,7 @@ class LowRankAttentionSide(SideNet):
         """The frozen final norm of y = x_m + A W_O per token, averaged over the patch tokens."""
         norm = self.final_norm_weight
         first = self.layout.num_prefix_tokens
-        last, a = last[:, first:], a[:, :, first:]
+        last, a = last[:, first:].to(a.dtype), a[:, :, first:]
         if norm is None:
             return last.mean(1)[None] + a.mean(2) @ w_out
         d = last.shape[-1]
@@ -141,8 +146,8 @@ class LAST(LowRankAttentionSide):
 
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = self.uniform_stages(tokens)  # u_0 = x_0; the first modules read x_0 + x_1
-        inputs = [tokens[:, 0].float() + tokens[:, 1]] + [tokens[:, i] for i in range(2, tokens.shape[1])]
-        return self.side_features(inputs, tokens[:, -1].float())
+        running = torch.cumsum(tokens.transpose(0, 1), 0, dtype=computed_dtype(tokens))[1:]  # X_i = x_0 + ... + x_{i+1}
+        return self.side_features(running, tokens[:, -1])
 
 
 def _normalising(mean: torch.Tensor, mean_square: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +160,8 @@ def _corrected_statistics(moments: tuple[torch.Tensor, torch.Tensor], x_out: tor
     (B, T), x W_Oᵀ (K, B, T, Jr), A (K, B, T, Jr) and W_O (K, Jr, D). In float32: the variance
     is a difference of moments."""
     with torch.autocast(a.device.type, enabled=False):
-        a, x_out, w_out = a.float(), x_out.float(), w_out.float()
+        dtype = computed_dtype(a)
+        a, x_out, w_out = a.to(dtype), x_out.to(dtype), w_out.to(dtype)
         mean = moments[0] + (a * w_out.sum(-1)[:, None, None, :]).sum(-1) / d
         gram = w_out @ w_out.transpose(1, 2)  # (K, Jr, Jr)
         square = moments[1] + (2 * (x_out * a).sum(-1) + (per_config(a, gram) * a).sum(-1)) / d

@@ -16,6 +16,7 @@ import torch
 
 from sidetune.cache.layout import contiguous_groups
 from sidetune.errors import SidetuneError
+from sidetune.kernels.chain_reference import computed_dtype
 from sidetune.sidenets.base import FeatureLayout
 from sidetune.sidenets.last import LowRankAttentionSide
 
@@ -65,9 +66,9 @@ class MIST(LowRankAttentionSide):
     def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = self.uniform_stages(tokens)
         if self.layout.sums:
-            sums = [tokens[:, g].float() for g in range(self.groups)]
+            sums = tokens[:, :self.groups].transpose(0, 1)
         else:
             first = self.layout.first_stage
-            sums = [tokens[:, group[0] - first:group[-1] - first + 1].sum(1, dtype=torch.float32)
-                    for group in self.summed_groups]
-        return self.side_features(sums, tokens[:, -1].float())
+            sums = torch.stack([tokens[:, group[0] - first:group[-1] - first + 1].sum(1, dtype=computed_dtype(tokens))
+                                for group in self.summed_groups])
+        return self.side_features(torch.cumsum(sums, 0, dtype=computed_dtype(tokens)), tokens[:, -1])

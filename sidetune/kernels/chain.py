@@ -1,0 +1,138 @@
+"""The low-rank attention chain as one torch custom op with its own backward
+(`sidetune::lowrank_chain`, `sidetune::lowrank_chain_backward`).
+
+Autograd, CUDA graphs and torch.compile see one op forward and one backward, whatever the
+number of modules. Each runs either the torch reference (sidetune/kernels/chain_reference.py:
+the CPU's implementation, and the GPU's unless asked otherwise) or, with `fused`, the Triton
+kernels (sidetune/kernels/chain_triton.py: one launch for the forward chain, one for its
+backward). Both produce the same saved tensors, so either backward follows either forward.
+
+Each implementation's backward returns the gradients of each module's projections and
+statistics; the gradients of the small matrices and of U are formed from them inside the
+backward op with a few batched products (sums over every image and token), the same for both."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from sidetune.kernels import chain_reference
+
+Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _implementation(fused: bool):
+    if not fused:
+        return chain_reference
+    from sidetune.kernels import chain_triton  # imports triton: only where the fused kernels run
+
+    return chain_triton
+
+
+@torch.library.custom_op("sidetune::lowrank_chain", mutates_args=())
+def _chain(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq: torch.Tensor, c: torch.Tensor,
+           bias: torch.Tensor, w1: torch.Tensor, gram: torch.Tensor, z: torch.Tensor, heads: int, width: int,
+           eps: float, fused: bool) -> Tensors5:
+    return _implementation(fused).chain_forward(s, u, x_mean, x_msq, c, bias, w1, gram, z, heads, width, eps)
+
+
+@_chain.register_fake
+def _(s, u, x_mean, x_msq, c, bias, w1, gram, z, heads, width, eps, fused):
+    groups, b, t, depth, k, three_r = s.shape
+    modules, r = groups * depth, three_r // 3
+    new = lambda *shape: s.new_empty(shape, dtype=chain_reference.computed_dtype(x_mean))  # noqa: E731
+    return (new(k, b, t, modules, r), new(k, b, modules, 3, t, r), new(k, b, modules, t), new(k, b, modules, t),
+            new(k, b, modules, heads, t))
+
+
+@torch.library.custom_op("sidetune::lowrank_chain_backward", mutates_args=())
+def _chain_backward(grad_a: torch.Tensor, a: torch.Tensor, qkv: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                    lse: torch.Tensor, u: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, w1: torch.Tensor,
+                    gram: torch.Tensor, z: torch.Tensor, depth: int, width: int, eps: float, fused: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    """The gradients of s, u, c, bias, w1, gram and z (float32, or float64 given it)."""
+    d_proj, d_mean, d_msq = _implementation(fused).chain_backward(grad_a, a, qkv, mean, var, lse, u, c, bias, w1, gram,
+                                                                  z, depth, width, eps)
+    return (d_proj, *input_gradients(a, mean, var, d_proj, d_mean, d_msq, depth, width, eps))
+
+
+@_chain_backward.register_fake
+def _(grad_a, a, qkv, mean, var, lse, u, c, bias, w1, gram, z, depth, width, eps, fused):
+    k, b, t, modules, r = a.shape
+    new = a.new_empty
+    return (new(modules // depth, b, t, depth, k, 3 * r), new(u.shape), new(c.shape), new(bias.shape), new(w1.shape),
+            new(gram.shape), new(z.shape))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    s, u, x_mean, x_msq, c, bias, w1, gram, z, heads, width, eps, fused = inputs
+    if x_mean.requires_grad or x_msq.requires_grad:
+        raise ValueError("lowrank_chain treats the running sums' moments as data; they must not require grad")
+    a, qkv, mean, var, lse = output
+    ctx.save_for_backward(a, qkv, mean, var, lse, u, c, bias, w1, gram, z)
+    ctx.depth, ctx.width, ctx.eps, ctx.fused = s.shape[3], width, eps, fused
+    ctx.dtypes = s.dtype, u.dtype
+
+
+def _backward(ctx, grad_a, *unused):
+    a, qkv, mean, var, lse, u, c, bias, w1, gram, z = ctx.saved_tensors
+    d_s, d_u, d_c, d_bias, d_w1, d_gram, d_z = _chain_backward(grad_a.contiguous(), a, qkv, mean, var, lse, u, c, bias, w1,
+                                                               gram, z, ctx.depth, ctx.width, ctx.eps, ctx.fused)
+    s_dtype, u_dtype = ctx.dtypes
+    return (d_s.to(s_dtype), d_u.to(u_dtype), None, None, d_c.to(c.dtype), d_bias.to(bias.dtype), d_w1.to(w1.dtype),
+            d_gram.to(gram.dtype), d_z.to(z.dtype), None, None, None, None)
+
+
+_chain.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lowrank_chain(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq: torch.Tensor, c: torch.Tensor,
+                  bias: torch.Tensor, w1: torch.Tensor, gram: torch.Tensor, z: torch.Tensor, heads: int, width: int,
+                  eps: float, fused: bool = False) -> torch.Tensor:
+    """The attention outputs a (K, B, T, M, r) of the chain described in
+    sidetune/kernels/chain_reference.py, differentiable in every input but the moments."""
+    return _chain(s, u, x_mean, x_msq, c, bias, w1, gram, z, heads, width, eps, fused)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _masks(modules: int, depth: int, device: torch.device, dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """later[m, j] = m > j; in_group_later[m, g, j] = module m is in group g and m > j;
+    lower[j, l] = l <= j. Made once per shape (a step launches nothing for them)."""
+    index = torch.arange(modules, device=device)
+    later = (index[:, None] > index[None, :]).to(dtype)
+    groups = torch.arange(modules // depth, device=device)
+    in_group = (index[:, None] // depth == groups[None, :]).to(dtype)
+    return later, in_group[:, :, None] * later[:, None, :], (index[None, :] <= index[:, None]).to(dtype)
+
+
+def input_gradients(a: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, d_proj: torch.Tensor,
+                    d_mean: torch.Tensor, d_msq: torch.Tensor, depth: int, width: int, eps: float
+                    ) -> tuple[torch.Tensor, ...]:
+    """The gradients of U, c, b, w1, G and Z from the chain's per-module gradients: each a sum
+    over every image and token of products with the saved attention outputs and statistics."""
+    k, b, t, modules, r = a.shape
+    groups = modules // depth
+    later, in_group_later, lower = _masks(modules, depth, a.device, a.dtype)
+    by_module = lambda x: x.view(k, b, groups, depth, t)  # noqa: E731
+    rstd = torch.rsqrt(var.clamp_min(0) + eps)
+    # qkv = rstd (proj - mean c) + bias: d_c = -sum mean d_proj, d_bias = sum d_proj / rstd
+    d_c = torch.einsum("kbgpt,gbtpkc->kgpc", by_module(-mean), d_proj).reshape(k, modules, 3 * r)
+    d_bias = torch.einsum("kbgpt,gbtpkc->kgpc", by_module(1 / rstd), d_proj).reshape(k, modules, 3 * r)
+    # mean_m = ... + sum_{j<m} a_j w1_j / D
+    d_w1 = torch.einsum("kbtjr,kbtj->kjr", a, torch.einsum("kbmt,mj->kbtj", d_mean, later)) / width
+    # msq_m = ... + 2 sum_{j<m} <U_{g(m),j}, a_j> / D + sum_{j,l<m} a_j G_jl a_l / D
+    msq_in_group = torch.einsum("kbmt,mgj->kbtgj", d_msq, in_group_later)
+    d_u = torch.mul(msq_in_group.permute(3, 1, 2, 0, 4)[..., None], a.permute(1, 2, 0, 3, 4)[None],
+                    out=a.new_empty(groups, b, t, k, modules, r)).mul_(2 / width)  # in U's layout
+    msq_after = torch.einsum("kbmt,mi->kbti", d_msq, later) / width  # [i]: sum_{m > i} d_msq_m / D
+    weighted = torch.einsum("kbtjr,kbtj->kbtjr", a, msq_after)  # for l <= j the weight of pair (j, l)
+    pairs = torch.bmm(weighted.reshape(k, b * t, -1).transpose(1, 2), a.reshape(k, b * t, -1)).view(k, modules, r, modules, r)
+    mask = lower[None, :, None, :, None]
+    d_gram = pairs * mask + pairs.permute(0, 3, 4, 1, 2) * (1 - mask)
+    # proj_m = S_m + sum_{j<m} a_j Z_jm
+    d_z = torch.einsum("kbtjr,gbtpkc->kjrgpc", a, d_proj).reshape(k, modules, r, modules, 3 * r)
+    d_z = d_z * later.t()[None, :, None, :, None]
+    return tuple(x.contiguous() for x in (d_u, d_c, d_bias, d_w1, d_gram, d_z))  # the layouts the fake promises

@@ -1,0 +1,141 @@
+"""The chain of low-rank attention modules (LAST, MIST) in torch: the reference the Triton
+kernels are checked against, and the implementation on the CPU and wherever they are not used.
+
+What the chain computes, per configuration and image, for modules m = 0..M-1 (module m is
+module p of group g = m // P, reading the group's running sum X_g; see sidetune/sidenets/last.py
+for why this equals LayerNorm and attention of the D-wide side state):
+
+    mean_m = mean(X_g) + sum_{j<m} a_j w1_j / D
+    msq_m  = msq(X_g) + (2 sum_{j<m} <U_{g,j}, a_j> + sum_{j,l<m} a_j G_jl a_l) / D
+    rstd_m = 1 / sqrt(max(msq_m - mean_m^2, 0) + eps)
+    qkv_m  = rstd_m (S_m + sum_{j<m} a_j Z_jm - mean_m c_m) + b_m
+    a_m    = MHA(q_m, k_m, v_m)                      (heads over the r columns of each of q, k, v)
+
+with the shared products S_m = X_g (γ_m ⊙ W_m) and U_{g,j} = X_g W_o,jᵀ, and the small matrices
+w1_j = W_o,j 1, G_jl = W_o,j W_o,lᵀ, Z_jm = W_o,j (γ_m ⊙ W_m), c_m = 1ᵀ(γ_m ⊙ W_m), b_m = β_m W_m,
+all computed once per step outside the chain. Layouts (all float32 but S and U):
+
+    s       (G, B, T, P, K, 3r)   X_g (γ⊙W) for module g*P + p: one batched GEMM's output
+    u       (G, B, T, K, M, r)    X_g W_Oᵀ for every module's W_o: one GEMM's output
+    x_mean, x_msq (G, B, T)       the running sums' own moments over D
+    c, bias (K, M, 3r);  w1 (K, M, r);  gram (K, M, r, M, r);  z (K, M, r, M, 3r)
+
+The forward returns the attention outputs a (K, B, T, M, r) and what the backward reads
+(q, k, v (K, B, M, 3, T, r), the statistics mean and var (K, B, M, T) and the softmax
+log-sum-exp (K, B, M, H, T)); the backward turns the gradient of a into those of the
+projections (d_proj, in s's layout) and of each module's statistics (d_mean, d_msq), from which
+sidetune/kernels/chain.py forms every input's gradient."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def computed_dtype(x: torch.Tensor) -> torch.dtype:
+    """The chain computes in float32, or in float64 when given it (the exactness tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def chain_forward(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq: torch.Tensor, c: torch.Tensor,
+                  bias: torch.Tensor, w1: torch.Tensor, gram: torch.Tensor, z: torch.Tensor, heads: int, width: int,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, qkv, mean, var, lse) of the chain, every configuration and image at once."""
+    groups, b, t, depth, k, three_r = s.shape
+    r, modules = three_r // 3, groups * depth
+    e = r // heads
+    like = dict(device=s.device, dtype=computed_dtype(x_mean))
+    a = torch.zeros(k, b, t, modules, r, **like)
+    qkv_saved = torch.empty(k, b, modules, 3, t, r, **like)
+    mean_saved = torch.empty(k, b, modules, t, **like)
+    var_saved = torch.empty_like(mean_saved)
+    lse_saved = torch.empty(k, b, modules, heads, t, **like)
+    square_of_correction = torch.zeros(k, b * t, **like)  # |sum_{j<m} a_j W_o,j|^2 per token
+    c, bias, w1, gram, z = (x.to(a.dtype) for x in (c, bias, w1, gram, z))
+    for m in range(modules):
+        g, p = divmod(m, depth)
+        proj = s[g, :, :, p].permute(2, 0, 1, 3).to(a.dtype).reshape(k, b * t, three_r)
+        mean = x_mean[g].reshape(1, b * t).expand(k, -1)
+        msq = x_msq[g].reshape(1, b * t) + square_of_correction / width
+        earlier = a[:, :, :, :m].reshape(k, b * t, m * r)
+        if m:
+            mean = mean + (earlier @ w1[:, :m].reshape(k, m * r, 1)).squeeze(-1) / width
+            cross = (u[g, :, :, :, :m].to(a.dtype).permute(2, 0, 1, 3, 4).reshape(k, b * t, m * r) * earlier).sum(-1)
+            msq = msq + 2 * cross / width
+            proj = proj + earlier @ z[:, :m, :, m].reshape(k, m * r, three_r)
+        var = msq - mean * mean
+        rstd = torch.rsqrt(var.clamp_min(0) + eps)
+        qkv = rstd[..., None] * (proj - mean[..., None] * c[:, m, None, :]) + bias[:, m, None, :]
+        q, key, v = qkv.view(k, b, t, 3, heads, e).permute(3, 0, 1, 4, 2, 5)  # (K, B, H, T, e) each
+        scores = q @ key.transpose(-1, -2) / math.sqrt(e)
+        lse = scores.logsumexp(-1)
+        out = torch.exp(scores - lse[..., None]) @ v
+        a_m = out.permute(0, 1, 3, 2, 4).reshape(k, b, t, r)
+        a[:, :, :, m] = a_m
+        a_m = a_m.reshape(k, b * t, r)
+        added = ((a_m @ gram[:, m, :, m]) * a_m).sum(-1)
+        if m:
+            added = added + 2 * ((earlier @ gram[:, :m, :, m].reshape(k, m * r, r)) * a_m).sum(-1)
+        square_of_correction = square_of_correction + added
+        qkv_saved[:, :, m] = qkv.view(k, b, t, 3, r).permute(0, 1, 3, 2, 4)
+        mean_saved[:, :, m] = mean.view(k, b, t)
+        var_saved[:, :, m] = var.view(k, b, t)
+        lse_saved[:, :, m] = lse
+    return a, qkv_saved, mean_saved, var_saved, lse_saved
+
+
+def chain_backward(grad_a: torch.Tensor, a: torch.Tensor, qkv: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                   lse: torch.Tensor, u: torch.Tensor, c: torch.Tensor, bias: torch.Tensor, w1: torch.Tensor,
+                   gram: torch.Tensor, z: torch.Tensor, depth: int, width: int, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_proj (G, B, T, P, K, 3r), d_mean (K, B, M, T), d_msq (K, B, M, T)) from the gradient
+    of a. Modules are visited last to first; module m's gradient of a_m is gathered from every
+    later module's stored gradients, so nothing is accumulated into earlier modules' buffers."""
+    k, b, t, modules, r = a.shape
+    groups, heads = modules // depth, lse.shape[3]
+    e = r // heads
+    like = dict(device=a.device, dtype=a.dtype)
+    d_proj = torch.zeros(groups, b, t, depth, k, 3 * r, **like)
+    d_mean = torch.zeros(k, b, modules, t, **like)
+    d_msq = torch.zeros(k, b, modules, t, **like)
+    later_msq = torch.zeros(k, b, modules, t, **like)  # [i]: sum_{m > i} d_msq_m / D
+    c, bias, w1, gram, z = (x.to(a.dtype) for x in (c, bias, w1, gram, z))
+    a_flat = a.reshape(k, b * t, modules * r)
+    for m in reversed(range(modules)):
+        g, p = divmod(m, depth)
+        da = grad_a[:, :, :, m].to(a.dtype).reshape(k, b * t, r).clone()
+        if m + 1 < modules:
+            after = slice(m + 1, modules)
+            by_module = d_proj.permute(0, 3, 1, 2, 4, 5).reshape(modules, b, t, k, 3 * r)
+            projections = by_module[after].permute(3, 1, 2, 0, 4)
+            da += projections.reshape(k, b * t, -1) @ z[:, m, :, after].reshape(k, r, -1).transpose(1, 2)
+            da += (d_mean[:, :, after].sum(2).reshape(k, b * t, 1) / width) * w1[:, m, None, :]
+            msq_weights = d_msq[:, :, after].permute(2, 0, 1, 3)  # (later modules, K, B, T)
+            groups_after = torch.arange(m + 1, modules, device=a.device) // depth
+            da += 2 / width * torch.einsum("nkbt,nbtkr->kbtr", msq_weights, u[groups_after, :, :, :, m].to(a.dtype)).reshape(k, b * t, r)
+        # the |C|^2 term: 2 sum_l a_l G_lm later_msq[max(l, m)]
+        weights = torch.cat([later_msq[:, :, m:m + 1].expand(-1, -1, m + 1, -1), later_msq[:, :, m + 1:]], 2)
+        weighted = (a * weights.permute(0, 1, 3, 2)[..., None]).reshape(k, b * t, modules * r)
+        da += 2 * weighted @ gram[:, :, :, m].reshape(k, modules * r, r)
+
+        q, key, v = qkv[:, :, m].reshape(k, b, 3, t, heads, e).permute(2, 0, 1, 4, 3, 5)  # (K, B, H, T, e)
+        out = a[:, :, :, m].reshape(k, b, t, heads, e).transpose(2, 3)
+        d_out = da.reshape(k, b, t, heads, e).transpose(2, 3)
+        probabilities = torch.exp(q @ key.transpose(-1, -2) / math.sqrt(e) - lse[:, :, m, :, :, None])
+        d_v = probabilities.transpose(-1, -2) @ d_out
+        d_probabilities = d_out @ v.transpose(-1, -2)
+        d_scores = probabilities * (d_probabilities - (d_out * out).sum(-1, keepdim=True)) / math.sqrt(e)
+        d_q, d_k = d_scores @ key, d_scores.transpose(-1, -2) @ q
+        d_qkv = torch.stack([d_q, d_k, d_v], 2).permute(0, 1, 4, 2, 3, 5).reshape(k, b, t, 3 * r)
+
+        qkv_m = qkv[:, :, m].permute(0, 1, 3, 2, 4).reshape(k, b, t, 3 * r)
+        var_m, mean_m = var[:, :, m], mean[:, :, m]
+        rstd = torch.rsqrt(var_m.clamp_min(0) + eps)
+        d_rstd = (d_qkv * (qkv_m - bias[:, m, None, None, :])).sum(-1) / rstd
+        d_var = torch.where(var_m >= 0, -0.5 * rstd ** 3 * d_rstd, 0.0)
+        d_mean[:, :, m] = -rstd * (d_qkv * c[:, m, None, None, :]).sum(-1) - 2 * mean_m * d_var
+        d_msq[:, :, m] = d_var
+        d_proj[g, :, :, p] = (rstd[..., None] * d_qkv).permute(1, 2, 0, 3)
+        later_msq[:, :, :m] += d_var[:, :, None] / width
+    return d_proj, d_mean, d_msq
