@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from common import WORK, generated_images, machine, peak_memory, run_child, write_result
+from sidetune.kernels.chain_reference import chain_flops
 
 METHODS = {"linear": {}, "last": {"rank": 8}, "losa": {"token_rank": 16, "channel_rank": 16}}  # LoSA: its defaults
 LORA_RANK = 8
@@ -149,14 +150,9 @@ def side_training_flops(method: str, options: dict, width: int, depth: int, toke
     if method == "last":  # low-rank form (sidetune/sidenets/last.py), depth 1, gap 1: one module per block
         r, m = options["rank"], depth
         shared = 2 * t * d * 3 * r * m + 2 * t * d * m * r * m  # S = X_g (γ⊙W_g) and U = X_g W_Oᵀ, every group
-        chain = sum(2 * t * j * r * 3 * r + 2 * t * j * r + 2 * t * (j + 1) * r * r  # corrections, mean, |C|^2
-                    + 2 * 2 * t * t * r  # QKᵀ and PV
-                    + 2 * t * (m - j - 1) * 3 * r * r + 2 * t * m * r * r  # backward: later modules' gradients of a_j
-                    + 5 * 2 * t * t * r for j in range(m))  # backward: the scores again, dV, dP, dQ, dK
-        sums = (2 * 2 * m * t * 3 * r + 2 * m * m * t + 2 * t * m * r + 2 * m * m * t * 2  # c, b, w1, the masks
-                + 2 * t * (m * r) ** 2 + 2 * t * m * r * m * 3 * r)  # G and Z: sums over tokens of products with A
+        chain = sum(chain_flops(m, 1, t, 1, 1, r, options.get("heads", 1)))  # forward and backward, one image
         small = 3 * (2 * m * d * 3 * r + 2 * m * r * d * m * 3 * r + 2 * m * r * d * m * r)  # βW, Z, G; once per step
-        return 2 * shared + chain + sums + small / batch_size + 3 * 2 * m * r * d + head  # y = x_N + A W_O at CLS
+        return 2 * shared + chain + small / batch_size + 3 * 2 * m * r * d + head  # y = x_N + A W_O at CLS
     if method == "losa":  # per block: token mixing (T -> r_t -> T) and channel mixing (D -> r_c -> D)
         mixing = 2 * 2 * d * t * (options["token_rank"] + options["channel_rank"])
         return float(depth * 3 * mixing + head)  # backward: inputs and weights

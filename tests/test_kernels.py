@@ -142,3 +142,26 @@ def test_every_kernel_compiles_ahead_of_time_for_the_gpu_within_its_shared_memor
                                   target=GPUTarget("cuda", capability, 32))
         assert "ptx" in compiled.asm and compiled.asm.get("cubin"), kernel.fn.__name__
         assert compiled.metadata.shared <= SHARED_MEMORY[capability], (kernel.fn.__name__, constants)
+
+
+def test_the_chains_flop_formula_counts_the_products_of_its_torch_implementation():
+    """What FlopCounterMode charges for the chain's custom ops (chain_flops) is what it counts
+    in the torch implementation's forward, backward and input gradients run directly (within
+    1%: torch runs a contraction over one module as an elementwise product and counts it 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sidetune.kernels import chain, chain_reference
+
+    groups, images, tokens, depth, configs, r, heads, width = 2, 3, 5, 2, 2, 4, 2, 16
+    modules = groups * depth
+    s, u = torch.randn(groups, images, tokens, depth, configs, 3 * r), torch.randn(groups, images, tokens, configs, modules, r)
+    x_mean = torch.randn(groups, images, tokens)
+    small = [torch.randn(configs, modules, *shape) for shape in ((3 * r,), (3 * r,), (r,), (r, modules, r), (r, modules, 3 * r))]
+    with FlopCounterMode(display=False) as forward:
+        a, qkv, mean, var, lse = chain_reference.chain_forward(s, u, x_mean, x_mean ** 2 + 1, *small, heads, width, 1e-6)
+    with FlopCounterMode(display=False) as backward:
+        gradients = chain_reference.chain_backward(torch.randn_like(a), a, qkv, mean, var, lse, u, *small, depth, width, 1e-6)
+        chain.input_gradients(a, mean, var, *gradients, depth, width, 1e-6)
+    formula = chain_reference.chain_flops(groups, images, tokens, depth, configs, r, heads)
+    assert formula[0] == forward.get_total_flops()
+    assert formula[1] == pytest.approx(backward.get_total_flops(), rel=0.01)

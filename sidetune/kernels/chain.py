@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from sidetune.kernels import chain_reference
 
@@ -71,6 +72,7 @@ def _setup_context(ctx, inputs, output) -> None:
     if x_mean.requires_grad or x_msq.requires_grad:
         raise ValueError("lowrank_chain treats the running sums' moments as data; they must not require grad")
     a, qkv, mean, var, lse = output
+    ctx.set_materialize_grads(False)  # only a's gradient is ever used: no zeros launched for the others
     ctx.save_for_backward(a, qkv, mean, var, lse, u, c, bias, w1, gram, z)
     ctx.depth, ctx.width, ctx.eps, ctx.fused = s.shape[3], width, eps, fused
     ctx.dtypes = s.dtype, u.dtype
@@ -86,6 +88,18 @@ def _backward(ctx, grad_a, *unused):
 
 
 _chain.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.sidetune.lowrank_chain)
+def _chain_flops(s, u, x_mean, x_msq, c, bias, w1, gram, z, heads, *args, **kwargs) -> int:
+    groups, b, t, depth, k, three_r = s  # shapes, as FlopCounterMode passes them
+    return chain_reference.chain_flops(groups, b, t, depth, k, three_r // 3, heads)[0]
+
+
+@register_flop_formula(torch.ops.sidetune.lowrank_chain_backward)
+def _chain_backward_flops(grad_a, a, qkv, mean, var, lse, u, c, bias, w1, gram, z, depth, *args, **kwargs) -> int:
+    k, b, t, modules, r = a  # shapes, as FlopCounterMode passes them
+    return chain_reference.chain_flops(modules // depth, b, t, depth, k, r, lse[3])[1]
 
 
 def lowrank_chain(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq: torch.Tensor, c: torch.Tensor,

@@ -139,3 +139,20 @@ def chain_backward(grad_a: torch.Tensor, a: torch.Tensor, qkv: torch.Tensor, mea
         d_proj[g, :, :, p] = (rstd[..., None] * d_qkv).permute(1, 2, 0, 3)
         later_msq[:, :, :m] += d_var[:, :, None] / width
     return d_proj, d_mean, d_msq
+
+
+def chain_flops(groups: int, images: int, tokens: int, depth: int, configs: int, rank: int, heads: int
+                ) -> tuple[int, int]:
+    """(forward, backward) FLOPs of the chain's matrix products (2 per multiply-add), as
+    chain_forward and chain_backward with the gradients of the small matrices compute them;
+    registered as the custom ops' FLOP formulas, so torch's FlopCounterMode counts the chain."""
+    k, n, t, r, e = configs, images * tokens, tokens, rank, rank // heads
+    modules = groups * depth
+    attention = 2 * k * images * heads * t * t * e  # one (T, T, e) product of every head
+    forward = backward = 0
+    for m in range(modules):
+        forward += 2 * k * n * m * r * (1 + 3 * r + r) + 2 * k * n * r * r + 2 * attention  # w1, Z, G; QKᵀ, PV
+        backward += 2 * k * n * (modules - m - 1) * r * (3 * r + 1) + 2 * k * n * modules * r * r + 5 * attention
+    backward += (2 * 2 * k * modules * n * 3 * r + 2 * k * n * modules * modules * (2 + groups)  # c, b; the masks
+                 + 2 * k * modules * n * r + 2 * k * n * (modules * r) ** 2 + 2 * k * n * modules * r * modules * 3 * r)
+    return forward, backward
