@@ -149,7 +149,8 @@ def side_training_flops(method: str, options: dict, width: int, depth: int, toke
         return float(head)
     if method == "last":  # low-rank form (sidetune/sidenets/last.py), depth 1, gap 1: one module per block
         r, m = options["rank"], depth
-        shared = 2 * t * d * 3 * r * m + 2 * t * d * m * r * m  # S = X_g (γ⊙W_g) and U = X_g W_Oᵀ, every group
+        # S = X_g (γ⊙W_g) and U = X_g W_Oᵀ for the modules before g's (a GPU computes all of U: m r m columns)
+        shared = 2 * t * d * 3 * r * m + 2 * t * d * r * m * (m - 1) // 2
         chain = sum(chain_flops(m, 1, t, 1, 1, r, options.get("heads", 1)))  # forward and backward, one image
         small = 3 * (2 * m * d * 3 * r + 2 * m * r * d * m * 3 * r + 2 * m * r * d * m * r)  # βW, Z, G; once per step
         return 2 * shared + chain + small / batch_size + 3 * 2 * m * r * d + head  # y = x_N + A W_O at CLS

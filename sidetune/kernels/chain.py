@@ -19,6 +19,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from sidetune.kernels import chain_reference
+from sidetune.kernels.chain_reference import groups_reading
 
 Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -138,9 +139,15 @@ def input_gradients(a: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, d_pr
     # mean_m = ... + sum_{j<m} a_j w1_j / D
     d_w1 = torch.einsum("kbtjr,kbtj->kjr", a, torch.einsum("kbmt,mj->kbtj", d_mean, later)) / width
     # msq_m = ... + 2 sum_{j<m} <U_{g(m),j}, a_j> / D + sum_{j,l<m} a_j G_jl a_l / D
-    msq_in_group = torch.einsum("kbmt,mgj->kbtgj", d_msq, in_group_later)
-    d_u = torch.mul(msq_in_group.permute(3, 1, 2, 0, 4)[..., None], a.permute(1, 2, 0, 3, 4)[None],
-                    out=a.new_empty(groups, b, t, k, modules, r)).mul_(2 / width)  # in U's layout
+    msq_in_group = torch.einsum("kbmt,mgj->gbtkj", d_msq * (2 / width), in_group_later)[..., None]
+    a_by_token = a.permute(1, 2, 0, 3, 4)[None]
+    if a.device.type == "cpu":  # memory-bound there: only the entries a group reads (about half)
+        d_u = a.new_empty(groups, b, t, k, modules, r)
+        for g, needed in groups_reading(groups, modules, depth):
+            torch.mul(msq_in_group[g, ..., :needed, :], a_by_token[0, ..., :needed, :], out=d_u[g, ..., :needed, :])
+            d_u[g, ..., needed:, :] = 0
+    else:
+        d_u = msq_in_group * a_by_token  # in U's layout
     msq_after = torch.einsum("kbmt,mi->kbti", d_msq, later) / width  # [i]: sum_{m > i} d_msq_m / D
     weighted = torch.einsum("kbtjr,kbtj->kbtjr", a, msq_after)  # for l <= j the weight of pair (j, l)
     pairs = torch.bmm(weighted.reshape(k, b * t, -1).transpose(1, 2), a.reshape(k, b * t, -1)).view(k, modules, r, modules, r)

@@ -31,11 +31,17 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 
 def computed_dtype(x: torch.Tensor) -> torch.dtype:
     """The chain computes in float32, or in float64 when given it (the exactness tests)."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def groups_reading(groups: int, modules: int, depth: int) -> list[tuple[int, int]]:
+    """(group g, how many modules j its modules read U_{g,j} of: those before its last)."""
+    return [(g, min((g + 1) * depth, modules) - 1) for g in range(groups)]
 
 
 def chain_forward(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq: torch.Tensor, c: torch.Tensor,
@@ -67,13 +73,10 @@ def chain_forward(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq:
         var = msq - mean * mean
         rstd = torch.rsqrt(var.clamp_min(0) + eps)
         qkv = rstd[..., None] * (proj - mean[..., None] * c[:, m, None, :]) + bias[:, m, None, :]
-        q, key, v = qkv.view(k, b, t, 3, heads, e).permute(3, 0, 1, 4, 2, 5)  # (K, B, H, T, e) each
-        scores = q @ key.transpose(-1, -2) / math.sqrt(e)
-        lse = scores.logsumexp(-1)
-        out = torch.exp(scores - lse[..., None]) @ v
-        a_m = out.permute(0, 1, 3, 2, 4).reshape(k, b, t, r)
-        a[:, :, :, m] = a_m
-        a_m = a_m.reshape(k, b * t, r)
+        q, key, v = qkv.view(k * b, t, 3, heads, e).permute(2, 0, 3, 1, 4)  # (K B, H, T, e) each
+        out, lse = attention(q, key, v)
+        a[:, :, :, m] = out.transpose(1, 2).reshape(k, b, t, r)
+        a_m = a[:, :, :, m].reshape(k, b * t, r)
         added = ((a_m @ gram[:, m, :, m]) * a_m).sum(-1)
         if m:
             added = added + 2 * ((earlier @ gram[:, :m, :, m].reshape(k, m * r, r)) * a_m).sum(-1)
@@ -81,7 +84,7 @@ def chain_forward(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq:
         qkv_saved[:, :, m] = qkv.view(k, b, t, 3, r).permute(0, 1, 3, 2, 4)
         mean_saved[:, :, m] = mean.view(k, b, t)
         var_saved[:, :, m] = var.view(k, b, t)
-        lse_saved[:, :, m] = lse
+        lse_saved[:, :, m] = lse.view(k, b, heads, t)
     return a, qkv_saved, mean_saved, var_saved, lse_saved
 
 
@@ -90,61 +93,105 @@ def chain_backward(grad_a: torch.Tensor, a: torch.Tensor, qkv: torch.Tensor, mea
                    gram: torch.Tensor, z: torch.Tensor, depth: int, width: int, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_proj (G, B, T, P, K, 3r), d_mean (K, B, M, T), d_msq (K, B, M, T)) from the gradient
-    of a. Modules are visited last to first; module m's gradient of a_m is gathered from every
-    later module's stored gradients, so nothing is accumulated into earlier modules' buffers."""
+    of a. Modules are visited last to first; what module m's gradient of a_m needs from later
+    modules is kept as running sums (of their statistics' gradients, per group for the U term)
+    and as their stored gradients, read as slices, so no step costs more than linear work."""
     k, b, t, modules, r = a.shape
     groups, heads = modules // depth, lse.shape[3]
-    e = r // heads
+    e, n = r // heads, b * t
     like = dict(device=a.device, dtype=a.dtype)
-    d_proj = torch.zeros(groups, b, t, depth, k, 3 * r, **like)
+    d_proj = torch.zeros(k, n, modules, 3 * r, **like)
     d_mean = torch.zeros(k, b, modules, t, **like)
     d_msq = torch.zeros(k, b, modules, t, **like)
-    later_msq = torch.zeros(k, b, modules, t, **like)  # [i]: sum_{m > i} d_msq_m / D
+    mean_after = torch.zeros(k, n, 1, **like)  # sum_{l > m} d_mean_l
+    msq_after = torch.zeros(k, n, 1, **like)  # sum_{l > m} d_msq_l / D
+    msq_after_by_group = torch.zeros(groups, k, b, t, 1, **like)  # the same per group of the later modules
+    weighted = torch.zeros(k, n, modules, r, **like)  # a_l sum_{i > l} d_msq_i / D, written as l is reached
     c, bias, w1, gram, z = (x.to(a.dtype) for x in (c, bias, w1, gram, z))
-    a_flat = a.reshape(k, b * t, modules * r)
+    a_flat = a.view(k, n, modules * r)
     for m in reversed(range(modules)):
         g, p = divmod(m, depth)
-        da = grad_a[:, :, :, m].to(a.dtype).reshape(k, b * t, r).clone()
+        after = slice(m + 1, modules)
+        da = grad_a[:, :, :, m].to(a.dtype).reshape(k, n, r)
+        # a_m feeds every later module's projections, mean and (through U) mean square ...
         if m + 1 < modules:
-            after = slice(m + 1, modules)
-            by_module = d_proj.permute(0, 3, 1, 2, 4, 5).reshape(modules, b, t, k, 3 * r)
-            projections = by_module[after].permute(3, 1, 2, 0, 4)
-            da += projections.reshape(k, b * t, -1) @ z[:, m, :, after].reshape(k, r, -1).transpose(1, 2)
-            da += (d_mean[:, :, after].sum(2).reshape(k, b * t, 1) / width) * w1[:, m, None, :]
-            msq_weights = d_msq[:, :, after].permute(2, 0, 1, 3)  # (later modules, K, B, T)
-            groups_after = torch.arange(m + 1, modules, device=a.device) // depth
-            da += 2 / width * torch.einsum("nkbt,nbtkr->kbtr", msq_weights, u[groups_after, :, :, :, m].to(a.dtype)).reshape(k, b * t, r)
-        # the |C|^2 term: 2 sum_l a_l G_lm later_msq[max(l, m)]
-        weights = torch.cat([later_msq[:, :, m:m + 1].expand(-1, -1, m + 1, -1), later_msq[:, :, m + 1:]], 2)
-        weighted = (a * weights.permute(0, 1, 3, 2)[..., None]).reshape(k, b * t, modules * r)
-        da += 2 * weighted @ gram[:, :, :, m].reshape(k, modules * r, r)
+            da = da + d_proj[:, :, after].reshape(k, n, -1) @ z[:, m, :, after].reshape(k, r, -1).transpose(1, 2)
+        da = da + mean_after / width * w1[:, m, None, :]
+        first = (m + 1) // depth  # the first group with a module after m
+        if first < groups:
+            u_term = (msq_after_by_group[first:] * u[first:, :, :, :, m].permute(0, 3, 1, 2, 4)).sum(0)
+            da = da + 2 * u_term.reshape(k, n, r)
+        # ... and the |C|^2 term 2 sum_l a_l G_lm w(max(l, m)), w(i) = sum_{j > i} d_msq_j / D
+        weighted[:, :, m] = a[:, :, :, m].reshape(k, n, r) * msq_after
+        da = da + 2 * msq_after * (a_flat[:, :, :(m + 1) * r] @ gram[:, :m + 1, :, m].reshape(k, -1, r))
+        if m + 1 < modules:
+            da = da + 2 * weighted[:, :, after].reshape(k, n, -1) @ gram[:, after, :, m].reshape(k, -1, r)
 
-        q, key, v = qkv[:, :, m].reshape(k, b, 3, t, heads, e).permute(2, 0, 1, 4, 3, 5)  # (K, B, H, T, e)
-        out = a[:, :, :, m].reshape(k, b, t, heads, e).transpose(2, 3)
-        d_out = da.reshape(k, b, t, heads, e).transpose(2, 3)
-        probabilities = torch.exp(q @ key.transpose(-1, -2) / math.sqrt(e) - lse[:, :, m, :, :, None])
-        d_v = probabilities.transpose(-1, -2) @ d_out
-        d_probabilities = d_out @ v.transpose(-1, -2)
-        d_scores = probabilities * (d_probabilities - (d_out * out).sum(-1, keepdim=True)) / math.sqrt(e)
-        d_q, d_k = d_scores @ key, d_scores.transpose(-1, -2) @ q
-        d_qkv = torch.stack([d_q, d_k, d_v], 2).permute(0, 1, 4, 2, 3, 5).reshape(k, b, t, 3 * r)
+        q, key, v = qkv[:, :, m].reshape(k * b, 3, t, heads, e).transpose(2, 3).unbind(1)  # (K B, H, T, e)
+        out = a[:, :, :, m].reshape(k * b, t, heads, e).transpose(1, 2)
+        d_out = da.view(k * b, t, heads, e).transpose(1, 2)
+        d_q, d_k, d_v = attention_backward(d_out, q, key, v, out, lse[:, :, m].reshape(k * b, heads, t))
+        d_qkv = torch.stack([d_q, d_k, d_v], 1).permute(0, 3, 1, 2, 4).reshape(k, n, 3 * r)
 
-        qkv_m = qkv[:, :, m].permute(0, 1, 3, 2, 4).reshape(k, b, t, 3 * r)
-        var_m, mean_m = var[:, :, m], mean[:, :, m]
+        qkv_m = qkv[:, :, m].permute(0, 1, 3, 2, 4).reshape(k, n, 3 * r)
+        var_m, mean_m = var[:, :, m].reshape(k, n), mean[:, :, m].reshape(k, n)
         rstd = torch.rsqrt(var_m.clamp_min(0) + eps)
-        d_rstd = (d_qkv * (qkv_m - bias[:, m, None, None, :])).sum(-1) / rstd
+        d_rstd = (d_qkv * (qkv_m - bias[:, m, None, :])).sum(-1) / rstd
         d_var = torch.where(var_m >= 0, -0.5 * rstd ** 3 * d_rstd, 0.0)
-        d_mean[:, :, m] = -rstd * (d_qkv * c[:, m, None, None, :]).sum(-1) - 2 * mean_m * d_var
-        d_msq[:, :, m] = d_var
-        d_proj[g, :, :, p] = (rstd[..., None] * d_qkv).permute(1, 2, 0, 3)
-        later_msq[:, :, :m] += d_var[:, :, None] / width
+        d_mean_m = -rstd * (d_qkv * c[:, m, None, :]).sum(-1) - 2 * mean_m * d_var
+        d_mean[:, :, m], d_msq[:, :, m] = d_mean_m.view(k, b, t), d_var.view(k, b, t)
+        d_proj[:, :, m] = rstd[..., None] * d_qkv
+        mean_after += d_mean_m[..., None]
+        msq_after += d_var[..., None] / width
+        msq_after_by_group[g] += d_var.view(k, b, t, 1) / width
+    d_proj = d_proj.view(k, b, t, groups, depth, 3 * r).permute(3, 1, 2, 4, 0, 5).contiguous()
     return d_proj, d_mean, d_msq
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of (N, H, T, e) queries, keys and values: the output and the
+    log-sum-exp of each query's scaled scores (N, H, T). On the CPU, torch's flash attention
+    (several times faster than the written products, which run elsewhere)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    lse = scores.logsumexp(-1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+def attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k and v from that of attention's output, with its saved log-sum-exp."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(d_out, q, k, v, out, lse, 0.0, False)
+    scale = 1 / math.sqrt(q.shape[-1])
+    probabilities = torch.exp(q @ k.transpose(-1, -2) * scale - lse[..., None])
+    d_probabilities = d_out @ v.transpose(-1, -2)
+    d_scores = probabilities * (d_probabilities - (d_out * out).sum(-1, keepdim=True)) * scale
+    return d_scores @ k, d_scores.transpose(-1, -2) @ q, probabilities.transpose(-1, -2) @ d_out
+
+
+def _cpu_attention_flops(q, k, v, *args, **kwargs) -> int:
+    n, heads, t, e = q  # shapes, as FlopCounterMode passes them
+    return 2 * 2 * n * heads * t * k[2] * e  # QKᵀ and PV
+
+
+def _cpu_attention_backward_flops(d_out, q, k, v, *args, **kwargs) -> int:
+    n, heads, t, e = q
+    return 5 * 2 * n * heads * t * k[2] * e  # the scores again, dV, dP, dQ, dK
+
+
+for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, _cpu_attention_flops),
+                      (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, _cpu_attention_backward_flops)):
+    if _op not in flop_registry:  # torch counts its other attention kernels, not yet these
+        register_flop_formula(_op)(_formula)
 
 
 def chain_flops(groups: int, images: int, tokens: int, depth: int, configs: int, rank: int, heads: int
                 ) -> tuple[int, int]:
-    """(forward, backward) FLOPs of the chain's matrix products (2 per multiply-add), as
-    chain_forward and chain_backward with the gradients of the small matrices compute them;
+    """(forward, backward) FLOPs of the chain's matrix products (2 per multiply-add; the U
+    terms are elementwise products, not counted), as chain_forward and chain_backward with the
+    gradients of the small matrices compute them;
     registered as the custom ops' FLOP formulas, so torch's FlopCounterMode counts the chain."""
     k, n, t, r, e = configs, images * tokens, tokens, rank, rank // heads
     modules = groups * depth
@@ -152,7 +199,7 @@ def chain_flops(groups: int, images: int, tokens: int, depth: int, configs: int,
     forward = backward = 0
     for m in range(modules):
         forward += 2 * k * n * m * r * (1 + 3 * r + r) + 2 * k * n * r * r + 2 * attention  # w1, Z, G; QKᵀ, PV
-        backward += 2 * k * n * (modules - m - 1) * r * (3 * r + 1) + 2 * k * n * modules * r * r + 5 * attention
+        backward += 2 * k * n * (modules - m - 1) * r * 3 * r + 2 * k * n * modules * r * r + 5 * attention
     backward += (2 * 2 * k * modules * n * 3 * r + 2 * k * n * modules * modules * (2 + groups)  # c, b; the masks
                  + 2 * k * modules * n * r + 2 * k * n * (modules * r) ** 2 + 2 * k * n * modules * r * modules * 3 * r)
     return forward, backward

@@ -18,7 +18,7 @@ from sidetune.cache.layout import contiguous_groups
 from sidetune.errors import SidetuneError
 from sidetune.kernels.chain_reference import computed_dtype
 from sidetune.sidenets.base import FeatureLayout
-from sidetune.sidenets.last import LowRankAttentionSide
+from sidetune.sidenets.last import LowRankAttentionSide, running_sums
 
 
 class MIST(LowRankAttentionSide):
@@ -71,4 +71,4 @@ class MIST(LowRankAttentionSide):
             first = self.layout.first_stage
             sums = torch.stack([tokens[:, group[0] - first:group[-1] - first + 1].sum(1, dtype=computed_dtype(tokens))
                                 for group in self.summed_groups])
-        return self.side_features(torch.cumsum(sums, 0, dtype=computed_dtype(tokens)), tokens[:, -1])
+        return self.side_features(running_sums(sums), tokens[:, -1])
