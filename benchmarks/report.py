@@ -89,9 +89,19 @@ def step_profile(record: dict) -> str:
     captured = "captured (CUDA graph)" if record["machine"]["device"] == "cuda" else "compiled (torch.compile)"
     rows = [[r["method"], captured if r["variant"] == "captured" else r["variant"], r["configs"],
              r["ms_per_step"] if r["ms_per_step"] is not None else "out of memory", r["ms_per_config"]] for r in record["rows"]]
-    return (f"{describe(record)} One training step at width {shapes['width']}, {shapes['depth']} blocks, "
+    text = (f"{describe(record)} One training step at width {shapes['width']}, {shapes['depth']} blocks, "
             f"{shapes['tokens']} tokens, batch {shapes['batch_size']} (random tokens).\n\n"
             + table(["method", "variant", "K", "ms / step", "ms / config"], rows))
+    counts = record.get("launch_counts")
+    if counts:
+        where = "on the GPU" if record["machine"]["device"] == "cuda" else "Triton's interpreter standing in for a GPU"
+        count_rows = [[c["method"], c["modules"], c["configs"], f"{c['torch_path']['compute_ops']:.0f}",
+                       f"{c['fused']['compute_ops']:.0f} + {c['fused']['triton_launches']:.0f}",
+                       f"{c['fused']['launches']:.0f}"] for c in counts]
+        text += (f"\n\nKernel launches of one eager step (benchmarks/launches.py; fused path counted with {where}):\n\n"
+                 + table(["method", "modules", "K", "torch path: compute ops", "fused: ops + Triton", "fused: launches"],
+                         count_rows))
+    return text
 
 
 def storage(record: dict) -> str:

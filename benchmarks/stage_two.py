@@ -9,12 +9,17 @@ the fastest of three epochs after a warm-up epoch, and the fastest of `--repeats
 run in alternating order:
 
 - cache: the side network trained by sidetune's engine from the extracted cache;
-  cache_compiled the same with `--compile` (its warm-up epoch compiles).
+  cache_compiled the same with `--compile` (its warm-up epoch compiles); on CUDA also
+  cache_fused, with `--fused` (the Triton kernels of sidetune/kernels/).
 - paper: the identical side network and optimiser step, with the frozen backbone run on every
   batch to produce its inputs (no gradient through the backbone): how it is trained without a
   cache.
 
-and, once per batch size, lora (LoRA r = 8 on every block's qkv, B zero-initialised, on the same
+With `--configs 16,64`, the cache and paper ways again with K configurations stacked: the
+paper's own parallel training (K side networks behind one backbone forward per batch) against
+K configurations trained from the cache, rows under "stacks".
+
+And, once per batch size, lora (LoRA r = 8 on every block's qkv, B zero-initialised, on the same
 timm model with a linear head, backpropagating through the backbone: what users run today) and
 forward (the bare backbone forward over the same batches: the FLOP rate the backbone reaches on
 this device).
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="Side networks to measure (comma-separated).")
     parser.add_argument("--repeats", type=int, default=2, help="Runs of every case, alternating; the fastest counts.")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--configs", default="1", help="Also K configurations stacked, cache and paper ways (comma-separated K > 1).")
     parser.add_argument("--pretrained", action="store_true", help="Hub weights (default: seeded random weights).")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child")
@@ -84,10 +90,12 @@ def main() -> None:
     methods = args.methods.split(",")
     rows: list[dict] = []
     summary: list[dict] = []
+    stacks: list[dict] = []
+    ways = WAYS + (("cache_fused",) if args.device == "cuda" else ())
     for batch_size in map(int, args.batch_sizes.split(",")):
         common = {"model": args.model, "cache": str(cache_path), "folder": str(folder), "batch_size": batch_size,
                   "device": args.device, "pretrained": args.pretrained}
-        cases = [("backbone", "forward"), ("lora", "lora")] + [(method, way) for method in methods for way in WAYS]
+        cases = [("backbone", "forward"), ("lora", "lora")] + [(method, way) for method in methods for way in ways]
         measured: dict[tuple[str, str], dict] = {}
         for repeat in range(args.repeats):  # the fastest of alternating repeats counts
             for method, way in cases if repeat % 2 == 0 else reversed(cases):
@@ -99,25 +107,36 @@ def main() -> None:
             result = measured[(method, way)]
             rows.append({"batch_size": batch_size, "method": method, "way": way, **result})
             print(rows[-1], flush=True)
-        summary += summarise(measured, methods, shapes, backbone_flops, batch_size)
+        summary += summarise(measured, methods, shapes, backbone_flops, batch_size, ways)
+        for k in (int(k) for k in args.configs.split(",") if int(k) > 1):
+            for method in methods:
+                seconds = {way: run_child(Path(__file__), way, {**common, "method": method, "configs": k})["epoch_seconds"]
+                           for way in ("cache", "paper")}
+                stacks.append({"batch_size": batch_size, "method": method, "configs": k,
+                               **{f"{way}_seconds": value for way, value in seconds.items()},
+                               "over_paper": round(seconds["paper"] / seconds["cache"], 2)})
+                print(stacks[-1], flush=True)
     write_result("stage_two", {"model": args.model, "images": args.images, "pretrained": args.pretrained, "repeats": args.repeats,
                                "shapes": shapes, "backbone_gflop_per_image": round(backbone_flops / 1e9, 3),
-                               "machine": machine(torch.device(args.device)), "rows": rows, "summary": summary},
+                               "machine": machine(torch.device(args.device)), "rows": rows, "summary": summary,
+                               "stacks": stacks},
                  args.out)
 
 
 def summarise(measured: dict[tuple[str, str], dict], methods: list[str], shapes: dict, backbone_flops: float,
-              batch_size: int) -> list[dict]:
+              batch_size: int, ways: tuple[str, ...] = WAYS) -> list[dict]:
     """Per side network: its seconds each way, its speed-ups over the paper's way and LoRA, its
     analytic training FLOPs per image and its FLOP efficiency (eager and compiled)."""
     forward, lora = measured[("backbone", "forward")]["epoch_seconds"], measured[("lora", "lora")]["epoch_seconds"]
     summary = []
     for method in methods:
         flops = side_training_flops(method, METHODS[method], **shapes, batch_size=batch_size)
-        seconds = {way: measured[(method, way)]["epoch_seconds"] for way in WAYS}
+        seconds = {way: measured[(method, way)]["epoch_seconds"] for way in ways}
         row = {"batch_size": batch_size, "method": method, **{f"{way}_seconds": s for way, s in seconds.items()},
                "side_gflop_per_image": float(f"{flops / 1e9:.4g}")}
-        for suffix, way in (("", "cache"), ("_compiled", "cache_compiled")):
+        for suffix, way in (("", "cache"), ("_compiled", "cache_compiled"), ("_fused", "cache_fused")):
+            if way not in seconds:
+                continue
             row[f"over_paper{suffix}"] = round(seconds["paper"] / seconds[way], 2)
             row[f"over_lora{suffix}"] = round(lora / seconds[way], 2)
             row[f"efficiency{suffix}"] = float(f"{flops * forward / (backbone_flops * seconds[way]):.3g}")
@@ -161,15 +180,15 @@ def side_training_flops(method: str, options: dict, width: int, depth: int, toke
 
 
 def _cache_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool, method: str,
-                compile: bool = False) -> dict:
+                compile: bool = False, fused: bool = False, configs: int = 1) -> dict:
     import sidetune
     from sidetune.engine import train_group
 
     ends = []
-    config = sidetune.TrainConfig.create(method, METHODS[method], epochs=1 + TIMED_EPOCHS, warmup_epochs=0,
-                                         batch_size=batch_size)
-    train_group(sidetune.open_cache(cache), [config], "train", "train", torch.device(device),
-                on_epoch=lambda stats: ends.append(stats.seconds), compile=compile, evaluate=False)
+    stack = [sidetune.TrainConfig.create(method, METHODS[method], epochs=1 + TIMED_EPOCHS, warmup_epochs=0,
+                                         batch_size=batch_size, seed=seed) for seed in range(configs)]
+    train_group(sidetune.open_cache(cache), stack, "train", "train", torch.device(device),
+                on_epoch=lambda stats: ends.append(stats.seconds), compile=compile, fused=fused, evaluate=False)
     return {"epoch_seconds": round(min(b - a for a, b in itertools.pairwise(ends)), 3),
             "peak_memory_bytes": peak_memory(torch.device(device))}
 
@@ -185,7 +204,10 @@ def _images(backbone, folder: str, device: torch.device) -> tuple[torch.Tensor, 
     return images.to(device), torch.from_numpy(split.labels).to(device)
 
 
-def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool, method: str) -> dict:
+def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool, method: str,
+                configs: int = 1) -> dict:
+    """The paper's way: the backbone run on every batch, and `configs` side networks (stacked,
+    as the engine runs them) trained behind that one forward."""
     import sidetune
     from sidetune.backbones import forward_stages, load_backbone
     from sidetune.engine import StackedStep, build_sidenet, training_autocast
@@ -195,12 +217,13 @@ def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: st
     backbone = load_backbone(model, pretrained=pretrained)
     backbone.model.to(device)
     images, labels = _images(backbone, folder, device)
-    net = build_sidenet(sidetune.open_cache(cache), method, METHODS[method], 1)
-    net.reset_parameters([0])
+    net = build_sidenet(sidetune.open_cache(cache), method, METHODS[method], configs)
+    net.reset_parameters(list(range(configs)))
     net.to(device)
     stages = net.stages_needed()
-    # The side network's step exactly as the engine runs it (fused optimizer, CUDA graphs on a GPU).
-    step = StackedStep(net, StackedAdamW(net, torch.tensor([1e-3]), torch.tensor([1e-4])), torch.zeros(1), batch_size,
+    # The side network's step exactly as the engine runs it (stacked optimizer, CUDA graphs on a GPU).
+    lr, decay = torch.full((configs,), 1e-3), torch.full((configs,), 1e-4)
+    step = StackedStep(net, StackedAdamW(net, lr, decay), torch.zeros(configs), batch_size,
                        (len(stages), backbone.num_tokens, backbone.width), torch.float16, cuda_graphs=device.type == "cuda")
 
     def epoch(number: int) -> int:
@@ -299,6 +322,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 CASES = {"cache": _cache_case, "cache_compiled": lambda **args: _cache_case(**args, compile=True),
+         "cache_fused": lambda **args: _cache_case(**args, fused=True),
          "paper": _paper_case, "lora": _lora_case, "forward": _forward_case}
 
 if __name__ == "__main__":

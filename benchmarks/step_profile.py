@@ -1,23 +1,28 @@
-"""Where a stage-two training step spends its time, and what each engine change bought: one
-stacked LAST step at a backbone's shapes (random tokens, no cache), timed per K, change by change.
+"""What a stage-two training step costs and asks of the device: milliseconds per step, and
+the kernels it launches, per method and number of stacked configurations K (random tokens at a
+backbone's shapes, no cache).
 
     python benchmarks/step_profile.py                                   # CPU, vit_tiny shapes
     python benchmarks/step_profile.py --device cuda --width 768 --stacks 1,16,64 --out FILE
 
-Variants, each adding one change to the one before (the first is the engine before round two):
-- before: LAST with a (K, B, T, D) side state, AdamW with ~8 kernels per parameter, the
-  non-finite check read on the host every step, a float32 copy of every batch;
-- fused_optimizer: one (K, P) AdamW update (sidetune/optim.py);
-- no_host_sync: the non-finite check stays on the device;
-- stored_dtype: the batch stays 16-bit, cast inside the side network;
-- low_rank: LAST in low-rank form (sidetune/sidenets/last.py), the engine as shipped;
-- cuda_graphs (CUDA) / compiled (CPU): the shipped step captured in a CUDA graph, or its
-  forward through torch.compile.
-Then the shipped step for linear and LoSA, and a profile of the shipped step at the largest K."""
+Timed variants of each method's step:
+- before (LAST only): the engine before the low-rank form: a (K, B, T, D) side state, AdamW
+  with ~8 kernels per parameter, the non-finite check read on the host every step, a float32
+  copy of every batch;
+- eager: the engine's StackedStep as shipped (torch implementation of every op);
+- captured (CUDA) / compiled (CPU): that step in a CUDA graph, or its forward through torch.compile;
+- fused (CUDA): with the Triton kernels (LAST's and MIST's chain, the stacked AdamW) in a graph.
+Counted (benchmarks/launches.py, torch's profiler): one step's compute ops on the torch path, and
+its kernel launches with the fused kernels (on a CPU run in a child under Triton's
+interpreter: counts, not times), for LAST and MIST at 6, 12 and 24 modules."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,13 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, write_result
+from launches import count_steps
 from sidetune.engine import StackedStep, cross_entropy_per_config, training_autocast
 from sidetune.optim import StackedAdamW
 from sidetune.sidenets import FeatureLayout, create_sidenet
 from sidetune.sidenets.base import layer_norm_stacked
 
-VARIANTS = ("before", "fused_optimizer", "no_host_sync", "stored_dtype", "low_rank", "captured")
-METHODS = {"last": {"rank": 8}, "linear": {}, "losa": {"token_rank": 8, "channel_rank": 8}}
+METHODS = {"linear": {}, "last": {"rank": 8}, "mist": {"rank": 8}, "losa": {"token_rank": 8, "channel_rank": 8}}
+COUNTED = ("last", "mist")
+COUNT_SHAPES = {"width": 32, "tokens": 5, "batch_size": 2}  # what a step launches does not depend on its sizes
 
 
 def main() -> None:
@@ -42,30 +49,76 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=197)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--stacks", default="1,16")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--count-depths", default="6,12,24")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child-counts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_counts:  # in a child under TRITON_INTERPRET=1: the fused path's launches on CPU tensors
+        print(json.dumps(launch_counts(**json.loads(args.child_counts), device=torch.device("cpu"), fused=True)))
+        return
     device = torch.device(args.device)
-    layout = FeatureLayout(depth=args.depth, width=args.width, num_tokens=args.tokens, num_prefix_tokens=1,
-                           num_classes=10, stages=tuple(range(args.depth + 1)), token_selection="all")
-    rows = []
     stacks = [int(k) for k in args.stacks.split(",")]
-    for k in stacks:
-        for variant in VARIANTS:
-            ms = timed_steps(layout, "last", k, variant, args, device)
-            rows.append({"method": "last", "variant": variant, "configs": k, "ms_per_step": ms,
-                         "ms_per_config": None if ms is None else round(ms / k, 3)})
-            print(rows[-1], flush=True)
-        for method in ("linear", "losa"):
-            for variant in ("low_rank", "captured"):  # the shipped step, eager and captured/compiled
+    layout = vit_layout(args.depth, args.width, args.tokens)
+    variants = ["eager", "captured"] + (["fused"] if device.type == "cuda" else [])
+    rows = []
+    for method in args.methods.split(","):
+        for k in stacks:
+            for variant in (["before"] if method == "last" else []) + variants:
                 ms = timed_steps(layout, method, k, variant, args, device)
-                rows.append({"method": method, "variant": "shipped" if variant == "low_rank" else variant,
-                             "configs": k, "ms_per_step": ms, "ms_per_config": None if ms is None else round(ms / k, 3)})
+                rows.append({"method": method, "variant": variant, "configs": k, "ms_per_step": ms,
+                             "ms_per_config": None if ms is None else round(ms / k, 3)})
                 print(rows[-1], flush=True)
+    counts = []
+    for depth in (int(d) for d in args.count_depths.split(",")):
+        for k in (stacks[0], stacks[-1]):
+            arguments = {"depth": depth, "configs": k}
+            torch_path = launch_counts(**arguments, device=device, fused=False)
+            fused = launch_counts(**arguments, device=device, fused=True) if device.type == "cuda" else interpreted_counts(arguments)
+            for method in COUNTED:
+                counts.append({"method": method, "blocks": depth, "modules": torch_path[method].pop("modules"),
+                               "configs": k, "torch_path": torch_path[method], "fused": fused[method]})
+                print(counts[-1], flush=True)
     profile(layout, stacks[-1], args, device)
     write_result("step_profile", {"shapes": {"width": args.width, "depth": args.depth, "tokens": args.tokens,
                                              "batch_size": args.batch_size},
-                                  "machine": machine(device), "rows": rows}, args.out)
+                                  "machine": machine(device), "rows": rows, "launch_counts": counts}, args.out)
+
+
+def vit_layout(depth: int, width: int, tokens: int) -> FeatureLayout:
+    return FeatureLayout(depth=depth, width=width, num_tokens=tokens, num_prefix_tokens=1, num_classes=10,
+                         stages=tuple(range(depth + 1)), token_selection="all")
+
+
+def launch_counts(depth: int, configs: int, device: torch.device, fused: bool) -> dict:
+    """What one eager step of each counted method dispatches, at `depth` modules (LAST: one per
+    block; MIST: `depth` groups of stages, one module each)."""
+    layout = vit_layout(depth, COUNT_SHAPES["width"], COUNT_SHAPES["tokens"])
+    args = argparse.Namespace(batch_size=COUNT_SHAPES["batch_size"], tokens=COUNT_SHAPES["tokens"],
+                              width=COUNT_SHAPES["width"])
+    result = {}
+    for method in COUNTED:
+        options = {**METHODS[method], **({"groups": max(1, depth // 4)} if method == "mist" else {})}  # 4 modules each
+        step, tokens, labels = build(layout, method, configs, "fused" if fused else "eager", args, device, options,
+                                     graphs=False)
+        numbers = iter(range(1, 100))
+        step(tokens, labels, next(numbers))
+        counted = count_steps(lambda: step(tokens, labels, next(numbers)), steps=2)
+        modules = step.net.groups * step.net.depth
+        result[method] = {"modules": modules, **counted.row(), "top_ops": dict(counted.by_op.most_common(8))}
+    return result
+
+
+def interpreted_counts(arguments: dict) -> dict:
+    """launch_counts with the fused kernels, in a child whose Triton runs in its interpreter."""
+    command = [sys.executable, __file__, "--child-counts", json.dumps(arguments)]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
+    if finished.returncode != 0:
+        raise RuntimeError(f"counting the fused path failed:\n{finished.stderr[-4000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def timed_steps(layout: FeatureLayout, method: str, k: int, variant: str, args, device: torch.device) -> float | None:
@@ -90,9 +143,9 @@ def _timed_steps(layout: FeatureLayout, method: str, k: int, variant: str, args,
     return round((time.perf_counter() - started) / args.steps * 1000, 3)
 
 
-def build(layout: FeatureLayout, method: str, k: int, variant: str, args, device: torch.device):
-    level = VARIANTS.index(variant)
-    net = create_sidenet(method, layout, k, **METHODS[method])
+def build(layout: FeatureLayout, method: str, k: int, variant: str, args, device: torch.device,
+          options: dict | None = None, graphs: bool = True):
+    net = create_sidenet(method, layout, k, **(METHODS[method] if options is None else options))
     net.set_final_norm(torch.ones(layout.width), torch.zeros(layout.width), 1e-6)
     net.reset_parameters(list(range(k)))
     net.to(device)
@@ -101,26 +154,30 @@ def build(layout: FeatureLayout, method: str, k: int, variant: str, args, device
     tokens = torch.randn(args.batch_size, len(stages), args.tokens, args.width, generator=generator).half().to(device)
     labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)
     lr, decay = torch.full((k,), 1e-3), torch.full((k,), 1e-4)
-    if level >= VARIANTS.index("low_rank"):  # the engine as shipped
-        captured = level == VARIANTS.index("captured")
-        shipped = StackedStep(net, StackedAdamW(net, lr, decay), torch.zeros(k), args.batch_size, tuple(tokens.shape[1:]),
-                              tokens.dtype, compile=captured and device.type != "cuda",
+    if variant != "before":  # the engine as shipped
+        fused = variant == "fused"
+        net.fused = fused
+        captured = variant in ("captured", "fused") and graphs
+        shipped = StackedStep(net, StackedAdamW(net, lr, decay, fused=fused), torch.zeros(k), args.batch_size,
+                              tuple(tokens.shape[1:]), tokens.dtype, compile=captured and device.type != "cuda",
                               cuda_graphs=captured and device.type == "cuda")
-        return (lambda t, y, number: shipped(t, y, number, 1.0)), tokens, labels
+        def step(t: torch.Tensor, y: torch.Tensor, number: int) -> None:
+            shipped(t, y, number, 1.0)
 
-    forward = lambda batch: d_wide_last_logits(net, batch)
-    optimizer = StackedAdamW(net, lr, decay) if level >= 1 else PerParameterAdamW(net, lr.to(device), decay.to(device))
+        step.net = net
+        return step, tokens, labels
+
+    optimizer = PerParameterAdamW(net, lr.to(device), decay.to(device))
     active = torch.ones(k, dtype=torch.bool, device=device)
     smoothing = torch.zeros(k, device=device)
 
     def step(batch: torch.Tensor, y: torch.Tensor, number: int) -> None:
         optimizer.zero_grad()
         with training_autocast(device):
-            logits = forward(batch if level >= VARIANTS.index("stored_dtype") else batch.float())
+            logits = d_wide_last_logits(net, batch.float())
         losses = cross_entropy_per_config(logits.float(), y, smoothing)
         finite = torch.isfinite(losses)
-        if level < VARIANTS.index("no_host_sync"):
-            bool(finite[active].all())  # the host waits for the device, as the engine did every step
+        bool(finite[active].all())  # the host waits for the device, as the engine did every step
         active.logical_and_(finite)
         torch.where(active, losses, 0.0).sum().backward()
         optimizer.step(torch.tensor(1.0, device=device), torch.tensor(float(number), device=device), active)
@@ -135,21 +192,20 @@ def d_wide_last_logits(net, tokens: torch.Tensor) -> torch.Tensor:
     for i in range(1, net.groups + 1):
         h = u + tokens[:, i]
         for j in range(net.depth):
-            p = lambda name: getattr(net, f"lsa{i - 1}_{j}_{name}")
-            x = layer_norm_stacked(h, p("norm_weight"), p("norm_bias"))
+            m = (i - 1) * net.depth + j
+            x = layer_norm_stacked(h, net.lsa_norm_weight[:, m], net.lsa_norm_bias[:, m])
             b, t = x.shape[1:3]
-            w_qkv = torch.cat([p("w_q"), p("w_k"), p("w_v")], dim=-1)
-            qkv = torch.bmm(x.reshape(k, b * t, -1), w_qkv).view(k * b, t, 3, net.heads, net.rank // net.heads)
+            qkv = torch.bmm(x.reshape(k, b * t, -1), net.lsa_w_qkv[:, m]).view(k * b, t, 3, net.heads, net.rank // net.heads)
             q, key, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             attended = F.scaled_dot_product_attention(q, key, v).transpose(1, 2).reshape(k, b * t, net.rank)
-            h = h + torch.bmm(attended, p("w_o")).view(k, b, t, -1)
+            h = h + torch.bmm(attended, net.lsa_w_o[:, m]).view(k, b, t, -1)
         u = h
     pooled = net.head_features(u - tokens[:, :-1].float().sum(dim=1))
     return torch.matmul(pooled, net.head_weight) + net.head_bias[:, None, :]
 
 
 class PerParameterAdamW:
-    """The optimizer before round two: AdamW parameter by parameter, ~8 kernels each."""
+    """The optimizer before the stacked update: AdamW parameter by parameter, ~8 kernels each."""
 
     def __init__(self, net, lr: torch.Tensor, weight_decay: torch.Tensor):
         self.net, self.lr, self.weight_decay = net, lr, weight_decay
@@ -176,7 +232,7 @@ class PerParameterAdamW:
 
 
 def profile(layout: FeatureLayout, k: int, args, device: torch.device) -> None:
-    step, tokens, labels = build(layout, "last", k, "low_rank", args, device)
+    step, tokens, labels = build(layout, "last", k, "eager", args, device)
     for number in range(1, 4):
         step(tokens, labels, number)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])

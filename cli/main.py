@@ -182,6 +182,7 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard. Default: half the free memory."),
     compile: bool = typer.Option(False, "--compile", help="Run the side network through torch.compile (fused kernels; compiles once per shape first)."),
+    fused: bool = typer.Option(False, "--fused", help="CUDA: run LAST's and MIST's chain of modules and the optimizer as fused Triton kernels (a few launches per step instead of ~100 per module; not yet measured on a GPU)."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
     weights: Optional[Path] = typer.Option(None, help="A live split's evaluation: the backbone weights file, if it moved since extraction."),
     data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
@@ -210,7 +211,7 @@ def train(
     with TrainProgress(f"{method}", epochs) as progress:
         run_dir, result = train_run(
             opened, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
-            eval_every=eval_every, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs,
+            eval_every=eval_every, memory_budget=budget, compile=compile, fused=fused, cuda_graphs=cuda_graphs,
             tensorboard=_tensorboard(log_to), overwrite=overwrite, on_epoch=progress.epoch_done,
             live_progress=progress, log=lambda message: console.print(f"[dim]{message}"),
         )
@@ -344,6 +345,7 @@ def sweep(
     max_stack: Optional[int] = typer.Option(None, min=1, help="At most this many configurations per stack. Default: as many as fit the device's memory (measured); at most 16 on the CPU."),
     memory_budget: Optional[float] = typer.Option(None, min=0, help="GiB a split may take on the device before it is streamed by shard."),
     compile: bool = typer.Option(False, "--compile", help="Run the side network through torch.compile (fused kernels; compiles once per shape first)."),
+    fused: bool = typer.Option(False, "--fused", help="CUDA: run LAST's and MIST's chain of modules and the optimizer as fused Triton kernels (a few launches per step instead of ~100 per module; not yet measured on a GPU)."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Capture each training step in a CUDA graph and replay it. Default: on with CUDA."),
     weights: Optional[Path] = typer.Option(None, help="A live split's evaluation: the backbone weights file, if it moved since extraction."),
     data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
@@ -401,7 +403,7 @@ def sweep(
         console.print(f"[bold]{len(configs)}[/] configurations of {method}{grid_note}, on "
                       f"{tasks_count} cache{'s' if tasks_count > 1 else ''}: about {_duration(seconds)} of training")
     options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,
-                   max_stack=max_stack, memory_budget=budget, compile=compile, cuda_graphs=cuda_graphs,
+                   max_stack=max_stack, memory_budget=budget, compile=compile, fused=fused, cuda_graphs=cuda_graphs,
                    tensorboard=_tensorboard(log_to), halving=Halving(halving_factor, halving_min_epochs) if halving else None)
     with TrainProgress(quiet=not main_rank) as progress:
         callbacks = dict(on_stack=progress.stack_started, on_epoch=progress.epoch_done, live_progress=progress)
@@ -511,7 +513,7 @@ def demo(
           pool=None, standardize=None, targets=None, queries=None, full_width=None, group_lasso=None, top_stages=None,
           bottleneck=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
           label_smoothing=0.0, seed=0, data_seed=0, augment="none", augment_magnitude=0.5, train_split=None, eval_split=None, eval_every=0, out=run,
-          device="auto", memory_budget=None, compile=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
+          device="auto", memory_budget=None, compile=False, fused=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
           overwrite=True)
 
 

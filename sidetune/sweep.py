@@ -254,7 +254,7 @@ def finished_rows(out: Path, phase: str, configs: dict[int, TrainConfig], train_
 
 
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
-                out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool,
+                out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool, fused: bool,
                 cuda_graphs: bool | None, loaded: LoadedSplits, board: TensorBoardLog | None, halving: Halving | None,
                 on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
@@ -294,7 +294,7 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
     for number, stack in enumerate(stacks):
         if on_stack is not None:
             on_stack(number, len(stacks), [ordered[i] for i in stack])
-        options = dict(memory_budget=memory_budget, compile=compile, cuda_graphs=cuda_graphs, loaded=loaded)
+        options = dict(memory_budget=memory_budget, compile=compile, fused=fused, cuda_graphs=cuda_graphs, loaded=loaded)
         if halving is not None and phase != "final":
             results = train_with_halving(cache, [ordered[i] for i in stack], train_split, eval_split, device, halving,
                                          on_epoch_of=lambda alive, stack=stack: logged([stack[i] for i in alive]), **options)
@@ -338,6 +338,7 @@ def sweep(
     max_stack: int | None = None,
     memory_budget: int | None = None,
     compile: bool = False,
+    fused: bool = False,
     cuda_graphs: bool | None = None,
     tensorboard: bool = False,
     halving: Halving | None = None,
@@ -381,7 +382,7 @@ def sweep(
     # one load of each split for every stack and phase; a live split's pass heard by live_progress
     loaded = LoadedSplits(cache, torch_device, memory_budget, progress=live_progress)
     board = TensorBoardLog(out / "tensorboard") if tensorboard else None
-    common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile,
+    common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile, fused=fused,
                   cuda_graphs=cuda_graphs, loaded=loaded, board=board, halving=halving, on_stack=on_stack, on_epoch=on_epoch)
 
     if protocol == "vtab":

@@ -58,6 +58,7 @@ def train(
     eval_every: int = 0,
     memory_budget: int | None = None,
     compile: bool = False,
+    fused: bool = False,
     cuda_graphs: bool | None = None,
     tensorboard: bool = False,
     overwrite: bool = False,
@@ -111,7 +112,7 @@ def train(
             last_saved = time.monotonic()
 
     [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
-                           on_epoch=epoch_done, resume=resume, checkpoint=checkpoint, compile=compile,
+                           on_epoch=epoch_done, resume=resume, checkpoint=checkpoint, compile=compile, fused=fused,
                            cuda_graphs=cuda_graphs,
                            loaded=LoadedSplits(cache, torch_device, memory_budget, progress=live_progress))
     if board is not None:

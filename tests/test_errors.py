@@ -145,3 +145,18 @@ def test_sweep_with_a_non_number_prints_one_line_and_exits_2(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert "--lr got 'abc', which is not a number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fused_kernels_on_the_cpu_are_refused_with_the_fix(tmp_path):
+    cache = tmp_path / "cache"
+    extract_tiny("digits", cache, splits=["train800"], limit=8)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidetune", "train", "--cache", str(cache), "--method", "last", "--rank", "4",
+         "--epochs", "1", "--train-split", "train800", "--eval-split", "train800", "--device", "cpu", "--fused",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env={"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "200",
+                                             "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2
+    assert "--fused runs Triton kernels on a CUDA GPU" in result.stderr and "without --fused" in result.stderr
+    assert "Traceback" not in result.stderr

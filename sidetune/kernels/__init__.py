@@ -21,6 +21,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def compute_bound(device: torch.device) -> bool:
+    """Whether a step on `device` is bound by arithmetic rather than by kernel launches: on a
+    CPU, where some computations skip half their work at the cost of a few ops per module. Under
+    Triton's interpreter CPU tensors stand in for a GPU's, so they take the GPU's way."""
+    return device.type == "cpu" and not interpreting()
+
+
 def check_fused(device: torch.device) -> None:
     """Refuse `fused` kernels where they cannot run, naming the fix."""
     if importlib.util.find_spec("triton") is None:

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from sidetune.kernels import chain_reference
+from sidetune.kernels import chain_reference, compute_bound
 from sidetune.kernels.chain_reference import groups_reading
 
 Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -141,7 +141,7 @@ def input_gradients(a: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, d_pr
     # msq_m = ... + 2 sum_{j<m} <U_{g(m),j}, a_j> / D + sum_{j,l<m} a_j G_jl a_l / D
     msq_in_group = torch.einsum("kbmt,mgj->gbtkj", d_msq * (2 / width), in_group_later)[..., None]
     a_by_token = a.permute(1, 2, 0, 3, 4)[None]
-    if a.device.type == "cpu":  # memory-bound there: only the entries a group reads (about half)
+    if compute_bound(a.device):  # only the entries a group reads (about half), one product per group
         d_u = a.new_empty(groups, b, t, k, modules, r)
         for g, needed in groups_reading(groups, modules, depth):
             torch.mul(msq_in_group[g, ..., :needed, :], a_by_token[0, ..., :needed, :], out=d_u[g, ..., :needed, :])

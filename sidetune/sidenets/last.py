@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sidetune.errors import SidetuneError
+from sidetune.kernels import compute_bound
 from sidetune.kernels.chain import lowrank_chain
 from sidetune.kernels.chain_reference import computed_dtype, groups_reading
 from sidetune.sidenets.base import FeatureLayout, Parts, SideNet, ones, per_config, shared_product, uniform_fan_in, zeros
@@ -153,12 +154,12 @@ class LAST(LowRankAttentionSide):
 
 def earlier_products(running: torch.Tensor, w_out: torch.Tensor, depth: int) -> torch.Tensor:
     """U = X_g W_o,jᵀ (G, B, T, K, M, r) for every group g and module j, from the running sums
-    (G, B, T, D) and W_O (K, M, r, D). Only j < m for a module m of group g is ever read: on a
-    CPU (compute-bound) one product per group computes just those (about half the work) and
-    the rest stay zero; elsewhere one GEMM computes them all (one launch, not G)."""
+    (G, B, T, D) and W_O (K, M, r, D). Only j < m for a module m of group g is ever read: where
+    the step is compute-bound (a CPU) one product per group computes just those (about half the
+    work) and the rest stay zero; elsewhere one GEMM computes them all (one launch, not G)."""
     groups, b, t, d = running.shape
     k, modules, r, _ = w_out.shape
-    if running.device.type != "cpu":
+    if not compute_bound(running.device):
         return (running.view(-1, d) @ w_out.reshape(-1, d).t()).view(groups, b, t, k, modules, r)
     return _EarlierProducts.apply(running, w_out, depth)
 
@@ -201,10 +202,10 @@ class _EarlierProducts(torch.autograd.Function):
 
 def running_sums(x: torch.Tensor) -> torch.Tensor:
     """Cumulative sums over the first axis of (S, B, T, D) inputs, in float32 (float64 given
-    it), contiguous. On a CPU without gradients, one add per input into the result (a strided
-    torch.cumsum there is 6x slower)."""
+    it), contiguous. Where the step is compute-bound (a CPU) and without gradients, one add per
+    input into the result (a strided torch.cumsum there is 6x slower)."""
     dtype = computed_dtype(x)
-    if x.requires_grad or x.device.type != "cpu":
+    if x.requires_grad or not compute_bound(x.device):
         return torch.cumsum(x, 0, dtype=dtype).contiguous()
     sums = torch.empty(x.shape, dtype=dtype)
     sums[0].copy_(x[0])
