@@ -45,7 +45,7 @@ def main() -> None:
     from sidetune.backbones import forward_stages, load_backbone, resolve_preprocessing
     from sidetune.compute import autocast, keep_freed_memory, resolve_compute
     from sidetune.datasets import load_source
-    from sidetune.extract import _ImageDataset, _collate, default_workers
+    from sidetune.features import ImageDataset, collate_images, default_workers
 
     malloc = "kept" if keep_freed_memory() else "default"
     folder = generated_images(WORK / f"images-{args.images}", args.images)
@@ -58,8 +58,8 @@ def main() -> None:
 
     def bare_forward() -> float:
         loader = torch.utils.data.DataLoader(
-            _ImageDataset(split, resolve_preprocessing("vtab", backbone).transform()), batch_size=args.batch_size,
-            num_workers=default_workers(device), collate_fn=_collate, pin_memory=device.type == "cuda")
+            ImageDataset(split, resolve_preprocessing("vtab", backbone).transform()), batch_size=args.batch_size,
+            num_workers=default_workers(device), collate_fn=collate_images, pin_memory=device.type == "cuda")
         started = time.perf_counter()
         with torch.inference_mode(), autocast(device, dtype):
             for images, _, _ in loader:

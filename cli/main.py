@@ -27,7 +27,7 @@ def _split_list(value: Optional[str]) -> Optional[list[str]]:
 
 @app.command()
 def extract(
-    model: str = typer.Option(..., help="Alias (vit_b16, vit_l16, vit_h14, vit_g14, vit_s16, vit_ti16), any timm ViT name, or local-dir:/folder."),
+    model: str = typer.Option(..., help="Alias (vit_b16, vit_l16, vit_h14, vit_g14, vit_s16, vit_ti16), any timm model name (ViTs block by block, other models through forward_intermediates), or local-dir:/folder."),
     dataset: str = typer.Option(..., help="VTAB-1k task name, digits, hf:org/name, or a folder (VTAB-1k lists, class folders, save_to_disk)."),
     out: Optional[str] = typer.Option(None, help="Cache folder or fsspec URL (s3://, gs://, file://). Default: ./cache/<dataset>."),
     spec: str = typer.Option("default", help="Cache spec name (cache_specs/NAME.yaml) or path to a YAML spec."),

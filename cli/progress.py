@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from sidetune.extract import ProgressSink
+from sidetune.progress import ProgressSink
 
 console = Console(stderr=True)
 

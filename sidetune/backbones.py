@@ -1,8 +1,10 @@
 """Frozen backbones: name aliases, loading (hub, local folders, weight files), preprocessing,
 and the per-stage forward pass that stage one stores.
 
-Stage numbering follows the cache contract: stage 0 is the token sequence entering block 1
-(patch embedding + position embedding + prefix tokens), stage i is the output of block i.
+Stage numbering follows the cache contract. For a timm ViT, run block by block, stage 0 is the
+token sequence entering block 1 (patch embedding + position embedding + prefix tokens) and
+stage i is the output of block i. Every other timm model goes through one forward_intermediates
+pass: stage i is its i-th intermediate as tokens, and there is no stage 0.
 """
 
 from __future__ import annotations

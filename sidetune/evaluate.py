@@ -18,7 +18,7 @@ from sidetune.cache.reader import open_cache
 from sidetune.compute import resolve_device
 from sidetune.engine import TrainConfig, accuracy, predicted_classes_together, restore_sidenet
 from sidetune.errors import SidetuneError
-from sidetune.extract import ProgressSink
+from sidetune.progress import ProgressSink
 
 
 def evaluate(run_dir: str | Path, split: str = "test", *, which: str = "last", cache: str | Path | None = None,

@@ -7,7 +7,6 @@ never recomputed; a split is marked complete only when all its shards are writte
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,10 +16,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from sidetune.backbones import Backbone, Preprocessing, load_backbone, resolve_preprocessing
-from sidetune.cache.layout import TokenLayout, pack_stages
+from sidetune.cache.layout import TokenLayout
 from sidetune.cache.location import Location
 from sidetune.cache.manifest import LOCK_FILE, build_manifest
 from sidetune.cache.plan import (LIVE_BY_DEFAULT, CachePlan, default_live_splits, disk_is_full, plan_cache,
@@ -31,6 +30,9 @@ from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import ImageSource, ImageSplit, load_source
 from sidetune.distributed import World, current_world, launched_rank
 from sidetune.errors import SidetuneError
+from sidetune.features import (ImageDataset, batch_bounds, collate_images, default_workers,
+                               stage_absmax, stored_layout, stored_tokens)
+from sidetune.progress import ProgressSink
 
 
 
@@ -43,13 +45,6 @@ class SplitReport:
     seconds: float
     complete: bool
     kind: str = "stored"  # or "view" (rows of a stored split) or "live" (kept out of the cache)
-
-
-class ProgressSink:
-    """Receives progress events; the CLI plugs a rich progress bar in, the API stays quiet."""
-
-    def start_split(self, name: str, total_images: int, done_images: int) -> None: ...
-    def advance(self, images: int) -> None: ...
 
 
 def extract(
@@ -115,19 +110,6 @@ def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, 
 def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backbone, requested: list[str] | None) -> CachePlan:
     layout = split_layout(source.splits, default_live_splits(list(source.splits), requested))
     return plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=Location(out).local_bytes())
-
-
-def stored_layout(spec: CacheSpec, backbone: Backbone) -> TokenLayout:
-    """The shapes of the stages `spec` keeps of `backbone`, as stored."""
-    layout = spec.stored_layout(backbone.stages)
-    if spec.dtype == "int8" and not layout.uniform:
-        raise SidetuneError(
-            f"Cache spec '{spec.name}' stores int8, which sidetune supports only where every kept stage has the "
-            f"same tokens and width; {backbone.timm_name}'s stages differ "
-            f"({', '.join(f'{s.num_tokens}x{s.width}' for s in layout.shapes)}). Use a float16 spec "
-            "(e.g. --spec final, cnn-last2 or cnn-grid7)."
-        )
-    return layout
 
 
 def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, ...]:
@@ -247,19 +229,19 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
     batches = [
         list(range(start, stop))
         for shard in pending
-        for start, stop in _batch_bounds(*split_writer.shard_bounds(shard), batch_size)
+        for start, stop in batch_bounds(*split_writer.shard_bounds(shard), batch_size)
     ]
     loader = DataLoader(
-        _ImageDataset(split, preprocessing.transform()),
+        ImageDataset(split, preprocessing.transform()),
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_images,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
     # Under torchrun, rank 0's bar counts the shards every rank has written (total throughput).
     watching = world.size > 1 and world.is_main  # the other ranks show no progress: no need to poll
-    monitor = _ShardMonitor(split_writer, all_pending, progress) if watching else contextlib.nullcontext()
+    monitor = ShardMonitor(split_writer, all_pending, progress) if watching else contextlib.nullcontext()
     with monitor:
         with _ShardWriterThread(split_writer) as shard_writer, torch.inference_mode():
             assembler = _ShardAssembler(split_writer, pending)
@@ -284,44 +266,6 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
     return SplitReport(name, len(split), len(pending), skipped, time.perf_counter() - started, complete)
 
 
-def stored_tokens(backbone: Backbone, spec: CacheSpec, layout: TokenLayout, images: torch.Tensor) -> torch.Tensor:
-    """(B, S, T, D) (or flat (B, E), sidetune/cache/layout.py) float32 tokens of one batch, as a
-    cache of `layout` stores them before the spec's codec encodes them (sums added in float32, in
-    stage order). Extraction, live evaluation and `predict` all compute features here. A sum
-    is accumulated as the backbone yields its stages, so a summed cache never holds them all."""
-    kept_at = {shape.stage: i for i, shape in enumerate(layout.shapes) if not shape.summed}
-    summed_at = {stage: i for i, shape in enumerate(layout.shapes) for stage in shape.summed}
-    outputs: list[torch.Tensor | None] = [None] * len(layout.shapes)
-    wanted = layout.backbone_stages
-    for stage, x in zip(wanted, backbone.forward(images, wanted)):
-        x = spec.select_tokens(x, backbone.shape_of(stage)).float()
-        if stage in summed_at:
-            i = summed_at[stage]
-            outputs[i] = x.clone() if outputs[i] is None else outputs[i].add_(x)
-        if stage in kept_at:
-            outputs[kept_at[stage]] = x
-    return pack_stages(outputs)
-
-
-def stage_absmax(tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """(S,) max |x| of each stage of a packed batch, as max(max, -min): two reductions, no |x|
-    copy (7x faster on CPU)."""
-    if tokens.dim() == 4:
-        return torch.maximum(tokens.amax(dim=(0, 2, 3)), -tokens.amin(dim=(0, 2, 3)))
-    return torch.stack([torch.maximum(x.amax(), -x.amin()) for x in layout.unpack(tokens, layout.stages)])
-
-
-def as_read_from_cache(backbone: Backbone, spec: CacheSpec, layout: TokenLayout, images: torch.Tensor,
-                       autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """(B, S, T, D) tokens of one batch exactly as stage two reads them back from a cache:
-    computed (at the cache's precision), encoded as stored, decoded. Live evaluation and
-    `predict` feed side networks these."""
-    with autocast(images.device, autocast_dtype):
-        tokens = stored_tokens(backbone, spec, layout, images)
-    codec = spec.codec()
-    return codec.decode(*codec.encode(tokens))
-
-
 def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, layout: TokenLayout,
                  split_name: str, split: ImageSplit, indices: list[int]) -> None:
     if not np.isfinite(absmax).all():
@@ -339,7 +283,7 @@ def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, lay
         )
 
 
-class _ShardMonitor:
+class ShardMonitor:
     """Advances `progress` by the images of pending shards as any rank marks them written,
     polling the split's small shard_complete array from a thread."""
 
@@ -362,7 +306,7 @@ class _ShardMonitor:
             except Exception:  # a mark being written as we read it; the display must never stop the work
                 continue
 
-    def __enter__(self) -> "_ShardMonitor":
+    def __enter__(self) -> "ShardMonitor":
         self.thread.start()
         return self
 
@@ -425,38 +369,6 @@ class _ShardWriterThread:
                 future.result()
         finally:
             self.executor.shutdown(wait=True)
-
-
-class _ImageDataset(Dataset):
-    def __init__(self, split: ImageSplit, transform):
-        self.split = split
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.transform(self.split.image(index)), index, None
-        except Exception as error:  # reported by the main process with the file's name
-            return None, index, f"{self.split.describe(index)} ({type(error).__name__}: {error})"
-
-
-def _collate(items):
-    errors = [error for _, _, error in items if error is not None]
-    if errors:
-        return None, [index for _, index, _ in items], errors
-    return torch.stack([image for image, _, _ in items]), [index for _, index, _ in items], []
-
-
-def _batch_bounds(start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    for begin in range(start, stop, batch_size):
-        yield begin, min(begin + batch_size, stop)
-
-
-def default_workers(device: torch.device) -> int:
-    cpus = os.cpu_count() or 1
-    return min(8, cpus) if device.type == "cuda" else max(0, min(4, cpus // 2))
 
 
 def default_cache_path(dataset: str) -> Path:

@@ -20,7 +20,8 @@ from sidetune.cache.spec import spec_from_record
 from sidetune.compute import AUTOCAST_DTYPES
 from sidetune.datasets import load_source
 from sidetune.errors import SidetuneError
-from sidetune.extract import ProgressSink, _batch_bounds, _collate, _ImageDataset, as_read_from_cache, default_workers
+from sidetune.features import ImageDataset, as_read_from_cache, batch_bounds, collate_images, default_workers
+from sidetune.progress import ProgressSink
 
 
 class LiveFeatures:
@@ -68,8 +69,8 @@ class LiveFeatures:
         transform = Preprocessing.from_record(manifest["preprocessing"]).transform()
         shard, extract_batch = self.spec.shard_images, manifest["compute"].get("batch_size", 64)
         bounds = [list(range(begin, end)) for start in range(0, self.num_images, shard)
-                  for begin, end in _batch_bounds(start, min(start + shard, self.num_images), extract_batch)]
-        loader = DataLoader(_ImageDataset(images, transform), batch_sampler=bounds, collate_fn=_collate,
+                  for begin, end in batch_bounds(start, min(start + shard, self.num_images), extract_batch)]
+        loader = DataLoader(ImageDataset(images, transform), batch_sampler=bounds, collate_fn=collate_images,
                             num_workers=default_workers(self.device), pin_memory=self.device.type == "cuda")
         precision = AUTOCAST_DTYPES[manifest["compute"]["precision"]]
         pending: list[torch.Tensor] = []

@@ -57,7 +57,7 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     from sidetune.cache.spec import spec_from_record
     from sidetune.compute import AUTOCAST_DTYPES, resolve_device
     from sidetune.engine import TrainConfig, restore_sidenet
-    from sidetune.extract import as_read_from_cache
+    from sidetune.features import as_read_from_cache
     from sidetune.runs import open_run
 
     run = open_run(run_dir)

@@ -8,7 +8,8 @@
       curve.png          the learning curve
       checkpoint.pt      while training: the state to resume from (removed when finished)
 
-A run is self-contained: `open_run` rebuilds the side network without the cache."""
+A run is self-contained: `open_run` reads its record (config with the cache's manifest,
+metrics, state files) back without the cache, and predict rebuilds the side network from it."""
 
 from __future__ import annotations
 

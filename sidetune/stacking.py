@@ -18,7 +18,7 @@ from sidetune.engine import TrainConfig, build_sidenet, cross_entropy_per_config
 USABLE_FRACTION = 0.8  # of the memory left after the features, for the stack
 HEADROOM = 2.0  # backward transients (activation gradients) beside the saved activations
 # On the CPU, stacks beyond 16 get slower per configuration than separate runs (LAST r = 8:
-# 64 stacked took 1.4x as long as 64 one after another; docs/benchmarks.md), so the CPU's
+# 64 stacked took 1.28x as long as 64 one after another; docs/benchmarks.md), so the CPU's
 # default is at most 16. A GPU takes as many as fit.
 CPU_STACK_LIMIT = 16
 

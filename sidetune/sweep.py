@@ -41,7 +41,7 @@ from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.train import default_splits
 
 if TYPE_CHECKING:  # stage two never imports the backbone code at run time
-    from sidetune.extract import ProgressSink
+    from sidetune.progress import ProgressSink
 
 StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,

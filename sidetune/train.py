@@ -27,7 +27,7 @@ from sidetune.results import plot_learning_curve
 from sidetune.tensorboard_log import TensorBoardLog
 
 if TYPE_CHECKING:  # stage two never imports the backbone code at run time
-    from sidetune.extract import ProgressSink
+    from sidetune.progress import ProgressSink
 
 VTAB_DEFAULT = ("train800val200", "test")
 PLAIN_DEFAULT = ("train", "test")

@@ -13,7 +13,7 @@ import pytest
 
 import sidetune
 from conftest import extract_tiny, python_path
-from sidetune.extract import ProgressSink
+from sidetune.progress import ProgressSink
 from test_resume import assert_same_store, small_shard_spec
 
 

@@ -12,7 +12,7 @@ import zarr
 import sidetune
 from conftest import python_path, extract_tiny, write_vtab_folder
 from sidetune.cache.store import SplitWriter
-from sidetune.extract import _ShardMonitor
+from sidetune.extract import ShardMonitor
 from test_resume import CountImages, assert_same_store, small_shard_spec
 
 
@@ -82,7 +82,7 @@ def test_rank0s_progress_counts_the_shards_any_rank_has_written(tmp_path):
     group["shard_complete"][:] = 0  # as if no rank had written anything yet
     split = SplitWriter("val200", group, 16, 4)
     counted = CountImages()
-    with _ShardMonitor(split, [0, 1, 2, 3], counted, every=0.01):
+    with ShardMonitor(split, [0, 1, 2, 3], counted, every=0.01):
         for shard in (0, 3):  # written by "other ranks": the monitor only sees the store
             split.write_shard(shard, tokens[shard * 4:(shard + 1) * 4], absmax[shard])
         time.sleep(0.2)

@@ -14,7 +14,7 @@ import zarr
 
 import sidetune
 from conftest import python_path
-from sidetune.extract import ProgressSink
+from sidetune.progress import ProgressSink
 
 
 def small_shard_spec(tmp_path: Path, shard_images: int = 8) -> Path:

@@ -73,7 +73,7 @@ FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 # Published VTAB-1k top-1 with the original ImageNet-21k ViT-B/16 (`vit_b16`), as tabulated by
-# V-PETL Bench (../METHODS.md): the numbers a sweep over all 19 tasks is held against.
+# V-PETL Bench's table: the numbers a sweep over all 19 tasks is held against.
 PUBLISHED_BACKBONE = "vit_base_patch16_224.orig_in21k"
 PUBLISHED_TOP1: dict[str, dict[str, float]] = {
     "last": {

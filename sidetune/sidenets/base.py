@@ -119,7 +119,7 @@ class SideNet(nn.Module):
 
     name: ClassVar[str]
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
-    default_lr: ClassVar[float] = 1e-3  # METHODS.md's AdamW default for side networks
+    default_lr: ClassVar[float] = 1e-3  # the side-tuning papers' AdamW default
     closed_form: ClassVar[bool] = False  # True: `fit` sets the parameters (no epochs)
     reads_sums: ClassVar[bool] = False  # True: reads a summed cache's sums (MIST)
     # True: without a backbone final norm, a plain LayerNorm stands in for it (`set_final_norm`)

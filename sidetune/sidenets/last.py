@@ -11,12 +11,13 @@ needs follows from low-rank products:
     mean(h²) = mean(X_i²) + 2 <X_i W_Oᵀ, A> / D + <A W_O W_Oᵀ, A> / D
     LN(h) W  = rstd (X_i (γ⊙W) + A W_O (γ⊙W) - mean(h) 1ᵀ(γ⊙W)) + βW
 
-with A = [a_1 .. a_J] and W_O = [W_o,1; ..; W_o,J] stacked. So a module costs one product of
-the shared X_i with all configurations' (D, 3r + J r) matrices (tensor-core work whose input is
-read once for the whole stack) and r-wide operations per configuration, instead of a dozen
-passes over (K, B, T, D) tensors. The head needs only y = x_m + A W_O at the CLS token, or the
-per-token LN statistics of y for the mean of patch tokens. Exact in exact arithmetic; tested
-against the written formula."""
+with A = [a_1 .. a_J] and W_O = [W_o,1; ..; W_o,J] stacked. X_i (γ⊙W) and X_i W_Oᵀ depend on
+the data and the parameters only, so a step computes them for every module up front, in two
+GEMMs whose input is read once for the whole stack, and the small matrices once; the chain of
+modules that remains is r-wide work per configuration, one custom op (sidetune/kernels/chain.py),
+instead of a dozen passes over (K, B, T, D) tensors per module. The head needs only
+y = x_m + A W_O at the CLS token, or the per-token LN statistics of y for the mean of patch
+tokens. Exact in exact arithmetic; tested against the written formula."""
 
 from __future__ import annotations
 
