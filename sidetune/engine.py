@@ -235,6 +235,29 @@ class GroupState:
                           {name: (m[index], v[index]) for name, (m, v) in self.moments.items()}, self.active[index],
                           failures, history, pick(self.best), pick(self.fingerprint))
 
+    def to_record(self) -> dict:
+        """The state as plain data (dicts, lists, numbers, strings, tensors), as checkpoint files
+        hold it: loadable with `torch.load(..., weights_only=True)` and independent of where
+        this class lives."""
+        return {"epoch": self.epoch, "parameters": self.parameters,
+                "moments": {name: [m, v] for name, (m, v) in self.moments.items()}, "active": self.active,
+                "failures": {str(j): reason for j, reason in self.failures.items()},
+                "history": [asdict(stats) for stats in self.history],
+                "best": [None if b is None else {"top1": b[0], "epoch": b[1], "state": b[2]} for b in self.best],
+                "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_record(cls, record: "dict | GroupState") -> "GroupState":
+        """The state from `to_record`'s plain data (a checkpoint written before checkpoints were
+        plain data holds the GroupState itself, returned as it is)."""
+        if isinstance(record, GroupState):
+            return record
+        return cls(record["epoch"], record["parameters"], {name: (m, v) for name, (m, v) in record["moments"].items()},
+                   record["active"], {int(j): reason for j, reason in record["failures"].items()},
+                   [EpochStats(**stats) for stats in record["history"]],
+                   [None if b is None else (b["top1"], b["epoch"], b["state"]) for b in record["best"]],
+                   record["fingerprint"])
+
 
 Checkpointer = Callable[[GroupState], None]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,18 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def save_checkpoint(path: Path, state) -> None:
-    _write_atomically(path, lambda target: torch.save(state, target))
+def save_checkpoint(path: Path, record: dict) -> None:
+    """Write a checkpoint: plain data (GroupState.to_record), replaced atomically."""
+    _write_atomically(path, lambda target: torch.save(record, target))
 
 
 def load_checkpoint(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, never downloaded
+    """A checkpoint's plain data. One written before checkpoints were plain data is a pickled
+    GroupState, read as such (our own file, never downloaded)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def prepare_run_dir(out: Path, config_record: dict, overwrite: bool) -> bool:

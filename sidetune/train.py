@@ -88,7 +88,7 @@ def train(
     }
     resume = None
     if runs.prepare_run_dir(out, record, overwrite):
-        resume = runs.load_checkpoint(out / runs.CHECKPOINT_FILE)
+        resume = GroupState.from_record(runs.load_checkpoint(out / runs.CHECKPOINT_FILE))
         log(f"resuming {out} from epoch {resume.epoch} of {config.epochs}")
     _rewrite_log(out, resume)
 
@@ -108,7 +108,7 @@ def train(
     def checkpoint(state: GroupState) -> None:
         nonlocal last_saved
         if time.monotonic() - last_saved >= checkpoint_seconds and state.epoch < config.epochs:
-            runs.save_checkpoint(out / runs.CHECKPOINT_FILE, state)
+            runs.save_checkpoint(out / runs.CHECKPOINT_FILE, state.to_record())
             last_saved = time.monotonic()
 
     [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,

@@ -136,8 +136,32 @@ def test_a_run_interrupted_before_the_augmentation_settings_existed_still_resume
     record = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps({**record, "config": older(record["config"])}))
     state = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)
-    state.fingerprint = [older(f) for f in state.fingerprint]
+    state["fingerprint"] = [older(f) for f in state["fingerprint"]]
     save_checkpoint(tmp_path / "run" / CHECKPOINT_FILE, state)
+    epochs_seen = []
+    train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
+          on_epoch=lambda stats: epochs_seen.append(stats.epoch))
+    assert epochs_seen == [2, 3]
+
+
+def test_a_checkpoint_is_plain_data_and_an_older_pickled_one_still_resumes(digits_cache, tmp_path):
+    from sidetune.engine import GroupState
+    from sidetune.runs import CHECKPOINT_FILE
+
+    settings = config("last", epochs=3, rank=4)
+
+    def stop_after_one(stats):
+        if stats.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
+              on_epoch=stop_after_one, checkpoint_seconds=0)
+    checkpoint = tmp_path / "run" / CHECKPOINT_FILE
+    record = torch.load(checkpoint, weights_only=True)  # no class of ours needed to read it
+    assert record["epoch"] == 1 and len(record["history"]) == 1
+    assert set(record["parameters"]) == set(record["moments"])
+    torch.save(GroupState.from_record(record), checkpoint)  # as checkpoints were written before
     epochs_seen = []
     train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
           on_epoch=lambda stats: epochs_seen.append(stats.epoch))
