@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from cli.method_options import call_with_defaults, with_method_options
 from cli.progress import RichProgress, console
 from sidetune.errors import SidetuneError
 
@@ -145,26 +146,10 @@ def show_info(path: str | Path) -> None:
 
 
 @app.command()
+@with_method_options("train")
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     method: str = typer.Option("last", help="Side network: last, losa, mist, lst (ladder side-tuning), linear, ridge (closed form: --wd is its L2 strength), attentive, head2toe or restuning (Res-Tuning-Bypass)."),
-    rank: Optional[int] = typer.Option(None, min=1, help="LAST, MIST: attention rank r (default 16)."),
-    gap: Optional[int] = typer.Option(None, min=1, help="LAST: read every g-th stage (default 1)."),
-    depth: Optional[int] = typer.Option(None, min=1, help="LAST, MIST: attention modules per group (default LAST 1, MIST 4)."),
-    heads: Optional[int] = typer.Option(None, min=1, help="LAST, MIST: attention heads, dividing the rank (default 1)."),
-    groups: Optional[int] = typer.Option(None, min=0, help="MIST: contiguous groups of stages summed (default 0: a summed cache's own, 1 on a cache of every stage)."),
-    reduction: Optional[int] = typer.Option(None, min=1, help="lst: side width = backbone width / reduction (default 8)."),
-    token_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: token-mixing rank (default 16)."),
-    channel_rank: Optional[int] = typer.Option(None, min=1, help="LoSA: channel-mixing rank (default 16)."),
-    pool: Optional[str] = typer.Option(None, help="cls (default), mean of the patch tokens, or both (concatenated)."),
-    targets: Optional[str] = typer.Option(None, help="ridge: signed (2 one-hot - 1, default) or centred one-hot targets."),
-    queries: Optional[int] = typer.Option(None, min=1, help="attentive: learned queries (default 1)."),
-    full_width: Optional[bool] = typer.Option(None, "--full-width/--no-full-width", help="attentive: keys and values of the backbone's width instead of --rank."),
-    group_lasso: Optional[float] = typer.Option(None, min=0, help="head2toe: per-stage group-lasso strength (default 0)."),
-    top_stages: Optional[int] = typer.Option(None, min=0, help="head2toe: keep only the k stages that separate the classes best (default 0: all)."),
-    bottleneck: Optional[int] = typer.Option(None, min=1, help="restuning: the adapters' bottleneck width (default 32)."),
-    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
-                                               help="Standardise pooled features with training-split statistics (linear: on; others: off)."),
     epochs: int = typer.Option(100, min=1, help="Training epochs."),
     lr: Optional[float] = typer.Option(None, min=0, help="Peak learning rate (default: 1e-3; linear 0.1)."),
     wd: float = typer.Option(1e-4, min=0, help="AdamW weight decay (never on norms and biases)."),
@@ -188,18 +173,13 @@ def train(
     data_root: Optional[Path] = typer.Option(None, help="A live split's evaluation: where the dataset's images are now, if they moved."),
     log_to: str = typer.Option("none", "--log", help="none, or tensorboard: event files (per-config scalars, the HParams table) in the run or sweep folder's tensorboard/."),
     overwrite: bool = typer.Option(False, help="Replace a finished run (or one with other settings) at --out."),
+    **options,
 ) -> None:
     """Stage two: train one side network from the cache into a run directory (never loads the backbone)."""
     from cli.progress import TrainProgress
     from sidetune.engine import TrainConfig
     from sidetune.train import train as train_run
 
-    given = {"rank": rank, "gap": gap, "depth": depth, "heads": heads, "groups": groups, "reduction": reduction,
-             "token_rank": token_rank,
-             "channel_rank": channel_rank, "pool": pool, "standardize": standardize, "targets": targets,
-             "queries": queries, "full_width": full_width, "group_lasso": group_lasso, "top_stages": top_stages,
-             "bottleneck": bottleneck}
-    options = {name: value for name, value in given.items() if value is not None}
     fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
                   seed=seed, data_seed=data_seed, augment=augment, augment_magnitude=augment_magnitude)
     fields.update({name: value for name, value in (("lr", lr), ("warmup_epochs", warmup_epochs)) if value is not None})
@@ -308,6 +288,7 @@ def predict(
 
 
 @app.command()
+@with_method_options("sweep")
 def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
@@ -316,19 +297,6 @@ def sweep(
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
     wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),
-    rank: Optional[str] = typer.Option(None, help="LAST/MIST ranks, comma-separated."),
-    gap: Optional[str] = typer.Option(None, help="LAST gaps, comma-separated."),
-    depth: Optional[str] = typer.Option(None, help="LAST/MIST depths, comma-separated."),
-    heads: Optional[str] = typer.Option(None, help="LAST/MIST head counts, comma-separated."),
-    groups: Optional[str] = typer.Option(None, help="MIST: numbers of summed groups, comma-separated (a cache of every stage)."),
-    reduction: Optional[str] = typer.Option(None, help="lst: side-width reductions, comma-separated."),
-    token_rank: Optional[str] = typer.Option(None, help="LoSA token ranks, comma-separated."),
-    channel_rank: Optional[str] = typer.Option(None, help="LoSA channel ranks, comma-separated."),
-    queries: Optional[str] = typer.Option(None, help="attentive: numbers of learned queries, comma-separated."),
-    group_lasso: Optional[str] = typer.Option(None, help="head2toe: group-lasso strengths, comma-separated."),
-    top_stages: Optional[str] = typer.Option(None, help="head2toe: numbers of stages kept, comma-separated."),
-    bottleneck: Optional[str] = typer.Option(None, help="restuning: adapter bottleneck widths, comma-separated."),
-    pool: Optional[str] = typer.Option(None, help="Poolings (cls, mean), comma-separated."),
     seed: Optional[str] = typer.Option(None, help="Initialisation seeds, comma-separated."),
     label_smoothing: Optional[str] = typer.Option(None, help="Label smoothings, comma-separated."),
     augment: Optional[str] = typer.Option(None, help="Feature-space augmentations (none, frofa-brightness), comma-separated."),
@@ -353,6 +321,7 @@ def sweep(
     halving: bool = typer.Option(False, "--halving", help="Successive halving while selecting: at each rung only the best 1/factor of a stack keeps training; the rest are reported as pruned."),
     halving_factor: int = typer.Option(3, min=2, help="Successive halving: keep the best 1/factor at each rung."),
     halving_min_epochs: int = typer.Option(1, min=1, help="Successive halving: epochs before the first rung (then x factor)."),
+    **options,
 ) -> None:
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
@@ -363,11 +332,7 @@ def sweep(
 
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
     method = method or file_method or "last"
-    listed = {"lr": lr, "weight_decay": wd, "rank": rank, "gap": gap, "depth": depth, "heads": heads,
-              "groups": groups, "reduction": reduction,
-              "token_rank": token_rank, "channel_rank": channel_rank, "queries": queries, "group_lasso": group_lasso,
-              "top_stages": top_stages, "bottleneck": bottleneck, "pool": pool, "seed": seed,
-              "label_smoothing": label_smoothing, "augment": augment, "augment_magnitude": augment_magnitude,
+    listed = {"lr": lr, "weight_decay": wd, **options, "seed": seed, "label_smoothing": label_smoothing, "augment": augment, "augment_magnitude": augment_magnitude,
               "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     for name, text in listed.items():
         if text is not None:
@@ -505,16 +470,8 @@ def demo(
 ) -> None:
     """Offline end to end: scikit-learn's digits through a small random timm ViT into a cache,
     then a LAST side network trained from it (train800val200 -> test)."""
-    extract(model=model, dataset="digits", out=out, spec="default", splits=None, data_root=None,
-            weights=None, pretrained=False, preprocess="vtab", device="auto", precision="auto",
-            batch_size=64, workers=None, limit=None, overwrite=False, dry_run=False)
-    train(cache=out, method="last", rank=8, gap=None, depth=None, heads=None, groups=None, reduction=None,
-          token_rank=None, channel_rank=None,
-          pool=None, standardize=None, targets=None, queries=None, full_width=None, group_lasso=None, top_stages=None,
-          bottleneck=None, epochs=10, lr=3e-3, wd=1e-4, warmup_epochs=None, batch_size=64,
-          label_smoothing=0.0, seed=0, data_seed=0, augment="none", augment_magnitude=0.5, train_split=None, eval_split=None, eval_every=0, out=run,
-          device="auto", memory_budget=None, compile=False, fused=False, cuda_graphs=None, weights=None, data_root=None, log_to="none",
-          overwrite=True)
+    call_with_defaults(extract, model=model, dataset="digits", out=out, pretrained=False)
+    call_with_defaults(train, cache=out, method="last", rank=8, epochs=10, lr=3e-3, out=run, overwrite=True)
 
 
 @app.command()

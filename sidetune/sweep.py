@@ -35,7 +35,7 @@ from sidetune.engine import EpochStats, TrainConfig, TrainResult, score, train_g
 from sidetune.errors import SidetuneError
 from sidetune.halving import Halving, train_with_halving
 from sidetune.results import plot_sweep
-from sidetune.sidenets import SIDENETS, method_options
+from sidetune.sidenets import SIDENETS, declared_options, method_options
 from sidetune.stacking import default_stack_limit, plan_stacks, stack_capacity
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.train import default_splits
@@ -46,10 +46,9 @@ if TYPE_CHECKING:  # stage two never imports the backbone code at run time
 StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, stacks, its configs)
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,
                "warmup_epochs": int, "batch_size": int, "data_seed": int, "augment": str, "augment_magnitude": float}
-# The smallest value each numeric setting takes (lr must be above it); method options that are
-# integers (ranks, heads, gap, depth) must be at least 1.
+# The smallest value each numeric training setting takes (lr must be above it).
 LOWEST = {"lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "epochs": 1, "warmup_epochs": 0, "batch_size": 1,
-          "top_stages": 0, "groups": 0, "group_lasso": 0.0, "augment_magnitude": 0.0}
+          "augment_magnitude": 0.0}  # a method option's least value is its own declaration's
 FLAGS = {"weight_decay": "wd"}
 
 
@@ -65,7 +64,7 @@ def checked_value(name: str, value: object, kind: type) -> object:
     except (TypeError, ValueError):
         raise SidetuneError(f"{flag} got {value!r}, which is not {'an integer' if kind is int else 'a number'}; "
                             f"give comma-separated values, e.g. {flag} {'8,16' if kind is int else '1e-3,3e-3'}.") from None
-    lowest = LOWEST.get(name, 1 if kind is int and name not in FIELD_TYPES else None)
+    lowest = LOWEST.get(name) if name in FIELD_TYPES or name in LOWEST else declared_options()[name].minimum
     if lowest is not None and (number < lowest or (name == "lr" and number <= lowest)):
         bound = "above 0" if name == "lr" else f"at least {lowest}"
         raise SidetuneError(f"{flag} got {value!r}; it must be {bound}.")

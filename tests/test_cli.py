@@ -94,3 +94,69 @@ def test_train_and_sweep_show_a_progress_bar_with_throughput_for_the_live_test_s
     for done in (trained, swept):
         assert done.returncode == 0, done.stderr
         assert re.search(r"test \(live\).*images 6/6.* [\d,]+ img/s", done.stderr), done.stderr
+
+
+def test_every_declared_method_option_is_a_flag_of_train_and_of_sweep_with_its_declared_help():
+    import typer.main
+
+    from cli.main import app
+    from sidetune.sidenets import declared_options
+
+    commands = {command.name: command for command in typer.main.get_command(app).commands.values()}
+    flags = {name: {param.name: param for param in commands[name].params} for name in ("train", "sweep")}
+    for option in declared_options().values():
+        assert option.describe() in flags["train"][option.name].help
+        if option.kind is not bool:  # booleans are not swept
+            assert flags["sweep"][option.name].help.startswith(option.describe())
+
+
+def test_a_newly_registered_side_network_gets_its_options_as_flags_without_touching_the_command_line(monkeypatch):
+    import inspect
+
+    from cli.method_options import with_method_options
+    from sidetune.sidenets import SIDENETS, LinearProbe
+
+    class Wide(LinearProbe):
+        name = "wide"
+        option_help = {"width_factor": "how much wider than the backbone"}
+
+        def __init__(self, layout, num_configs, pool="cls", standardize=True, width_factor=2):
+            super().__init__(layout, num_configs, pool, standardize)
+
+    monkeypatch.setitem(SIDENETS, "wide", Wide)
+    received = {}
+
+    def command(method: str = "linear", **options) -> None:
+        received.update(options, method=method)
+
+    generated = with_method_options("train")(command)
+    parameter = inspect.signature(generated).parameters["width_factor"]
+    assert parameter.default.help == "wide: how much wider than the backbone (default 2)."
+    generated(method="wide", width_factor=3, rank=None)
+    assert received == {"method": "wide", "width_factor": 3}  # options left at None are not passed
+
+
+def test_a_side_network_option_without_help_is_refused_naming_it(monkeypatch):
+    import pytest
+
+    from sidetune.sidenets import SIDENETS, LinearProbe, declared_options
+
+    class Undocumented(LinearProbe):
+        name = "undocumented"
+
+        def __init__(self, layout, num_configs, pool="cls", standardize=True, mystery=1):
+            super().__init__(layout, num_configs, pool, standardize)
+
+    monkeypatch.setitem(SIDENETS, "undocumented", Undocumented)
+    with pytest.raises(TypeError, match="Undocumented declares no option_help for its option 'mystery'"):
+        declared_options()
+
+
+def test_docs_cli_names_every_method_option_flag():
+    from pathlib import Path
+
+    from sidetune.sidenets import declared_options
+
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    missing = [name for name in declared_options() if "--" + name.replace("_", "-") not in text]
+    assert not missing, missing

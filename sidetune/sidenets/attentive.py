@@ -19,6 +19,9 @@ from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, shared_pr
 
 class AttentiveProbe(SideNet):
     name = "attentive"
+    option_help = {"queries": "learned queries", "rank": "width of the queries, keys and values",
+                   "heads": "attention heads, dividing the rank",
+                   "full_width": "keys and values of the backbone's width instead of the rank"}
     norm_without_final_norm = True  # keys from unnormalised CNN features saturate the softmax
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", queries: int = 1, rank: int = 64,

@@ -126,6 +126,13 @@ class SideNet(nn.Module):
     norm_without_final_norm: ClassVar[bool] = False
     # What `sidetune sweep` tries when given no values (docs/methods.md says where each comes from).
     default_grid: ClassVar[dict[str, list]] = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3]}
+    # One line of help per option of __init__ (merged over the class hierarchy): the command line's
+    # --flags are generated from these (cli/method_options.py). Integer options take at least 1
+    # and float ones at least 0 unless `option_minimum` says otherwise.
+    option_help: ClassVar[dict[str, str]] = {
+        "pool": "cls, mean (of the patch tokens) or both (concatenated)",
+        "standardize": "standardise pooled features with training-split statistics"}
+    option_minimum: ClassVar[dict[str, float]] = {}
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = False,
                  feature_width: int | None = None):

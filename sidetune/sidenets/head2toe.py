@@ -24,6 +24,9 @@ from sidetune.sidenets.base import FeatureLayout, SideNet
 
 class Head2Toe(SideNet):
     name = "head2toe"
+    option_help = {"group_lasso": "per-stage group-lasso strength",
+                   "top_stages": "keep only the k stages that separate the classes best (0: all)"}
+    option_minimum = {"top_stages": 0}
     token_selections = ("all", "cls", "mean")
     default_lr = 0.01  # Head2Toe's Adam learning rate
 

@@ -44,6 +44,9 @@ class LowRankAttentionSide(SideNet):
     matrices once, and the chain of modules as one op (sidetune/kernels/chain.py)."""
 
     norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
+    option_help = {"rank": "attention rank r", "depth": "attention modules per group",
+                   "heads": "attention heads, dividing the rank",
+                   "zero_init_out": "start every W_o at zero (the network then starts as the linear probe)"}
 
     def build_modules(self, groups: int, rank: int, depth: int, heads: int, zero_init_out: bool) -> None:
         """`depth` modules after each of `groups` inputs. Module m = i * depth + j starts as the
@@ -130,6 +133,7 @@ class LowRankAttentionSide(SideNet):
 
 class LAST(LowRankAttentionSide):
     name = "last"
+    option_help = {"gap": "read every g-th stage"}
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", rank: int = 16,

@@ -13,6 +13,7 @@ from sidetune.sidenets.base import (FeatureLayout, SideNet, layer_norm_stacked, 
 
 class LoSA(SideNet):
     name = "losa"
+    option_help = {"token_rank": "token-mixing rank", "channel_rank": "channel-mixing rank"}
     norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls",

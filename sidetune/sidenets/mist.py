@@ -23,6 +23,8 @@ from sidetune.sidenets.last import LowRankAttentionSide, running_sums
 
 class MIST(LowRankAttentionSide):
     name = "mist"
+    option_help = {"groups": "contiguous groups of stages summed (0: a summed cache's own; 1 on a cache of every stage)"}
+    option_minimum = {"groups": 0}
     reads_sums = True
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
 

@@ -28,6 +28,8 @@ def xavier_uniform(fan_in: int, fan_out: int):
 
 class ResTuning(SideNet):
     name = "restuning"
+    option_help = {"bottleneck": "the adapters' bottleneck width",
+                   "zero_init_out": "zero the last vertical adapter's W2 (ms-swift's option for the last block)"}
     norm_without_final_norm = True  # LN_f(b_N): a plain LayerNorm where the backbone has none
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "bottleneck": [16, 32]}
 

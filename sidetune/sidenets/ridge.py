@@ -25,6 +25,7 @@ TARGETS = ("signed", "centred")
 
 class RidgeProbe(SideNet):
     name = "ridge"
+    option_help = {"targets": "signed (2 one-hot - 1) or centred one-hot regression targets"}
     token_selections = ("all", "cls", "mean")
     closed_form = True
     default_lr = 0.0  # unused: no gradient steps
