@@ -22,7 +22,7 @@ import torch
 
 import sidetune
 from common import WORK, machine, write_result
-from sidetune.cache.loader import load_features
+from sidetune.loading import load_features
 from sidetune.cache.spec import CacheSpec
 from sidetune.engine import train_group
 

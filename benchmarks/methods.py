@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import machine, random_vit_caches, write_result
-from sidetune.cache.loader import LoadedSplits
+from sidetune.loading import LoadedSplits
 from sidetune.engine import train_group
 from sidetune.sweep import default_grid, expand_grid
 

@@ -17,7 +17,7 @@ import torch
 
 import sidetune
 from common import WORK, machine, write_result
-from sidetune.cache.loader import LoadedSplits
+from sidetune.loading import LoadedSplits
 from sidetune.engine import train_group
 from sidetune.sweep import expand_grid
 

@@ -23,7 +23,7 @@ import torch
 
 import sidetune
 from common import WORK, generated_images, machine, write_result
-from sidetune.cache.loader import LoadedSplits
+from sidetune.loading import LoadedSplits
 from sidetune.compute import keep_freed_memory
 from sidetune.engine import train_group
 from sidetune.sweep import expand_grid

@@ -20,7 +20,8 @@ import torch
 
 from sidetune.augment import BrightnessAugmentation, augmentation_generator, check_augmentation
 from sidetune.cache.layout import TokenLayout
-from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures
+from sidetune.cache.loader import ResidentFeatures, StreamedFeatures
+from sidetune.loading import LoadedSplits
 from sidetune.cache.reader import Cache
 from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError

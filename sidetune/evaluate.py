@@ -12,7 +12,7 @@ import datetime as dt
 from pathlib import Path
 
 from sidetune import runs
-from sidetune.cache.loader import LoadedSplits
+from sidetune.loading import LoadedSplits
 from sidetune.cache.manifest import identity_differences
 from sidetune.cache.reader import open_cache
 from sidetune.compute import resolve_device

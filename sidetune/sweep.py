@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from sidetune import runs
-from sidetune.cache.loader import LoadedSplits
+from sidetune.loading import LoadedSplits
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.datasets.catalogue import VTAB_SPLITS

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from sidetune import runs
-from sidetune.cache.loader import LoadedSplits
+from sidetune.loading import LoadedSplits
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 from sidetune.compute import resolve_device

@@ -199,7 +199,7 @@ def test_stage_embeddings_map_narrower_stages_isometrically_onto_the_last_stages
 def test_last_on_a_cnn_is_last_on_each_stage_resampled_to_the_last_grid_and_embedded(convnext_digits):
     """The extension as written in docs/methods.md: the same LAST, given by hand the stages
     average-pooled to the last stage's grid and multiplied by their embeddings, gives the same logits."""
-    from sidetune.cache.loader import load_features
+    from sidetune.loading import load_features
     from sidetune.engine import build_sidenet
     from sidetune.sidenets import FeatureLayout, create_sidenet
 
@@ -280,7 +280,8 @@ def test_a_sweep_over_a_cnn_cache_runs_from_the_command_line(convnext_digits, tm
 
 
 def test_a_cnn_split_streamed_by_shard_gives_the_resident_batches(convnext_digits):
-    from sidetune.cache.loader import StreamedFeatures, load_features
+    from sidetune.cache.loader import StreamedFeatures
+    from sidetune.loading import load_features
 
     cache = sidetune.open_cache(convnext_digits)
     streamed = load_features(cache, "train800", [3, 4], torch.device("cpu"), budget_bytes=50_000)

@@ -6,7 +6,7 @@ import torch
 
 import sidetune
 from conftest import config, device_under_test, extract_tiny
-from sidetune.cache.loader import load_features
+from sidetune.loading import load_features
 from sidetune.engine import build_sidenet, train_group
 
 

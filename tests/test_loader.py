@@ -3,7 +3,8 @@
 import torch
 
 from conftest import config, device_under_test
-from sidetune.cache.loader import LoadedSplits, ResidentFeatures, StreamedFeatures, load_features
+from sidetune.cache.loader import ResidentFeatures, StreamedFeatures
+from sidetune.loading import LoadedSplits, load_features
 from sidetune.engine import build_sidenet, predicted_classes, train_group
 
 CPU = device_under_test()  # the device under test (named for the default)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import sidetune
 from cli.main import app
 from conftest import config, device_under_test, extract_tiny
-from sidetune.cache.loader import LoadedSplits, load_features
+from sidetune.loading import LoadedSplits, load_features
 from sidetune.cache.manifest import MANIFEST_FILE
 from sidetune.engine import build_sidenet, predicted_classes, train_group
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import sidetune
 from conftest import assert_live_run_predicts_its_cached_logits, config, extract_tiny, float32_spec, sidetune_cli
 from sidetune.cache.layout import StageShape
-from sidetune.cache.loader import load_features
+from sidetune.loading import load_features
 from sidetune.cache.spec import CacheSpec, specs_serving
 from sidetune.engine import build_sidenet, train_group
 
