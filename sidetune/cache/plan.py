@@ -13,10 +13,8 @@ import numpy as np
 from sidetune.cache.codec import Codec
 from sidetune.cache.location import Location, is_url
 from sidetune.cache.spec import CacheSpec
-from sidetune.datasets import VTAB_SPLITS, ImageSplit
 from sidetune.errors import SidetuneError
 
-LIVE_BY_DEFAULT = ("test",)  # read once per reported configuration: cheaper through the backbone than on disk
 FREE_MARGIN = 1.02  # zarr metadata and the manifest beside the arrays
 
 
@@ -56,22 +54,14 @@ class CachePlan:
         return "\n".join(lines)
 
 
-def default_live_splits(split_names: list[str], requested: list[str] | None) -> set[str]:
-    """Splits to leave out of the cache: VTAB-1k's test split when the dataset has the four
-    VTAB-1k splits and the user did not name the splits to cache."""
-    if requested or not all(name in split_names for name in VTAB_SPLITS):
-        return set()
-    return set(LIVE_BY_DEFAULT)
-
-
-def split_layout(splits: dict[str, ImageSplit], live: set[str]) -> dict[str, SplitPlan]:
-    """Each split stored, a view of a stored split holding all its images (the largest
-    candidate), or live; in the order of `splits`."""
+def split_layout(splits: dict[str, list], live: set[str]) -> dict[str, SplitPlan]:
+    """Each split (named, with its images' keys) stored, a view of a stored split holding all
+    its images (the largest candidate), or live; in the order of `splits`."""
     candidates = sorted((name for name in splits if name not in live), key=lambda name: -len(splits[name]))
     index: dict[str, dict[str, int]] = {}  # stored split -> image key -> row
     plans: dict[str, SplitPlan] = {}
     for name in candidates:
-        keys = splits[name].keys()
+        keys = splits[name]
         parent = next((p for p, rows in index.items() if all(key in rows for key in keys)), None)
         if parent is None:
             index[name] = {}
