@@ -387,7 +387,7 @@ def sweep(
     if not main_rank:
         return
     if caches is not None:
-        _print_summary(suite)
+        print_summary(suite)
         return
     _print_sweep(report)
     console.print(f"Train it alone with:\n  {train_command(cache, report.best.config)}")
@@ -410,7 +410,7 @@ def _print_sweep(report) -> None:
     console.print(f"[green]Best:[/] config {report.best.config_id}, {report.best.eval_split} top-1 {report.best.top1:.2f}")
 
 
-def _print_summary(suite) -> None:
+def print_summary(suite) -> None:
     """Per task the best config's top-1 (beside the published number), then the VTAB-1k means."""
     published = suite.summary["published"]
     columns = ["task", "group", "best config", "top-1"] + (["published", "difference"] if published else [])

@@ -79,7 +79,7 @@ def test_sweep_command_over_a_folder_of_caches_prints_the_summary(task_caches, t
 
 
 def test_the_summary_table_sets_published_numbers_and_their_means_beside_ours(tmp_path):
-    from cli.main import _print_summary
+    from cli.main import print_summary
     from cli.progress import console
     from sidetune.suite import SuiteReport, TaskScore
 
@@ -89,7 +89,7 @@ def test_the_summary_table_sets_published_numbers_and_their_means_beside_ours(tm
     published = summarize({task: PUBLISHED_TOP1["last"][task] for task in ours})
     suite = SuiteReport(tmp_path, scores, {"method": "last", "ours": summarize(ours), "published": published}, {})
     with console.capture() as captured:
-        _print_summary(suite)
+        print_summary(suite)
     text = captured.get()
     assert "76.10" in text and "-6.10" in text  # dtd: published, and ours minus published
     assert "mean of 2 tasks" in text and f"{(76.1 + 96.3) / 2:.2f}" in text
