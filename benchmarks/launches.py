@@ -4,8 +4,9 @@ too).
 
 A compute op is an aten op that runs a kernel of its own: not a view, an allocation or a
 composite op (linear -> matmul -> mm counts mm once; a reshape that copies counts its copy), not
-a wrapper whose sub-ops do the work (_to_copy, clone, zeros, ...), and not arithmetic on 0-dim
-tensors alone (Python numbers wrapped by the CPU; on a GPU they are kernel arguments). The
+a wrapper whose sub-ops do the work (_to_copy, clone, zeros, ...; a CPU mean's sum and
+division), and not arithmetic on 0-dim tensors alone (Python numbers wrapped by the CPU; on a
+GPU they are kernel arguments). The
 fill_ a CPU reduction runs on its output first is not counted either: GPU reductions have none.
 Each Triton launch (every one goes through sidetune.kernels.launch) counts once, whatever it
 does underneath (under the interpreter, numpy and argument copies). On a GPU every compute op
@@ -29,6 +30,8 @@ NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "empty_like", "new_empty"
 WRAPPERS = {"_to_copy", "to", "clone", "contiguous", "copy", "zeros", "zeros_like", "ones", "ones_like", "full",
             "full_like", "new_zeros", "new_ones", "new_full", "scalar_tensor", "select_backward", "slice_backward",
             "expand_backward", "gather_backward", "index_put", "type_as", "flatten", "reshape"}
+# Ops the CPU runs as an op calling its own sub-ops, each one kernel on a GPU: count the sub-ops only.
+SPLIT_ON_CPU = {"mean", "where", "logical_and_", "rsub"}
 REDUCTIONS = {"sum", "mean", "var_mean", "var", "std", "argmax", "amax", "logsumexp", "nansum"}
 HOST_SYNC = {"_local_scalar_dense", "item", "nonzero", "is_nonzero"}
 
@@ -98,7 +101,7 @@ def count_steps(step: Callable[[], None], steps: int = 2) -> StepCount:
         if name in HOST_SYNC:
             syncs += 1
         below = sum(visit(child, name) for child in event.cpu_children)
-        if not event.name.startswith("aten::") or not _runs_a_kernel(name) or (name in WRAPPERS and below):
+        if not event.name.startswith("aten::") or not _runs_a_kernel(name) or (name in WRAPPERS | SPLIT_ON_CPU and below):
             return below
         scalars_only = all(shape == [] for shape in event.input_shapes)
         if scalars_only or (name in ("fill_", "zero_") and parent in REDUCTIONS):

@@ -509,14 +509,17 @@ class StackedStep:
         penalty = self.net.penalty()
         if penalty is not None:
             losses = losses + penalty
-        finite = torch.isfinite(losses)
-        newly_failed = self.active & ~finite
-        self.failed_step.copy_(torch.where(newly_failed, self.step_number, self.failed_step))
-        self.failed_loss.copy_(torch.where(newly_failed, losses.detach(), self.failed_loss))
-        self.active.logical_and_(finite)
-        torch.where(self.active, losses, 0.0).sum().backward()
+        # Written for few kernels (a GPU step is launch-bound): x - x is 0 exactly when x is finite,
+        # and active > finite is active and not finite.
+        finite = (losses.detach() - losses.detach()) == 0
+        newly_failed = self.active > finite
+        torch.where(newly_failed, self.step_number, self.failed_step, out=self.failed_step)
+        torch.where(newly_failed, losses.detach(), self.failed_loss, out=self.failed_loss)
+        self.active &= finite
+        kept = torch.where(self.active, losses, 0.0)
+        kept.sum().backward()
         self.optimizer.step(self.lr_scale, self.step_number, self.active)
-        self.loss_sum.add_(torch.where(self.active, losses.detach(), 0.0) * len(labels))
+        self.loss_sum.add_(kept.detach(), alpha=len(labels))
         self.correct.add_((logits.detach().argmax(-1) == labels).sum(dim=1))
 
     def _capture(self, tokens: torch.Tensor, labels: torch.Tensor) -> "torch.cuda.CUDAGraph":
@@ -561,9 +564,9 @@ def _restore(net: SideNet, optimizer: StackedAdamW, fresh: GroupState, saved: Gr
 def cross_entropy_per_config(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
     """(K, B, C) logits -> (K,) mean cross-entropy per config, with per-config label smoothing."""
     log_probs = torch.log_softmax(logits, dim=-1)
-    nll = -log_probs.gather(-1, labels.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-    uniform = -log_probs.mean(dim=-1)
-    return ((1 - smoothing[:, None]) * nll + smoothing[:, None] * uniform).mean(dim=1)
+    labelled = log_probs.gather(-1, labels.expand(logits.shape[0], -1).unsqueeze(-1)).mean(dim=(1, 2))
+    # (1 - s) nll + s uniform, each averaged over the batch: a few kernels whatever K (launch-bound on a GPU)
+    return -torch.lerp(labelled, log_probs.mean(dim=(1, 2)), smoothing)
 
 
 @torch.no_grad()

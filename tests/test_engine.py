@@ -380,3 +380,14 @@ def test_lst_learns_digits_from_scratch(digits_cache, device):
     [result] = train(digits_cache, [{"method": "lst", "lr": 1e-2, "seed": 0, "reduction": 4}], epochs=8)
     assert result.status == "ok" and result.top1 > 25.0
     assert result.epoch_losses[-1] < result.epoch_losses[0]
+
+
+def test_the_per_config_loss_is_torchs_cross_entropy_with_each_configs_label_smoothing():
+    from sidetune.engine import cross_entropy_per_config
+
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 8, 5, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+    smoothing = torch.tensor([0.0, 0.1, 0.5])
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[k], labels, label_smoothing=float(s))
+                            for k, s in enumerate(smoothing)])
+    torch.testing.assert_close(cross_entropy_per_config(logits, labels, smoothing), expected)
