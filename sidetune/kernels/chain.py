@@ -112,15 +112,17 @@ def lowrank_chain(s: torch.Tensor, u: torch.Tensor, x_mean: torch.Tensor, x_msq:
 
 
 @functools.lru_cache(maxsize=None)
-def _masks(modules: int, depth: int, device: torch.device, dtype: torch.dtype
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """later[m, j] = m > j; in_group_later[m, g, j] = module m is in group g and m > j;
-    lower[j, l] = l <= j. Made once per shape (a step launches nothing for them)."""
+def _masks(modules: int, depth: int, width: int, device: torch.device, dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """later[m, j] = m > j; in_group_later[m, g, j] = module m is in group g and m > j, times
+    2 / D; later / D; lower[j, l] = l <= j (bool). Made once per shape, with the gradients'
+    constant factors folded in (a step launches nothing for them)."""
     index = torch.arange(modules, device=device)
     later = (index[:, None] > index[None, :]).to(dtype)
     groups = torch.arange(modules // depth, device=device)
     in_group = (index[:, None] // depth == groups[None, :]).to(dtype)
-    return later, in_group[:, :, None] * later[:, None, :], (index[None, :] <= index[:, None]).to(dtype)
+    in_group_later = in_group[:, :, None] * later[:, None, :] * (2 / width)
+    return later, in_group_later, later / width, index[None, :] <= index[:, None]
 
 
 def input_gradients(a: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, d_proj: torch.Tensor,
@@ -130,16 +132,15 @@ def input_gradients(a: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, d_pr
     over every image and token of products with the saved attention outputs and statistics."""
     k, b, t, modules, r = a.shape
     groups = modules // depth
-    later, in_group_later, lower = _masks(modules, depth, a.device, a.dtype)
-    by_module = lambda x: x.view(k, b, groups, depth, t)  # noqa: E731
-    rstd = torch.rsqrt(var.clamp_min(0) + eps)
-    # qkv = rstd (proj - mean c) + bias: d_c = -sum mean d_proj, d_bias = sum d_proj / rstd
-    d_c = torch.einsum("kbgpt,gbtpkc->kgpc", by_module(-mean), d_proj).reshape(k, modules, 3 * r)
-    d_bias = torch.einsum("kbgpt,gbtpkc->kgpc", by_module(1 / rstd), d_proj).reshape(k, modules, 3 * r)
+    later, in_group_later, later_over_width, lower = _masks(modules, depth, width, a.device, a.dtype)
+    # qkv = rstd (proj - mean c) + bias: d_c = -sum mean d_proj, d_bias = sum d_proj / rstd, in one product
+    weights = torch.stack([-mean, torch.sqrt(var.clamp_min(0) + eps)]).view(2, k, b, groups, depth, t)
+    d_c, d_bias = torch.einsum("skbgpt,gbtpkc->skgpc", weights, d_proj).reshape(2, k, modules, 3 * r)
+    d_bias = d_bias.clone()  # a custom op's outputs may not share storage
     # mean_m = ... + sum_{j<m} a_j w1_j / D
-    d_w1 = torch.einsum("kbtjr,kbtj->kjr", a, torch.einsum("kbmt,mj->kbtj", d_mean, later)) / width
+    d_w1 = torch.einsum("kbtjr,kbtj->kjr", a, torch.einsum("kbmt,mj->kbtj", d_mean, later_over_width))
     # msq_m = ... + 2 sum_{j<m} <U_{g(m),j}, a_j> / D + sum_{j,l<m} a_j G_jl a_l / D
-    msq_in_group = torch.einsum("kbmt,mgj->gbtkj", d_msq * (2 / width), in_group_later)[..., None]
+    msq_in_group = torch.einsum("kbmt,mgj->gbtkj", d_msq, in_group_later)[..., None]
     a_by_token = a.permute(1, 2, 0, 3, 4)[None]
     if compute_bound(a.device):  # only the entries a group reads (about half), one product per group
         d_u = a.new_empty(groups, b, t, k, modules, r)
@@ -148,11 +149,10 @@ def input_gradients(a: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, d_pr
             d_u[g, ..., needed:, :] = 0
     else:
         d_u = msq_in_group * a_by_token  # in U's layout
-    msq_after = torch.einsum("kbmt,mi->kbti", d_msq, later) / width  # [i]: sum_{m > i} d_msq_m / D
+    msq_after = torch.einsum("kbmt,mi->kbti", d_msq, later_over_width)  # [i]: sum_{m > i} d_msq_m / D
     weighted = torch.einsum("kbtjr,kbtj->kbtjr", a, msq_after)  # for l <= j the weight of pair (j, l)
     pairs = torch.bmm(weighted.reshape(k, b * t, -1).transpose(1, 2), a.reshape(k, b * t, -1)).view(k, modules, r, modules, r)
-    mask = lower[None, :, None, :, None]
-    d_gram = pairs * mask + pairs.permute(0, 3, 4, 1, 2) * (1 - mask)
+    d_gram = torch.where(lower[None, :, None, :, None], pairs, pairs.permute(0, 3, 4, 1, 2))
     # proj_m = S_m + sum_{j<m} a_j Z_jm
     d_z = torch.einsum("kbtjr,gbtpkc->kjrgpc", a, d_proj).reshape(k, modules, r, modules, 3 * r)
     d_z = d_z * later.t()[None, :, None, :, None]
