@@ -16,6 +16,15 @@ from sidetune.runs import open_run
 from sidetune.train import default_splits, train
 
 
+
+def interrupt_after(epoch: int):
+    """An on_epoch callback that interrupts training, as Ctrl-C would, once `epoch` is done."""
+    def on_epoch(stats) -> None:
+        if stats.epoch == epoch:
+            raise KeyboardInterrupt
+
+    return on_epoch
+
 def test_train_command_writes_a_run_where_timm_cannot_be_imported(digits_cache, tmp_path):
     run_dir = tmp_path / "run"
     script = (
@@ -56,13 +65,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(digits_cache, tm
     settings = config("last", epochs=4, rank=4)
     _, uninterrupted = train(digits_cache, settings, out=tmp_path / "whole", train_split="train800", eval_split="val200")
 
-    def stop_after_two(stats):
-        if stats.epoch == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train(digits_cache, settings, out=tmp_path / "cut", train_split="train800", eval_split="val200",
-              on_epoch=stop_after_two, checkpoint_seconds=0)
+              on_epoch=interrupt_after(2), checkpoint_seconds=0)
     with pytest.raises(sidetune.SidetuneError, match="did not finish"):
         open_run(tmp_path / "cut")
     epochs_seen = []
@@ -123,16 +128,12 @@ def test_a_run_interrupted_before_the_augmentation_settings_existed_still_resume
 
     settings = config("linear", epochs=3)
 
-    def stop_after_one(stats):
-        if stats.epoch == 1:
-            raise KeyboardInterrupt
-
     def older(record):
         return {k: v for k, v in record.items() if not k.startswith("augment")}
 
     with pytest.raises(KeyboardInterrupt):
         train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
-              on_epoch=stop_after_one, checkpoint_seconds=0)
+              on_epoch=interrupt_after(1), checkpoint_seconds=0)
     record = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps({**record, "config": older(record["config"])}))
     state = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)
@@ -150,13 +151,9 @@ def test_a_checkpoint_is_plain_data_and_an_older_pickled_one_still_resumes(digit
 
     settings = config("last", epochs=3, rank=4)
 
-    def stop_after_one(stats):
-        if stats.epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
-              on_epoch=stop_after_one, checkpoint_seconds=0)
+              on_epoch=interrupt_after(1), checkpoint_seconds=0)
     checkpoint = tmp_path / "run" / CHECKPOINT_FILE
     record = torch.load(checkpoint, weights_only=True)  # no class of ours needed to read it
     assert record["epoch"] == 1 and len(record["history"]) == 1
