@@ -22,9 +22,9 @@ import torch
 
 import sidetune
 from common import WORK, machine, write_result
-from sidetune.loading import load_features
 from sidetune.cache.spec import CacheSpec
-from sidetune.engine import train_group
+from sidetune.training import train_group
+from sidetune.training.data import load_features
 
 FORMATS = {"float32": {"dtype": "float32"}, "float16": {"dtype": "float16"},
            "int8 (per token)": {"dtype": "int8", "scale": "token"}, "int8 (per channel)": {"dtype": "int8", "scale": "channel"}}

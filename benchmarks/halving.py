@@ -18,8 +18,8 @@ import torch
 
 import sidetune
 from common import WORK, machine, random_vit_caches, write_result
-from sidetune.halving import Halving
-from sidetune.sweep import default_grid, expand_grid
+from sidetune.sweeps import default_grid, expand_grid
+from sidetune.sweeps.halving import Halving
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import sidetune
-    from sidetune.loading import load_features
+    from sidetune.training.data import load_features
 
     if not args.cache.exists():
         raise SystemExit(f"No cache at {args.cache}: run benchmarks/extraction.py first, or pass --cache.")

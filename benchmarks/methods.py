@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from common import machine, random_vit_caches, write_result
-from sidetune.loading import LoadedSplits
-from sidetune.engine import train_group
-from sidetune.sweep import default_grid, expand_grid
+from sidetune.sweeps import default_grid, expand_grid
+from sidetune.training import train_group
+from sidetune.training.data import LoadedSplits
 
 METHODS = [("linear", {}, {}), ("ridge", {}, None), ("attentive", {"lr": 1e-2}, {}), ("head2toe", {}, {}),
            ("last", {"lr": 3e-3}, {"rank": 8}), ("losa", {"lr": 3e-3}, {"token_rank": 8, "channel_rank": 8}),

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, WORK, machine, write_result
 
 import sidetune
-from sidetune.sweep import default_grid, expand_grid
+from common import RESULTS, WORK, machine, write_result
+from sidetune.sweeps import default_grid, expand_grid
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from real_data import TIMM_NAME, convert_lite0_weights, fashion_mnist_folder  # noqa: E402

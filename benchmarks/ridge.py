@@ -17,9 +17,9 @@ import torch
 
 import sidetune
 from common import WORK, machine, write_result
-from sidetune.loading import LoadedSplits
-from sidetune.engine import train_group
-from sidetune.sweep import expand_grid
+from sidetune.sweeps import expand_grid
+from sidetune.training import train_group
+from sidetune.training.data import LoadedSplits
 
 
 def main() -> None:

@@ -182,7 +182,7 @@ def side_training_flops(method: str, options: dict, width: int, depth: int, toke
 def _cache_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool, method: str,
                 compile: bool = False, fused: bool = False, configs: int = 1) -> dict:
     import sidetune
-    from sidetune.engine import train_group
+    from sidetune.training import train_group
 
     ends = []
     stack = [sidetune.TrainConfig.create(method, METHODS[method], epochs=1 + TIMED_EPOCHS, warmup_epochs=0,
@@ -210,14 +210,15 @@ def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: st
     as the engine runs them) trained behind that one forward."""
     import sidetune
     from sidetune.backbones import forward_stages, load_backbone
-    from sidetune.engine import StackedStep, build_sidenet, training_autocast
-    from sidetune.optim import StackedAdamW
+    from sidetune.training import sidenet_blueprint
+    from sidetune.training.optim import StackedAdamW
+    from sidetune.training.step import StackedStep, training_autocast
 
     device = torch.device(device)
     backbone = load_backbone(model, pretrained=pretrained)
     backbone.model.to(device)
     images, labels = _images(backbone, folder, device)
-    net = build_sidenet(sidetune.open_cache(cache), method, METHODS[method], configs)
+    net = sidenet_blueprint(sidetune.open_cache(cache), method, METHODS[method]).build(configs)
     net.reset_parameters(list(range(configs)))
     net.to(device)
     stages = net.stages_needed()
@@ -240,7 +241,7 @@ def _paper_case(model: str, cache: str, folder: str, batch_size: int, device: st
 def _forward_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool) -> dict:
     """The bare backbone forward over the batches (the part of the paper's way the cache removes)."""
     from sidetune.backbones import forward_stages, load_backbone
-    from sidetune.engine import training_autocast
+    from sidetune.training.step import training_autocast
 
     device = torch.device(device)
     backbone = load_backbone(model, pretrained=pretrained)
@@ -273,7 +274,7 @@ class LoRALinear(nn.Module):
 
 def _lora_case(model: str, cache: str, folder: str, batch_size: int, device: str, pretrained: bool) -> dict:
     from sidetune.backbones import load_backbone
-    from sidetune.engine import training_autocast
+    from sidetune.training.step import training_autocast
 
     device = torch.device(device)
     torch.manual_seed(0)

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from common import machine, write_result
 from launches import count_steps
-from sidetune.engine import StackedStep, cross_entropy_per_config, training_autocast
-from sidetune.optim import StackedAdamW
 from sidetune.sidenets import FeatureLayout, create_sidenet
 from sidetune.sidenets.base import layer_norm_stacked
+from sidetune.training.optim import StackedAdamW
+from sidetune.training.step import StackedStep, cross_entropy_per_config, training_autocast
 
 METHODS = {"linear": {}, "last": {"rank": 8}, "mist": {"rank": 8}, "losa": {"token_rank": 8, "channel_rank": 8}}
 COUNTED = ("last", "mist")

@@ -23,10 +23,10 @@ import torch
 
 import sidetune
 from common import WORK, generated_images, machine, write_result
-from sidetune.loading import LoadedSplits
 from sidetune.compute import keep_freed_memory
-from sidetune.engine import train_group
-from sidetune.sweep import expand_grid
+from sidetune.sweeps import expand_grid
+from sidetune.training import train_group
+from sidetune.training.data import LoadedSplits
 
 CASES = [("linear", {}, False, "1,4,16,64"), ("last", {"rank": 8}, False, "1,4,16,64"),
          ("losa", {"token_rank": 8, "channel_rank": 8}, False, "1,4,16"), ("last", {"rank": 8}, True, "1,16")]

@@ -177,8 +177,8 @@ def train(
 ) -> None:
     """Stage two: train one side network from the cache into a run directory (never loads the backbone)."""
     from cli.progress import TrainProgress
-    from sidetune.engine import TrainConfig
     from sidetune.train import train as train_run
+    from sidetune.training import TrainConfig
 
     fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
                   seed=seed, data_seed=data_seed, augment=augment, augment_magnitude=augment_magnitude)
@@ -326,9 +326,17 @@ def sweep(
     """Train many configurations from one cache at once (stacked, sharing every batch) and rank them."""
     from cli.progress import TrainProgress
     from sidetune.distributed import launched_rank
-    from sidetune.halving import Halving
-    from sidetune.suite import find_caches, sweep_tasks
-    from sidetune.sweep import default_grid, estimate_seconds, expand_grid, load_grid, sweep as run_sweep, train_command
+    from sidetune.sweeps import (
+        Halving,
+        estimate_seconds,
+        find_caches,
+        load_grid,
+        sweep_configs,
+        sweep_sources,
+        sweep_tasks,
+        train_command,
+    )
+    from sidetune.sweeps import sweep as run_sweep
 
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
     method = method or file_method or "last"
@@ -338,25 +346,11 @@ def sweep(
         if text is not None:
             values[name] = [_number(part) for part in _split_list(text)]
             fixed.pop(name, None)
-    grid_note = ""
-    if not any(isinstance(v, list) and len(v) > 1 for v in values.values()) and not grid:
-        defaults = default_grid(method)
-        values = {**defaults, **values}
-        grid_note = f", the default grid of {method} ({' x '.join(defaults)}; docs/methods.md)"
-    configs = expand_grid(method, values, fixed)
+    configs, defaulted = sweep_configs(method, values, fixed, from_file=grid is not None)
+    grid_note = f", the default grid of {method} ({' x '.join(defaulted)}; docs/methods.md)" if defaulted else ""
     budget = None if memory_budget is None else int(memory_budget * 2**30)
-    if cache is not None and caches is not None:
-        raise SidetuneError("Pass one of --cache (one task) or --caches (a folder of caches, one per task), not both.")
     chosen_tasks = "all" if tasks == "all" else _split_list(tasks)
-    if cache is None and caches is None:
-        try:
-            found = find_caches("cache")
-        except SidetuneError:
-            found = {}
-        if not found:
-            raise SidetuneError("No caches under ./cache, where `sidetune extract` writes them: run `sidetune extract "
-                                "--model vit_b16 --dataset dtd` first (it writes ./cache/dtd), or pass --cache or --caches.")
-        cache, caches = (str(next(iter(found.values())).path), None) if len(found) == 1 else (None, Path("cache"))
+    cache, caches = sweep_sources(cache, caches)
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     if main_rank:
         import sidetune
@@ -390,7 +384,9 @@ def sweep(
         print_summary(suite)
         return
     _print_sweep(report)
-    console.print(f"Train it alone with:\n  {train_command(cache, report.best.config)}")
+    console.print("Train it alone with:")
+    best = report.best  # printed unwrapped, whatever the terminal's width: a pasted line must hold all of it
+    typer.echo("  " + train_command(cache, best.config, best.train_split, best.eval_split))
     console.print(f"Results: {report.out}/results.jsonl, results.csv, sweep.png")
 
 

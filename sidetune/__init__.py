@@ -13,12 +13,12 @@ Importing sidetune never imports timm: stage two runs where timm is not installe
 
 from sidetune.cache import Cache, CachedSplit, CacheSpec, load_spec, open_cache
 from sidetune.errors import SidetuneError
-from sidetune.engine import TrainConfig, TrainResult
 from sidetune.evaluate import evaluate
 from sidetune.extract import extract, plan_extraction
 from sidetune.predict import predict
-from sidetune.sweep import expand_grid, sweep
+from sidetune.sweeps import expand_grid, sweep
 from sidetune.train import train
+from sidetune.training import TrainConfig, TrainResult
 
 __version__ = "0.1.0"
 

@@ -12,13 +12,14 @@ import datetime as dt
 from pathlib import Path
 
 from sidetune import runs
-from sidetune.loading import LoadedSplits
 from sidetune.cache.manifest import identity_differences
 from sidetune.cache.reader import open_cache
 from sidetune.compute import resolve_device
-from sidetune.engine import TrainConfig, accuracy, predicted_classes_together, restore_sidenet
 from sidetune.errors import SidetuneError
 from sidetune.progress import ProgressSink
+from sidetune.training import TrainConfig, restore_sidenet
+from sidetune.training.data import LoadedSplits
+from sidetune.training.scoring import accuracy, predicted_classes_together
 
 
 def evaluate(run_dir: str | Path, split: str = "test", *, which: str = "last", cache: str | Path | None = None,

@@ -29,11 +29,16 @@ from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import VTAB_SPLITS, ImageSource, ImageSplit, load_source
 from sidetune.distributed import World, current_world, launched_rank
 from sidetune.errors import SidetuneError
-from sidetune.features import (ImageDataset, batch_bounds, collate_images, default_workers,
-                               stage_absmax, stored_layout, stored_tokens)
+from sidetune.features import (
+    ImageDataset,
+    batch_bounds,
+    collate_images,
+    default_workers,
+    stage_absmax,
+    stored_layout,
+    stored_tokens,
+)
 from sidetune.progress import ProgressSink
-
-
 
 LIVE_BY_DEFAULT = ("test",)  # read once per reported configuration: cheaper through the backbone than on disk
 

@@ -56,9 +56,9 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     from sidetune.backbones import Preprocessing, load_recorded_backbone
     from sidetune.cache.spec import spec_from_record
     from sidetune.compute import AUTOCAST_DTYPES, resolve_device
-    from sidetune.engine import TrainConfig, restore_sidenet
     from sidetune.features import as_read_from_cache
     from sidetune.runs import open_run
+    from sidetune.training import TrainConfig, restore_sidenet
 
     run = open_run(run_dir)
     paths = image_paths(inputs)

@@ -79,11 +79,22 @@ def save_checkpoint(path: Path, record: dict) -> None:
 
 def load_checkpoint(path: Path):
     """A checkpoint's plain data. One written before checkpoints were plain data is a pickled
-    GroupState, read as such (our own file, never downloaded)."""
+    GroupState, read as such (our own file, never downloaded), its classes found where they
+    live now."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_MovedClasses)
+
+
+class _MovedClasses:
+    """pickle, with the module the training state's classes lived in before sidetune/training/."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            return super().find_class("sidetune.training.state" if module == "sidetune.engine" else module, name)
+
+    load = staticmethod(pickle.load)
 
 
 def prepare_run_dir(out: Path, config_record: dict, overwrite: bool) -> bool:
@@ -109,7 +120,7 @@ def prepare_run_dir(out: Path, config_record: dict, overwrite: bool) -> bool:
 
 
 def _comparable(record: dict) -> str:
-    from sidetune.engine import TrainConfig  # lazily: the engine is the heavier module
+    from sidetune.training import TrainConfig  # lazily: the training package is the heavier one
 
     fields = {k: v for k, v in record.items() if k not in ("created", "device")}
     if "config" in fields:  # a config written before a field existed has that field at its default

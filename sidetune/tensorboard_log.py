@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sidetune.engine import EpochStats, TrainConfig, lr_multiplier
 from sidetune.errors import SidetuneError
+from sidetune.training import EpochStats, TrainConfig
+from sidetune.training.loop import lr_multiplier
 
 
 class TensorBoardLog:

@@ -1,7 +1,7 @@
 """The `train` recipe: one side-network configuration from a cache into a run directory.
 
     import sidetune
-    from sidetune.engine import TrainConfig
+    from sidetune.training import TrainConfig
     run_dir, result = sidetune.train("cache/dtd", TrainConfig.create("last", {"rank": 16}))
 
 It is the engine with K = 1 plus the files of a run (sidetune/runs.py). Like all of stage
@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from sidetune import runs
-from sidetune.loading import LoadedSplits
 from sidetune.cache.reader import Cache, open_cache
-from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 from sidetune.compute import resolve_device
 from sidetune.distributed import launched_world_size
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_learning_curve
 from sidetune.tensorboard_log import TensorBoardLog
+from sidetune.training import EpochStats, GroupState, TrainConfig, TrainResult, train_group
+from sidetune.training.data import LoadedSplits
 
 if TYPE_CHECKING:  # stage two never imports the backbone code at run time
     from sidetune.progress import ProgressSink

@@ -93,9 +93,9 @@ def assert_live_run_predicts_its_cached_logits(model: str, spec: str, folder: Pa
     import json
 
     import sidetune
-    from sidetune.engine import TrainConfig, restore_sidenet
     from sidetune.predict import predict
     from sidetune.runs import open_run
+    from sidetune.training import TrainConfig, restore_sidenet
 
     options = {"spec": spec, "pretrained": False, "workers": 0}
     sidetune.extract(model, str(folder), tmp_path / "live", **options)
@@ -174,8 +174,8 @@ def digits_cache(tmp_path_factory):
 
 def config(method: str = "linear", epochs: int = 4, **fields):
     """A TrainConfig for tests: method options and training fields mixed, short warmup."""
-    from sidetune.engine import TrainConfig
     from sidetune.sidenets import method_options
+    from sidetune.training import TrainConfig
 
     options = {k: fields.pop(k) for k in list(fields) if k in method_options(method)}
     fields.setdefault("warmup_epochs", 1)

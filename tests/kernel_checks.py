@@ -75,7 +75,7 @@ def training_errors(device: torch.device, cache_path: str) -> dict:
     fused kernels and without: the per-epoch losses and the final states. (Stacked
     configurations are checked layer by layer above: the interpreter is slow.)"""
     import sidetune
-    from sidetune.engine import train_group
+    from sidetune.training import train_group
 
     cache = sidetune.open_cache(cache_path)
     configs = [sidetune.TrainConfig.create("last", {"rank": 4, "heads": 2}, lr=1e-2, epochs=2, batch_size=4)]

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 import sidetune
 from cli.main import app
 from conftest import config
-from sidetune.augment import BrightnessAugmentation
-from sidetune.engine import train_group
+from sidetune.training import train_group
+from sidetune.training.augment import BrightnessAugmentation
 
 
 def test_brightness_maps_patch_tokens_to_their_channel_range_scales_each_channel_and_maps_back():

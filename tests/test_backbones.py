@@ -170,9 +170,9 @@ def test_probes_train_from_a_cnn_cache_through_the_cli(convnext_digits, tmp_path
 
 
 def test_head2toe_on_a_cnn_reads_every_stage_at_its_own_width(convnext_digits):
-    from sidetune.engine import build_sidenet
+    from sidetune.training import sidenet_blueprint
 
-    net = build_sidenet(sidetune.open_cache(convnext_digits), "head2toe", {"pool": "mean"}, 2)
+    net = sidenet_blueprint(sidetune.open_cache(convnext_digits), "head2toe", {"pool": "mean"}).build(2)
     assert net.stage_widths == [24, 32, 48, 64] and net.head_weight.shape == (2, 168, 10)
 
 
@@ -186,9 +186,9 @@ def test_side_networks_adding_stages_train_from_a_cnn_cache_through_the_cli(conv
 
 
 def test_stage_embeddings_map_narrower_stages_isometrically_onto_the_last_stages_width(convnext_digits):
-    from sidetune.engine import build_sidenet
+    from sidetune.training import sidenet_blueprint
 
-    net = build_sidenet(sidetune.open_cache(convnext_digits), "last", {"pool": "mean"}, 1)
+    net = sidenet_blueprint(sidetune.open_cache(convnext_digits), "last", {"pool": "mean"}).build(1)
     assert net.stage_embedding_4 is None  # the last stage is read as it is
     for stage, width in ((1, 24), (2, 32), (3, 48)):
         matrix = getattr(net, f"stage_embedding_{stage}")
@@ -199,12 +199,12 @@ def test_stage_embeddings_map_narrower_stages_isometrically_onto_the_last_stages
 def test_last_on_a_cnn_is_last_on_each_stage_resampled_to_the_last_grid_and_embedded(convnext_digits):
     """The extension as written in docs/methods.md: the same LAST, given by hand the stages
     average-pooled to the last stage's grid and multiplied by their embeddings, gives the same logits."""
-    from sidetune.loading import load_features
-    from sidetune.engine import build_sidenet
     from sidetune.sidenets import FeatureLayout, create_sidenet
+    from sidetune.training import sidenet_blueprint
+    from sidetune.training.data import load_features
 
     cache = sidetune.open_cache(convnext_digits)
-    net = build_sidenet(cache, "last", {"pool": "mean", "rank": 4}, 2)
+    net = sidenet_blueprint(cache, "last", {"pool": "mean", "rank": 4}).build(2)
     net.reset_parameters([0, 1])
     with torch.no_grad():
         for name, parameter in net.named_parameters():  # non-zero outputs, so that every stage matters
@@ -228,11 +228,11 @@ def test_last_on_a_cnn_is_last_on_each_stage_resampled_to_the_last_grid_and_embe
 
 
 def test_last_and_losa_train_on_a_vit_relative_without_stage_0_starting_from_stage_1(folder, tmp_path):
-    from sidetune.engine import build_sidenet, train_group
+    from sidetune.training import sidenet_blueprint, train_group
 
     sidetune.extract(local_model(tmp_path / "eva", *TINY_EVA), str(folder), tmp_path / "cache", pretrained=False, workers=0)
     cache = sidetune.open_cache(tmp_path / "cache")
-    assert build_sidenet(cache, "last", {}, 1).stages_needed() == [1, 2]
+    assert sidenet_blueprint(cache, "last", {}).build(1).stages_needed() == [1, 2]
     for method in ("last", "losa"):
         [result] = train_group(cache, [sidetune.TrainConfig.create(method, epochs=2)],
                                "train", "train", "cpu")
@@ -240,12 +240,12 @@ def test_last_and_losa_train_on_a_vit_relative_without_stage_0_starting_from_sta
 
 
 def test_a_method_the_cache_cannot_serve_is_refused_naming_float_specs_and_the_methods_that_can(folder, tmp_path):
-    from sidetune.engine import build_sidenet
+    from sidetune.training import sidenet_blueprint
 
     sidetune.extract("test_convnext", str(folder), tmp_path / "cache", spec="mean", pretrained=False, workers=0)
     with pytest.raises(sidetune.SidetuneError,
                        match=r"--spec default \(or cnn-grid7\), or train a method that reads this cache: linear, ridge, head2toe\."):
-        build_sidenet(sidetune.open_cache(tmp_path / "cache"), "last", {"pool": "mean"}, 1)
+        sidenet_blueprint(sidetune.open_cache(tmp_path / "cache"), "last", {"pool": "mean"}).build(1)
 
 
 def test_a_cnn_run_scores_its_live_test_split_and_predicts_the_logits_its_cache_gives(tmp_path, vtab_folder):
@@ -259,7 +259,7 @@ def test_a_cnn_run_scores_its_live_test_split_and_predicts_the_logits_its_cache_
 
 def test_stacked_side_networks_on_a_cnn_cache_train_as_they_do_alone(convnext_digits):
     from conftest import config
-    from sidetune.engine import train_group
+    from sidetune.training import train_group
 
     configs = [config("last", epochs=2, lr=lr, rank=4, pool="mean") for lr in (0.01, 0.003)]
     cache = sidetune.open_cache(convnext_digits)
@@ -280,8 +280,7 @@ def test_a_sweep_over_a_cnn_cache_runs_from_the_command_line(convnext_digits, tm
 
 
 def test_a_cnn_split_streamed_by_shard_gives_the_resident_batches(convnext_digits):
-    from sidetune.cache.loader import StreamedFeatures
-    from sidetune.loading import load_features
+    from sidetune.training.data import StreamedFeatures, load_features
 
     cache = sidetune.open_cache(convnext_digits)
     streamed = load_features(cache, "train800", [3, 4], torch.device("cpu"), budget_bytes=50_000)

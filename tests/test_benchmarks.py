@@ -9,8 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sidetune.backbones import forward_stages, load_backbone
-from sidetune.engine import cross_entropy_per_config
 from sidetune.sidenets import FeatureLayout, create_sidenet
+from sidetune.training.step import cross_entropy_per_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import stage_two  # noqa: E402

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_resume import assert_same_store, small_shard_spec
 
 import sidetune
 from conftest import extract_tiny, python_path
 from sidetune.progress import ProgressSink
-from test_resume import assert_same_store, small_shard_spec
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import zarr
+from test_resume import CountImages, assert_same_store, small_shard_spec
 
 import sidetune
-from conftest import python_path, extract_tiny, write_vtab_folder
+from conftest import extract_tiny, python_path, write_vtab_folder
 from sidetune.cache.store import SplitWriter
 from sidetune.extract import ShardMonitor
-from test_resume import CountImages, assert_same_store, small_shard_spec
 
 
 def torchrun(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:

@@ -6,8 +6,8 @@ import torch
 
 import sidetune
 from conftest import config, device_under_test, extract_tiny
-from sidetune.loading import load_features
-from sidetune.engine import build_sidenet, train_group
+from sidetune.training import sidenet_blueprint, train_group
+from sidetune.training.data import load_features
 
 
 def train(cache, configs, epochs=4):
@@ -17,8 +17,8 @@ def train(cache, configs, epochs=4):
 
 def test_zero_initialised_last_gives_the_linear_probe_logits_at_step_0(digits_cache, device):
     tokens = load_features(digits_cache, "val200", list(range(7)), device).tokens
-    last = build_sidenet(digits_cache, "last", {"rank": 8}, 1)
-    linear = build_sidenet(digits_cache, "linear", {"standardize": False}, 1)
+    last = sidenet_blueprint(digits_cache, "last", {"rank": 8}).build(1)
+    linear = sidenet_blueprint(digits_cache, "linear", {"standardize": False}).build(1)
     last.reset_parameters([3]), linear.reset_parameters([3])
     last.to(device), linear.to(device)
     with torch.no_grad():
@@ -32,7 +32,7 @@ def test_last_computes_the_written_formula_for_every_stacked_config(digits_cache
     final norm and the pooling. (The network computes it in low-rank form, never forming h.)"""
     tokens = load_features(digits_cache, "val200", [0, 2, 4, 6], device).tokens[:8]
     options = {"rank": 8, "gap": 2, "depth": 2, "heads": 2, "zero_init_out": False, "pool": pool}
-    net = build_sidenet(digits_cache, "last", options, 2)
+    net = sidenet_blueprint(digits_cache, "last", options).build(2)
     net.reset_parameters([0, 1])
     net.to(device)
     x = tokens.double()
@@ -64,7 +64,7 @@ def test_last_computes_the_written_formula_for_every_stacked_config(digits_cache
 
 def test_losa_starts_at_the_frozen_features(digits_cache, device):
     tokens = load_features(digits_cache, "val200", list(range(7)), device).tokens
-    losa = build_sidenet(digits_cache, "losa", {}, 2)
+    losa = sidenet_blueprint(digits_cache, "losa", {}).build(2)
     losa.reset_parameters([0, 1])
     losa.to(device)
     with torch.no_grad():
@@ -82,18 +82,18 @@ def test_every_method_learns_digits_well_above_chance(digits_cache, method, lr, 
 
 def test_last_parameter_count_follows_the_formula(digits_cache):
     d, r, classes, modules = 64, 8, 10, 6
-    net = build_sidenet(digits_cache, "last", {"rank": r, "depth": 1}, 1)
+    net = sidenet_blueprint(digits_cache, "last", {"rank": r, "depth": 1}).build(1)
     assert net.trainable_parameters_per_config() == modules * (4 * d * r + 2 * d) + d * classes + classes
-    gap2 = build_sidenet(digits_cache, "last", {"rank": r, "gap": 2, "depth": 2}, 1)
+    gap2 = sidenet_blueprint(digits_cache, "last", {"rank": r, "gap": 2, "depth": 2}).build(1)
     assert gap2.trainable_parameters_per_config() == 3 * 2 * (4 * d * r + 2 * d) + d * classes + classes
 
 
 def test_losa_and_linear_parameter_counts_follow_the_formulas(digits_cache):
     d, t, classes, layers, rt, rc = 64, 101, 10, 6, 4, 8
-    losa = build_sidenet(digits_cache, "losa", {"token_rank": rt, "channel_rank": rc}, 1)
+    losa = sidenet_blueprint(digits_cache, "losa", {"token_rank": rt, "channel_rank": rc}).build(1)
     per_layer = 4 * d + 2 * t * rt + rt + t + 2 * d * rc + rc + d
     assert losa.trainable_parameters_per_config() == layers * per_layer + d * classes + classes
-    assert build_sidenet(digits_cache, "linear", {}, 1).trainable_parameters_per_config() == d * classes + classes
+    assert sidenet_blueprint(digits_cache, "linear", {}).build(1).trainable_parameters_per_config() == d * classes + classes
 
 
 def test_a_config_trained_in_a_stack_matches_it_trained_alone(digits_cache):
@@ -124,9 +124,9 @@ def test_method_needing_stages_the_cache_lacks_names_the_smallest_specs_that_hav
                      pretrained=False, workers=0)
     cache = sidetune.open_cache(tmp_path / "c")
     with pytest.raises(sidetune.SidetuneError, match=r"Method last reads stages .*--spec int8 \(or default"):
-        build_sidenet(cache, "last", {}, 1)
+        sidenet_blueprint(cache, "last", {}).build(1)
     with pytest.raises(sidetune.SidetuneError, match=r"Method last reads stages \[0, 2, 4, 6\].*--spec gap2-int8 \(or int8, gap2\)"):
-        build_sidenet(cache, "last", {"gap": 2}, 1)
+        sidenet_blueprint(cache, "last", {"gap": 2}).build(1)
 
 
 def test_linear_probe_lands_within_2_points_of_sklearn_logistic_regression(digits_cache, device):
@@ -182,10 +182,10 @@ def test_a_captured_step_trains_to_the_eager_result_and_sees_the_partial_last_ba
 @requires_cuda
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_training_steps_never_wait_for_the_device(digits_cache, device, cuda_graphs):
-    from sidetune.engine import StackedStep
-    from sidetune.optim import StackedAdamW
+    from sidetune.training.optim import StackedAdamW
+    from sidetune.training.step import StackedStep
 
-    net = build_sidenet(digits_cache, "last", {"rank": 4}, 2)
+    net = sidenet_blueprint(digits_cache, "last", {"rank": 4}).build(2)
     net.reset_parameters([0, 1])
     net.to(device)
     data = load_features(digits_cache, "train800", net.stages_needed(), device)
@@ -225,7 +225,7 @@ def test_ridge_solves_every_stacked_lambda_as_scikit_learns_ridge(digits_cache, 
 
 def test_pool_both_concatenates_cls_and_the_patch_mean(digits_cache, device):
     tokens = load_features(digits_cache, "val200", list(range(7)), device).tokens[:8]
-    both, cls, mean = (build_sidenet(digits_cache, method, {"pool": pool}, 1).to(device)
+    both, cls, mean = (sidenet_blueprint(digits_cache, method, {"pool": pool}).build(1).to(device)
                        for method, pool in (("last", "both"), ("last", "cls"), ("last", "mean")))
     for net in (both, cls, mean):
         net.reset_parameters([0])
@@ -238,7 +238,7 @@ def test_pool_both_concatenates_cls_and_the_patch_mean(digits_cache, device):
 def test_attentive_probe_computes_the_written_formula_for_two_stacked_configs(digits_cache, device):
     """X = LN_f(z_N); K, V = X W_kv + b_kv; a = MHA(queries, K, V), 2 queries, 2 heads; flattened."""
     tokens = load_features(digits_cache, "val200", [6], device).tokens[:8]
-    net = build_sidenet(digits_cache, "attentive", {"queries": 2, "rank": 8, "heads": 2}, 2)
+    net = sidenet_blueprint(digits_cache, "attentive", {"queries": 2, "rank": 8, "heads": 2}).build(2)
     net.reset_parameters([0, 1])
     net.to(device)
     norm = digits_cache.final_norm()
@@ -268,19 +268,19 @@ def test_head2toe_features_are_every_stages_l2_normalised_pooled_vector(tmp_path
     cache = sidetune.open_cache(tmp_path / "cls")
     stored = cache.split("val200").tokens[:].astype(np.float64)[:, :, 0]  # (N, S, D) straight from zarr
     expected = (stored / np.linalg.norm(stored, axis=-1, keepdims=True)).reshape(len(stored), -1)
-    net = build_sidenet(cache, "head2toe", {}, 2).to(device)
+    net = sidenet_blueprint(cache, "head2toe", {}).build(2).to(device)
     tokens = load_features(cache, "val200", net.stages_needed(), device).tokens
     with torch.no_grad():
         np.testing.assert_allclose(net.pooled_features(tokens)[0].double().cpu().numpy(), expected, atol=1e-5)
 
 
 def test_head2toe_group_lasso_is_the_sum_of_each_stages_weight_norm(digits_cache):
-    net = build_sidenet(digits_cache, "head2toe", {"group_lasso": 0.5}, 2)
+    net = sidenet_blueprint(digits_cache, "head2toe", {"group_lasso": 0.5}).build(2)
     net.reset_parameters([0, 1])
     weights = net.head_weight.detach().view(2, 7, 64, 10)
     expected = 0.5 * torch.stack([sum(weights[k, s].norm() for s in range(7)) for k in range(2)])
     torch.testing.assert_close(net.penalty().detach(), expected)
-    assert build_sidenet(digits_cache, "head2toe", {}, 1).penalty() is None
+    assert sidenet_blueprint(digits_cache, "head2toe", {}).build(1).penalty() is None
 
 
 def test_head2toe_learns_digits_and_top_stages_keeps_that_many(digits_cache, device):
@@ -368,7 +368,7 @@ def test_lst_is_the_written_ladder_for_each_of_two_stacked_configs(device):
 
 def test_lst_parameter_count_follows_the_formula(digits_cache):
     d, side, classes, blocks = 64, 16, 10, 6  # reduction 4
-    net = build_sidenet(digits_cache, "lst", {"reduction": 4}, 1)
+    net = sidenet_blueprint(digits_cache, "lst", {"reduction": 4}).build(1)
     per_block = 12 * side * side + 13 * side + 1  # norms, qkv, proj, MLP (4x), and the gate
     expected = (blocks + 1) * (d * side + side) + blocks * per_block + 2 * side + side * d + d + d * classes + classes
     assert net.trainable_parameters_per_config() == expected
@@ -383,7 +383,7 @@ def test_lst_learns_digits_from_scratch(digits_cache, device):
 
 
 def test_the_per_config_loss_is_torchs_cross_entropy_with_each_configs_label_smoothing():
-    from sidetune.engine import cross_entropy_per_config
+    from sidetune.training.step import cross_entropy_per_config
 
     generator = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(3, 8, 5, generator=generator), torch.randint(0, 5, (8,), generator=generator)

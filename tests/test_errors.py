@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sidetune
+from conftest import extract_tiny, python_path, tiny_vit
 from sidetune import SidetuneError
-from conftest import python_path, extract_tiny, tiny_vit
 
 
 def test_unknown_model_lists_the_aliases(tmp_path):

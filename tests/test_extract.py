@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 import sidetune
-from sidetune.backbones import Preprocessing
 from conftest import TINY_MODEL, extract_tiny, tiny_vit
+from sidetune.backbones import Preprocessing
 
 
 def preprocess_split(cache, split_name, source_split):

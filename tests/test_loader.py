@@ -3,9 +3,9 @@
 import torch
 
 from conftest import config, device_under_test
-from sidetune.cache.loader import ResidentFeatures, StreamedFeatures
-from sidetune.loading import LoadedSplits, load_features
-from sidetune.engine import build_sidenet, predicted_classes, train_group
+from sidetune.training import sidenet_blueprint, train_group
+from sidetune.training.data import LoadedSplits, ResidentFeatures, StreamedFeatures, load_features
+from sidetune.training.scoring import predicted_classes
 
 CPU = device_under_test()  # the device under test (named for the default)
 LAST_STAGE = [6]
@@ -33,7 +33,7 @@ def test_streamed_batches_cover_every_image_once_per_epoch(digits_cache):
 
 
 def test_streamed_evaluation_equals_resident_evaluation(digits_cache):
-    net = build_sidenet(digits_cache, "linear", {}, 2)
+    net = sidenet_blueprint(digits_cache, "linear", {}).build(2)
     net.reset_parameters([0, 1])
     net.to(CPU)
     resident = predicted_classes(net, load_features(digits_cache, "test", LAST_STAGE, CPU), 64)

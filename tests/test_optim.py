@@ -3,8 +3,8 @@
 import torch
 
 from conftest import device_under_test
-from sidetune.optim import StackedAdamW
 from sidetune.sidenets import FeatureLayout, create_sidenet
+from sidetune.training.optim import StackedAdamW
 
 LAYOUT = FeatureLayout(depth=2, width=16, num_tokens=5, num_prefix_tokens=1, num_classes=3, stages=(0, 1, 2),
                        token_selection="all")

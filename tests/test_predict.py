@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 import sidetune
 from cli.main import app
 from conftest import config, extract_tiny
-from sidetune.engine import TrainConfig, restore_sidenet
 from sidetune.predict import predict
 from sidetune.runs import open_run
 from sidetune.train import train
+from sidetune.training import TrainConfig, restore_sidenet
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from real_data import FASHION_CLASSES, TIMM_NAME, convert_lite0_weights, fashion_mnist_folder, lite0_weights_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from real_data import FASHION_CLASSES, TIMM_NAME, convert_lite0_weights, fashion_mnist_folder, lite0_weights_file
 
 pytestmark = pytest.mark.real_weights
 SPEC = "stages: all\ntokens: all\nmax_grid: 3\ndtype: float16\n"  # every stage, grids pooled to 3x3

@@ -4,12 +4,12 @@ import json
 
 import fsspec
 import pytest
+from test_resume import InterruptAfter, assert_same_store, small_shard_spec
 from typer.testing import CliRunner
 
 import sidetune
 from cli.main import app
 from conftest import config, extract_tiny
-from test_resume import InterruptAfter, assert_same_store, small_shard_spec
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 import sidetune
 from cli.main import app
 from conftest import config, device_under_test, extract_tiny
-from sidetune.loading import LoadedSplits, load_features
 from sidetune.cache.manifest import MANIFEST_FILE
-from sidetune.engine import build_sidenet, predicted_classes, train_group
+from sidetune.training import sidenet_blueprint, train_group
+from sidetune.training.data import LoadedSplits, load_features
+from sidetune.training.scoring import predicted_classes
 
 ALL_VTAB = ["train800", "val200", "train800val200", "test"]
 
@@ -62,7 +63,7 @@ def test_views_share_their_parents_device_memory(digits_default, device):
 
 
 def test_a_streamed_view_evaluates_as_the_resident_one(digits_default, device):
-    net = build_sidenet(digits_default, "linear", {}, 2)
+    net = sidenet_blueprint(digits_default, "linear", {}).build(2)
     net.reset_parameters([0, 1])
     net.to(device)
     resident = predicted_classes(net, load_features(digits_default, "val200", [6], device), 16)

@@ -10,7 +10,7 @@ import sidetune
 from cli.main import app
 from conftest import extract_tiny, write_vtab_folder
 from sidetune.datasets.catalogue import PUBLISHED_TOP1
-from sidetune.suite import find_caches, published_scores, summarize, sweep_tasks
+from sidetune.sweeps.suite import find_caches, published_scores, summarize, sweep_tasks
 
 TASKS = ("dtd", "eurosat", "kitti")  # one task from each VTAB-1k group
 
@@ -70,6 +70,22 @@ def test_caches_from_different_backbones_are_not_summarised_together(task_caches
         find_caches(mixed)
 
 
+def test_a_bare_sweep_beside_caches_it_cannot_use_says_why(task_caches, tmp_path, tiny_weights, monkeypatch):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "dtd").symlink_to(task_caches / "dtd")
+    extract_tiny("digits", tmp_path / "cache" / "digits", weights=tiny_weights, limit=16)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", "--method", "linear", "--epochs", "1"])
+    assert isinstance(result.exception, sidetune.SidetuneError) and "different backbones" in str(result.exception)
+
+
+def test_a_bare_sweep_without_a_cache_folder_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", "--method", "linear"])
+    assert isinstance(result.exception, sidetune.SidetuneError)
+    assert "No caches under ./cache" in str(result.exception) and "sidetune extract" in str(result.exception)
+
+
 def test_sweep_command_over_a_folder_of_caches_prints_the_summary(task_caches, tmp_path):
     result = CliRunner().invoke(app, ["sweep", "--caches", str(task_caches), "--tasks", "dtd,kitti", "--method", "linear",
                                       "--lr", "0.01,0.1", "--epochs", "2", "--out", str(tmp_path / "suite")])
@@ -81,7 +97,7 @@ def test_sweep_command_over_a_folder_of_caches_prints_the_summary(task_caches, t
 def test_the_summary_table_sets_published_numbers_and_their_means_beside_ours(tmp_path):
     from cli.main import print_summary
     from cli.progress import console
-    from sidetune.suite import SuiteReport, TaskScore
+    from sidetune.sweeps.suite import SuiteReport, TaskScore
 
     ours = {"dtd": 70.0, "eurosat": 95.0}
     scores = [TaskScore(task, group, ours[task], PUBLISHED_TOP1["last"][task], 0, str(tmp_path / task))

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import sidetune
 from conftest import assert_live_run_predicts_its_cached_logits, config, extract_tiny, float32_spec, sidetune_cli
 from sidetune.cache.layout import StageShape
-from sidetune.loading import load_features
 from sidetune.cache.spec import CacheSpec, specs_serving
-from sidetune.engine import build_sidenet, train_group
+from sidetune.training import sidenet_blueprint, train_group
+from sidetune.training.data import load_features
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_mist_computes_the_written_formula_for_each_of_two_stacked_configs(exact
     u = u + W_o MHA_r(LN(u)); y = z_N + (u - sum_g S_g); logits = head(LN_f(y)[CLS])."""
     every, _ = exact_caches
     options = {"groups": 2, "depth": 2, "rank": 8, "heads": 2, "zero_init_out": False}
-    net = build_sidenet(every, "mist", options, 2)
+    net = sidenet_blueprint(every, "mist", options).build(2)
     net.reset_parameters([0, 1])
     net.to(device)
     tokens = load_features(every, "val200", net.stages_needed(), device).tokens[:8]
@@ -98,7 +98,7 @@ def test_mist_computes_the_written_formula_for_each_of_two_stacked_configs(exact
 
 def test_mist_on_a_summed_cache_equals_mist_summing_every_stage_itself(exact_caches, device):
     every, summed = exact_caches
-    nets = [build_sidenet(cache, "mist", {"zero_init_out": False, "groups": 3}, 2) for cache in (every, summed)]
+    nets = [sidenet_blueprint(cache, "mist", {"zero_init_out": False, "groups": 3}).build(2) for cache in (every, summed)]
     logits = []
     for net, cache in zip(nets, (every, summed)):
         net.reset_parameters([4, 5])
@@ -110,8 +110,8 @@ def test_mist_on_a_summed_cache_equals_mist_summing_every_stage_itself(exact_cac
 
 def test_zero_initialised_mist_starts_as_the_linear_probe_on_the_last_stage(exact_caches, device):
     _, summed = exact_caches
-    mist = build_sidenet(summed, "mist", {}, 1)
-    linear = build_sidenet(summed, "linear", {"standardize": False}, 1)
+    mist = sidenet_blueprint(summed, "mist", {}).build(1)
+    linear = sidenet_blueprint(summed, "linear", {"standardize": False}).build(1)
     mist.reset_parameters([3]), linear.reset_parameters([3])
     tokens = load_features(summed, "val200", mist.stages_needed(), device).tokens
     mist.to(device), linear.to(device)
@@ -123,21 +123,21 @@ def test_mist_parameter_count_follows_the_formula(exact_caches):
     every, summed = exact_caches
     d, r, classes = 64, 8, 10
     for cache, groups, depth in ((summed, 3, 2), (every, 1, 4), (every, 2, 1)):
-        net = build_sidenet(cache, "mist", {"rank": r, "depth": depth, "groups": groups}, 1)
+        net = sidenet_blueprint(cache, "mist", {"rank": r, "depth": depth, "groups": groups}).build(1)
         assert net.trainable_parameters_per_config() == groups * depth * (4 * d * r + 2 * d) + d * classes + classes
 
 
 def test_mist_with_other_groups_than_a_summed_cache_holds_is_refused(exact_caches):
     _, summed = exact_caches
     with pytest.raises(sidetune.SidetuneError, match=r"stores 3 sums .*Use --groups 3"):
-        build_sidenet(summed, "mist", {"groups": 2}, 1)
+        sidenet_blueprint(summed, "mist", {"groups": 2}).build(1)
 
 
 def test_methods_reading_every_stage_refuse_a_summed_cache_and_the_probes_read_its_last_stage(exact_caches):
     _, summed = exact_caches
     with pytest.raises(sidetune.SidetuneError, match=r"stores the sum of stages 0..2, .* stage 6 .*reads this cache: "
                                                       r"linear, ridge, attentive, head2toe, mist\."):
-        build_sidenet(summed, "last", {}, 1)
+        sidenet_blueprint(summed, "last", {}).build(1)
 
 
 def test_the_smallest_spec_serving_mist_is_the_summed_one_and_no_other_method_is_offered_sums():

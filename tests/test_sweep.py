@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 import sidetune
 from cli.main import app
 from conftest import config, extract_tiny, write_vtab_folder
-from sidetune.stacking import plan_stacks, stack_capacity, stack_memory
-from sidetune.sweep import expand_grid, sweep
+from sidetune.sweeps import expand_grid, sweep
+from sidetune.training import sidenet_blueprint
+from sidetune.training.stacking import plan_stacks, stack_capacity, stack_memory
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +40,32 @@ def test_same_shape_configs_stack_and_stacks_respect_the_maximum():
     assert plan_stacks(configs, {rank4: 1, rank8: 3}) == [[0], [2], [4], [1, 3, 5]]
 
 
+def memory_per_config(cache, settings, device):
+    return stack_memory(cache, sidenet_blueprint(cache, settings.method, dict(settings.options)), settings, "train800",
+                        device)[1]
+
+
+def capacity(cache, settings, device, available):
+    blueprint = sidenet_blueprint(cache, settings.method, dict(settings.options))
+    return stack_capacity(cache, blueprint, settings, "train800", "val200", device, available=available)
+
+
 def test_a_configs_memory_is_measured_and_grows_with_its_size(small_vtab_cache, device):
-    cpu = device
-    _, small = stack_memory(small_vtab_cache, config("last", rank=4, batch_size=16), "train800", cpu)
-    _, wide = stack_memory(small_vtab_cache, config("last", rank=32, batch_size=16), "train800", cpu)
-    _, big_batch = stack_memory(small_vtab_cache, config("last", rank=4, batch_size=64), "train800", cpu)
-    _, probe = stack_memory(small_vtab_cache, config("linear", batch_size=16), "train800", cpu)
+    small, wide, big_batch, probe = (memory_per_config(small_vtab_cache, settings, device) for settings in (
+        config("last", rank=4, batch_size=16), config("last", rank=32, batch_size=16),
+        config("last", rank=4, batch_size=64), config("linear", batch_size=16)))
     assert probe * 50 < small < wide
     assert 3 * small < big_batch < 5 * small  # activations scale with the batch
 
 
 def test_stacks_are_cut_to_the_memory_left_after_the_features(small_vtab_cache, device):
-    last, cpu = config("last", rank=4, batch_size=16), device
-    _, per_config = stack_memory(small_vtab_cache, last, "train800", cpu)
+    last = config("last", rank=4, batch_size=16)
+    per_config = memory_per_config(small_vtab_cache, last, device)
     features = sum(small_vtab_cache.split(s).num_images * small_vtab_cache.split(s).image_nbytes() for s in ("train800", "val200"))
-    tight = stack_capacity(small_vtab_cache, last, "train800", "val200", cpu, available=features + 10 * per_config)
+    tight = capacity(small_vtab_cache, last, device, available=features + 10 * per_config)
     assert tight in (3, 4)  # 80% of 10 configs' room, less the shared batch, with 2x headroom
-    assert stack_capacity(small_vtab_cache, last, "train800", "val200", cpu, available=features) == 1
-    assert stack_capacity(small_vtab_cache, last, "train800", "val200", cpu, available=2**36) > 1000
+    assert capacity(small_vtab_cache, last, device, available=features) == 1
+    assert capacity(small_vtab_cache, last, device, available=2**36) > 1000
 
 
 def test_a_sweep_cut_into_small_stacks_matches_one_stack(small_vtab_cache, tmp_path):
@@ -94,6 +103,18 @@ def test_the_best_configs_train_command_reproduces_its_reported_result(small_vta
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "alone" / "metrics.json").read_text())
     assert (metrics["train_split"], metrics["eval_split"]) == ("train800val200", "test")
+    assert metrics["top1"] == report.best.top1
+
+
+def test_the_best_configs_train_command_keeps_the_splits_the_sweep_used(small_vtab_cache, tmp_path):
+    configs = expand_grid("linear", {"lr": [0.01, 0.1]}, {"epochs": 1})
+    report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", protocol="none", train_split="train800",
+                   eval_split="val200")
+    command = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["train_command"]
+    result = CliRunner().invoke(app, shlex.split(command)[1:] + ["--out", str(tmp_path / "alone")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    assert (metrics["train_split"], metrics["eval_split"]) == ("train800", "val200")
     assert metrics["top1"] == report.best.top1
 
 
@@ -223,8 +244,8 @@ def test_log_tensorboard_writes_each_configs_scalars_and_hparams_entry(small_vta
 
 
 def test_successive_halving_reports_pruned_configs_and_ends_survivors_as_full_runs(digits_cache, device):
-    from sidetune.halving import Halving, train_with_halving
-    from sidetune.engine import train_group
+    from sidetune.sweeps.halving import Halving, train_with_halving
+    from sidetune.training import train_group
 
     configs = [config("linear", epochs=4, lr=lr, seed=s) for s, lr in enumerate((0.01, 0.03, 0.1, 0.3))]
     results = train_with_halving(digits_cache, configs, "train800", "val200", device, Halving(factor=2, min_epochs=1))
@@ -242,7 +263,7 @@ def test_successive_halving_reports_pruned_configs_and_ends_survivors_as_full_ru
 
 def test_sweep_with_halving_marks_pruned_rows_and_selects_among_finished_configs(small_vtab_cache, tmp_path):
     configs = expand_grid("linear", {"lr": [0.01, 0.03, 0.1, 0.3]}, {"epochs": 3})
-    from sidetune.halving import Halving
+    from sidetune.sweeps.halving import Halving
 
     report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", halving=Halving(factor=2, min_epochs=1))
     select = [row for row in report.rows if row.phase == "select"]

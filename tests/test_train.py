@@ -4,17 +4,17 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
 from PIL import Image
 
 import sidetune
-from conftest import python_path, config, extract_tiny
-from sidetune.engine import TrainConfig, restore_sidenet
+from conftest import config, extract_tiny, python_path
 from sidetune.runs import open_run
 from sidetune.train import default_splits, train
-
+from sidetune.training import TrainConfig, restore_sidenet
 
 
 def interrupt_after(epoch: int):
@@ -145,9 +145,11 @@ def test_a_run_interrupted_before_the_augmentation_settings_existed_still_resume
     assert epochs_seen == [2, 3]
 
 
-def test_a_checkpoint_is_plain_data_and_an_older_pickled_one_still_resumes(digits_cache, tmp_path):
-    from sidetune.engine import GroupState
+def test_a_checkpoint_is_plain_data_and_an_older_pickled_one_still_resumes(digits_cache, tmp_path, monkeypatch):
+    import types
+
     from sidetune.runs import CHECKPOINT_FILE
+    from sidetune.training import EpochStats, GroupState
 
     settings = config("last", epochs=3, rank=4)
 
@@ -158,7 +160,17 @@ def test_a_checkpoint_is_plain_data_and_an_older_pickled_one_still_resumes(digit
     record = torch.load(checkpoint, weights_only=True)  # no class of ours needed to read it
     assert record["epoch"] == 1 and len(record["history"]) == 1
     assert set(record["parameters"]) == set(record["moments"])
-    torch.save(GroupState.from_record(record), checkpoint)  # as checkpoints were written before
+    # as checkpoints were written before: a pickled GroupState, its classes in sidetune.engine
+    engine = types.ModuleType("sidetune.engine")
+    for cls in (GroupState, EpochStats):
+        setattr(engine, cls.__name__, cls)
+        monkeypatch.setattr(cls, "__module__", "sidetune.engine")
+    with monkeypatch.context() as old_layout:
+        old_layout.setitem(sys.modules, "sidetune.engine", engine)
+        torch.save(GroupState.from_record(record), checkpoint)
+    archive = zipfile.ZipFile(checkpoint)
+    assert any(b"sidetune.engine" in archive.read(name) for name in archive.namelist() if name.endswith("data.pkl"))
+    monkeypatch.undo()
     epochs_seen = []
     train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
           on_epoch=lambda stats: epochs_seen.append(stats.epoch))

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import yaml
 
 import cache_specs
-
 from sidetune.cache.codec import INT8_SCALES, Codec
 from sidetune.cache.layout import StageShape, TokenLayout, contiguous_groups, summed_stage_id
 from sidetune.errors import SidetuneError

@@ -23,8 +23,15 @@ import numpy as np
 import zarr
 
 from sidetune.cache.location import Location
-from sidetune.cache.manifest import (FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, MANIFEST_KEY, identity_differences,
-                                     read_manifest, write_manifest)
+from sidetune.cache.manifest import (
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    MANIFEST_KEY,
+    identity_differences,
+    read_manifest,
+    write_manifest,
+)
 from sidetune.errors import SidetuneError
 
 IGNORED_ENTRIES = (LOCK_FILE, ".sidetune-write-probe")  # never make a folder "not a cache"

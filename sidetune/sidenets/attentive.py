@@ -13,8 +13,15 @@ from __future__ import annotations
 import torch
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, shared_product, small_normal, uniform_fan_in,
-                                    zeros)
+from sidetune.sidenets.base import (
+    FeatureLayout,
+    SideNet,
+    attention,
+    shared_product,
+    small_normal,
+    uniform_fan_in,
+    zeros,
+)
 
 
 class AttentiveProbe(SideNet):

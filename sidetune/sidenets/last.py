@@ -28,7 +28,16 @@ from sidetune.errors import SidetuneError
 from sidetune.kernels import compute_bound
 from sidetune.kernels.chain import lowrank_chain
 from sidetune.kernels.chain_reference import computed_dtype, groups_reading
-from sidetune.sidenets.base import FeatureLayout, Parts, SideNet, ones, per_config, shared_product, uniform_fan_in, zeros
+from sidetune.sidenets.base import (
+    FeatureLayout,
+    Parts,
+    SideNet,
+    ones,
+    per_config,
+    shared_product,
+    uniform_fan_in,
+    zeros,
+)
 
 LN_EPS = 1e-6
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sidetune.sidenets.base import (FeatureLayout, SideNet, layer_norm_stacked, ones, uniform_fan_in,
-                                    zeros)
+from sidetune.sidenets.base import FeatureLayout, SideNet, layer_norm_stacked, ones, uniform_fan_in, zeros
 
 
 class LoSA(SideNet):

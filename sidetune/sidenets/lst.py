@@ -19,8 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets.base import (FeatureLayout, SideNet, attention, layer_norm_stacked, ones, per_config,
-                                    shared_product, small_normal, uniform_fan_in, zeros)
+from sidetune.sidenets.base import (
+    FeatureLayout,
+    SideNet,
+    attention,
+    layer_norm_stacked,
+    ones,
+    per_config,
+    shared_product,
+    small_normal,
+    uniform_fan_in,
+    zeros,
+)
 
 GATE_TEMPERATURE = 0.1  # LST's mu = sigmoid(alpha / T)
 MLP_RATIO = 4

@@ -15,7 +15,6 @@ from sidetune.kernels.adamw import stacked_adamw_
 from sidetune.sidenets import SideNet
 
 
-
 class StackedAdamW:
     """AdamW (decoupled weight decay, bias-corrected moments) over all of `net`'s parameters.
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from sidetune.cache.loader import default_memory_budget
 from sidetune.cache.reader import Cache
 from sidetune.compute import free_memory
-from sidetune.engine import TrainConfig, build_sidenet, cross_entropy_per_config, training_autocast
+from sidetune.training.build import SideNetBlueprint
+from sidetune.training.config import TrainConfig
+from sidetune.training.data import default_memory_budget
+from sidetune.training.step import cross_entropy_per_config, training_autocast
 
 USABLE_FRACTION = 0.8  # of the memory left after the features, for the stack
 HEADROOM = 2.0  # backward transients (activation gradients) beside the saved activations
@@ -40,34 +42,35 @@ def plan_stacks(configs: list[TrainConfig], capacity: int | dict[tuple, int]) ->
     return stacks
 
 
-def stack_memory(cache: Cache, config: TrainConfig, split: str, device: torch.device) -> tuple[int, int]:
-    """(shared, per-config) bytes of one training step of `config`'s shape on a batch of
-    `split`, measured on `device`."""
-    one, two = (_step_bytes(cache, config, split, device, k) for k in (1, 2))
+def stack_memory(cache: Cache, blueprint: SideNetBlueprint, config: TrainConfig, split: str,
+                 device: torch.device) -> tuple[int, int]:
+    """(shared, per-config) bytes of one training step of `config`'s shape (its network:
+    `blueprint`) on a batch of `split`, measured on `device`."""
+    one, two = (_step_bytes(cache, blueprint, config, split, device, k) for k in (1, 2))
     per_config = max(two - one, 1)
     return max(one - per_config, 0), per_config
 
 
-def stack_capacity(cache: Cache, config: TrainConfig, train_split: str, eval_split: str, device: torch.device,
-                   *, memory_budget: int | None = None, available: int | None = None) -> int:
+def stack_capacity(cache: Cache, blueprint: SideNetBlueprint, config: TrainConfig, train_split: str, eval_split: str,
+                   device: torch.device, *, memory_budget: int | None = None, available: int | None = None) -> int:
     """The most configurations of `config`'s shape that train stacked on `device`: the memory
     free now (or `available` bytes), less the two splits' features as the loader holds them
     (resident within `memory_budget`, else one streamed window of the same size), divided by
     what one more configuration costs. At least 1."""
-    net = build_sidenet(cache, config.method, dict(config.options), 1)
-    stages = net.stages_needed()
+    stages = list(blueprint.stages)
     budget = default_memory_budget(device) if memory_budget is None else memory_budget
     splits = [cache.split(s) for s in {train_split, eval_split}]
     held = {split.stored.name: split.stored for split in splits if split.kind != "live"}  # views share their parent's
     features = sum(min(split.num_images * split.image_nbytes(stages), budget) for split in held.values())
     available = free_memory(device) if available is None else available
-    shared, per_config = stack_memory(cache, config, train_split, device)
+    shared, per_config = stack_memory(cache, blueprint, config, train_split, device)
     room = (available - features) * USABLE_FRACTION - shared
     return max(1, int(room // (per_config * HEADROOM)))
 
 
-def _step_bytes(cache: Cache, config: TrainConfig, split: str, device: torch.device, k: int) -> int:
-    net = build_sidenet(cache, config.method, dict(config.options), k)
+def _step_bytes(cache: Cache, blueprint: SideNetBlueprint, config: TrainConfig, split: str, device: torch.device,
+                k: int) -> int:
+    net = blueprint.build(k)
     net.reset_parameters([config.seed] * k)
     net.to(device).train()
     stored = cache.split(split).stored  # a batch of the split's shape: its stored split's first images

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from sidetune.cache.reader import Cache
-from sidetune.engine import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 from sidetune.errors import SidetuneError
+from sidetune.training import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.datasets.catalogue import GROUPS, PUBLISHED_BACKBONE, PUBLISHED_TOP1, VTAB_TASKS
 from sidetune.distributed import current_world
-from sidetune.engine import TrainConfig
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_task_scores
-from sidetune.sweep import SweepReport, sweep, sweep_dir
+from sidetune.sweeps import SweepReport, sweep, sweep_dir
+from sidetune.training import TrainConfig
 
 
 @dataclass
@@ -50,6 +50,22 @@ class SuiteReport:
 def task_name(cache: Cache) -> str:
     dataset = cache.manifest["dataset"]
     return dataset.get("vtab_task") or dataset["name"]
+
+
+def sweep_sources(cache: str | None, caches: str | Path | None, root: str | Path = "cache"
+                  ) -> tuple[str | None, Path | None]:
+    """What `sidetune sweep` runs on, as (one cache, or a folder of caches, one per task): the one
+    given, or with neither the caches under `root` (./cache, where `sidetune extract` writes):
+    the one cache there, else all of them as tasks."""
+    if cache is not None and caches is not None:
+        raise SidetuneError("Pass one of --cache (one task) or --caches (a folder of caches, one per task), not both.")
+    if cache is not None or caches is not None:
+        return cache, None if caches is None else Path(caches)
+    if not Path(root).is_dir():
+        raise SidetuneError(f"No caches under ./{root}, where `sidetune extract` writes them: run `sidetune extract "
+                            f"--model vit_b16 --dataset dtd` first (it writes ./{root}/dtd), or pass --cache or --caches.")
+    found = find_caches(root)  # its own refusal says what is wrong with the folder
+    return (str(next(iter(found.values())).path), None) if len(found) == 1 else (None, Path(root))
 
 
 def find_caches(root: str | Path, tasks: str | list[str] = "all") -> dict[str, Cache]:
