@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import write_result
 from sidetune.cache.layout import StageShape, TokenLayout
-from sidetune.cache.plan import SplitPlan, image_nbytes, split_nbytes
+from sidetune.cache.plan import SplitPlan, split_nbytes
 from sidetune.cache.spec import available_specs, load_spec
 from sidetune.datasets.catalogue import VTAB_TASKS
 
@@ -64,7 +64,7 @@ def per_image_bytes() -> list[dict]:
         row = {"backbone": name, "stages": len(backbone.shapes), "bytes": {}}
         for spec_name in PER_IMAGE_SPECS:
             spec = load_spec(spec_name)
-            row["bytes"][spec_name] = image_nbytes(spec.stored_layout(backbone.shapes).image_shape(), spec.codec())
+            row["bytes"][spec_name] = spec.codec().image_nbytes(spec.stored_layout(backbone.shapes).image_shape())
         rows.append(row)
         print(row, flush=True)
     return rows

@@ -24,7 +24,7 @@ from sidetune.cache.location import Location
 from sidetune.cache.manifest import LOCK_FILE, build_manifest
 from sidetune.cache.plan import CachePlan, disk_is_full, plan_cache, refuse_if_too_big, split_layout
 from sidetune.cache.spec import CacheSpec, available_specs, load_spec
-from sidetune.cache.store import FLOAT16_MAX, CacheWriter, SplitWriter
+from sidetune.cache.store import CacheWriter, SplitWriter
 from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import VTAB_SPLITS, ImageSource, ImageSplit, load_source
 from sidetune.distributed import World, current_world, launched_rank
@@ -216,7 +216,7 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                 log(f"{name}: already complete, skipped")
                 reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
                 continue
-            arrays = (name, split.labels, token_shape, cache_spec.dtype, cache_spec.chunk_images,
+            arrays = (name, split.labels, token_shape, cache_spec.codec().stored_dtype, cache_spec.chunk_images,
                       cache_spec.shard_images, cache_spec.compressor, cache_spec.codec().scale_shape(token_shape),
                       len(stages))
             if world.is_main:
@@ -291,10 +291,13 @@ def _check_range(stacked: torch.Tensor, absmax: np.ndarray, spec: CacheSpec, lay
             f"The backbone produced non-finite values at {bad_stage} for {split.describe(bad_image)} "
             f"in split {split_name}. With --precision fp16 this is overflow: use --precision bf16 or fp32."
         )
-    if spec.dtype in ("float16", "int8") and absmax.max() > FLOAT16_MAX:  # int8 decodes to float16
-        bad = [f"{layout.shapes[i].label} (max |x| = {absmax[i]:.4g})" for i in np.flatnonzero(absmax > FLOAT16_MAX)]
+    codec = spec.codec()
+    limit = codec.overflow_limit
+    if limit is not None and absmax.max() > limit:
+        bad = [f"{layout.shapes[i].label} (max |x| = {absmax[i]:.4g})" for i in np.flatnonzero(absmax > limit)]
+        read_as = str(codec.decoded_dtype).removeprefix("torch.")
         raise SidetuneError(
-            f"Activations overflow float16 in split {split_name}: {', '.join(bad)} exceed {FLOAT16_MAX:.0f}. "
+            f"Activations overflow {read_as} in split {split_name}: {', '.join(bad)} exceed {limit:.0f}. "
             "Nothing was stored as inf. Use a cache spec with dtype: bfloat16 or float32 (and --overwrite)."
         )
 

@@ -22,7 +22,7 @@ from sidetune.errors import SidetuneError
 def stored_layout(spec: CacheSpec, backbone: Backbone) -> TokenLayout:
     """The shapes of the stages `spec` keeps of `backbone`, as stored."""
     layout = spec.stored_layout(backbone.stages)
-    if spec.dtype == "int8" and not layout.uniform:
+    if spec.codec().quantized and not layout.uniform:
         raise SidetuneError(
             f"Cache spec '{spec.name}' stores int8, which sidetune supports only where every kept stage has the "
             f"same tokens and width; {backbone.timm_name}'s stages differ "

@@ -40,7 +40,7 @@ class LiveFeatures:
         self.layout = cache.token_layout
         self.positions = [self.layout.stages.index(stage) for stage in stages]
         self.sample_shape = self.layout.image_shape(stages)
-        self.dtype = self.spec.codec().decoded_dtype()
+        self.dtype = self.spec.codec().decoded_dtype
 
     def _images(self):
         record = self.cache.manifest["dataset"]

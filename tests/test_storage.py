@@ -124,6 +124,39 @@ def test_int8_tokens_take_half_the_bytes_and_decode_close_to_float16(tmp_path, d
         assert cached.nbytes_stored < 0.6 * digits_test_cached.split("test").nbytes_stored
 
 
+def test_every_codec_decodes_alike_on_device_and_host_and_knows_its_size():
+    from sidetune.cache.codec import CODECS, codec_for
+
+    x = torch.randn(3, 2, 5, 8) * 4
+    for name in CODECS:
+        for scale in ("token", "channel"):
+            codec = codec_for(name, scale)
+            tokens, scales = codec.encode(x)
+            assert tokens.numpy().dtype == np.dtype(codec.stored_dtype)
+            decoded = codec.decode(tokens, scales)
+            assert decoded.dtype == codec.decoded_dtype
+            on_host = codec.decode_numpy(tokens.numpy(), None if scales is None else scales.numpy())
+            assert np.array_equal(on_host, decoded.float().numpy().astype(on_host.dtype)), name
+            stored = tokens.nbytes + (0 if scales is None else scales.nbytes)
+            assert codec.image_nbytes((2, 5, 8)) * 3 == stored, name
+            assert (decoded.float() - x).abs().max() <= x.abs().max() * 2 ** -7, name  # within int8's step
+
+
+def test_a_bfloat16_cache_holds_the_backbones_tokens_rounded_to_bfloat16(tmp_path):
+    for dtype in ("float32", "bfloat16"):
+        (tmp_path / f"{dtype}.yaml").write_text(f"stages: all\ntokens: all\ndtype: {dtype}\n")
+        extract_tiny("digits", tmp_path / dtype, limit=32, splits=["test"], spec=str(tmp_path / f"{dtype}.yaml"))
+    exact = sidetune.open_cache(tmp_path / "float32").split("test").load()
+    cached = sidetune.open_cache(tmp_path / "bfloat16")
+    rounded = torch.from_numpy(exact).to(torch.bfloat16)
+    assert np.array_equal(cached.split("test").load(), rounded.float().numpy())  # read on the host as float32
+    features = load_features(cached, "test", cached.split("test").stages, device_under_test())
+    assert features.tokens.dtype == torch.bfloat16 and torch.equal(features.tokens.cpu(), rounded)
+    wide = sidetune.open_cache(tmp_path / "float32").split("test")
+    assert cached.split("test").image_nbytes() * 2 == wide.image_nbytes()
+    assert cached.split("test").nbytes_stored < 0.51 * wide.nbytes_stored
+
+
 def test_a_side_network_trains_from_int8_tokens_as_from_float16(tmp_path, digits_cache):
     extract_tiny("digits", tmp_path / "c", splits=["train800", "val200"], spec="int8")
     cache = sidetune.open_cache(tmp_path / "c")

@@ -76,20 +76,12 @@ def split_layout(splits: dict[str, list], live: set[str]) -> dict[str, SplitPlan
     return {name: plans[name] for name in splits}
 
 
-def image_nbytes(token_shape: tuple[int, ...], codec: Codec) -> int:
-    """Bytes one stored image takes: its tokens ((S, T, D) or flat, sidetune/cache/layout.py),
-    and int8 scales."""
-    itemsize = 1 if codec.quantized else np.dtype(codec.dtype if codec.dtype != "bfloat16" else "float16").itemsize
-    scale_shape = codec.scale_shape(token_shape)
-    return int(np.prod(token_shape)) * itemsize + (int(np.prod(scale_shape)) * 4 if scale_shape else 0)
-
-
 def split_nbytes(plan: SplitPlan, token_shape: tuple[int, ...], codec: Codec) -> int:
     """Bytes on disk: tokens for a stored split; row indices and labels for a view; labels
     for a live split."""
     labels = 8 * plan.num_images
     if plan.kind == "stored":
-        return plan.num_images * image_nbytes(token_shape, codec) + labels
+        return plan.num_images * codec.image_nbytes(token_shape) + labels
     return labels + (8 * plan.num_images if plan.kind == "view" else 0)
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import zarr
 
-from sidetune.cache.codec import Codec
+from sidetune.cache.codec import Codec, codec_for
 from sidetune.cache.layout import TokenLayout
 from sidetune.cache.location import Location
 from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_FILE, MANIFEST_KEY, READABLE_VERSIONS, read_manifest
@@ -88,12 +88,7 @@ class CachedSplit:
 
     def image_nbytes(self, stages: Sequence[int] | None = None) -> int:
         """Bytes one image takes in memory with the requested stages (tokens and scales, as stored)."""
-        count = len(self.stage_positions(stages))
-        scales = self.scales
-        nbytes = int(np.prod(self.layout.image_shape(stages))) * self.tokens.dtype.itemsize
-        if scales is not None:
-            nbytes += count * int(np.prod(scales.shape[2:])) * scales.dtype.itemsize
-        return nbytes
+        return self.codec.image_nbytes(self.layout.image_shape(stages))
 
     def read_stored(self, rows: slice, stages: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Tokens as stored (and int8 scales, else None) of the images in `rows` (whole shards,
@@ -106,7 +101,7 @@ class CachedSplit:
 
     def read_rows(self, rows: slice, stages: Sequence[int] | None = None) -> np.ndarray:
         """Tokens of the images in `rows`, decoded (int8: to float16)."""
-        return decode(*self.read_stored(rows, stages))
+        return self.codec.decode_numpy(*self.read_stored(rows, stages))
 
     def load_stored(self, stages: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The whole split as stored: one (N, S', T, D) array of the requested stages, and its
@@ -127,7 +122,7 @@ class CachedSplit:
     def load(self, stages: Sequence[int] | None = None) -> np.ndarray:
         """The whole split as one (N, S', T, D) array of the requested stages, decoded (int8:
         to float16)."""
-        return decode(*self.load_stored(stages))
+        return self.codec.decode_numpy(*self.load_stored(stages))
 
     @property
     def stored(self) -> "CachedSplit":
@@ -181,7 +176,7 @@ class ViewSplit:
         return tuple(None if block is None else block[rows] for block in self.parent.load_stored(stages))
 
     def load(self, stages: Sequence[int] | None = None) -> np.ndarray:
-        return decode(*self.load_stored(stages))
+        return self.parent.codec.decode_numpy(*self.load_stored(stages))
 
     @property
     def stored(self) -> CachedSplit:
@@ -215,12 +210,6 @@ class LiveSplit:
 Split = CachedSplit | ViewSplit | LiveSplit
 
 
-def decode(tokens: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """Stored tokens as side networks read them: as stored, or int8 times its scales in float16
-    (the same arithmetic as `Codec.decode` on the device)."""
-    return tokens if scales is None else (tokens * scales).astype(np.float16)
-
-
 @dataclass
 class Cache:
     """A feature cache opened for reading. `backbone_weights` and `data_root` say where the
@@ -246,7 +235,7 @@ class Cache:
     @property
     def codec(self) -> Codec:
         spec = self.manifest["spec"]
-        return Codec(spec["dtype"], spec.get("scale", "token"))
+        return codec_for(spec["dtype"], spec.get("scale", "token"))
 
     @property
     def token_layout(self) -> TokenLayout:

@@ -14,13 +14,12 @@ import torch.nn.functional as F
 import yaml
 
 import cache_specs
-from sidetune.cache.codec import INT8_SCALES, Codec
+from sidetune.cache.codec import CODECS, INT8_SCALES, Codec, codec_for
 from sidetune.cache.layout import StageShape, TokenLayout, contiguous_groups, summed_stage_id
 from sidetune.errors import SidetuneError
 
 SPECS_DIR = Path(cache_specs.__file__).parent  # package data: in every install, editable or from a wheel
 TOKEN_MODES = ("all", "cls", "mean")
-DTYPES = ("float16", "bfloat16", "float32", "int8")
 COMPRESSORS = ("none", "zstd")
 
 
@@ -54,8 +53,8 @@ class CacheSpec:
         problems = []
         if self.tokens not in TOKEN_MODES:
             problems.append(f"tokens must be one of {', '.join(TOKEN_MODES)}, not {self.tokens!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.dtype not in CODECS:
+            problems.append(f"dtype must be one of {', '.join(CODECS)}, not {self.dtype!r}")
         if self.scale not in INT8_SCALES:
             problems.append(f"scale must be one of {', '.join(INT8_SCALES)}, not {self.scale!r}")
         if self.compressor not in COMPRESSORS:
@@ -161,7 +160,7 @@ class CacheSpec:
         return torch.cat([x[:, :prefix], patches], dim=1)
 
     def codec(self) -> Codec:
-        return Codec(self.dtype, self.scale)
+        return codec_for(self.dtype, self.scale)
 
     def describe(self) -> dict:
         """The manifest's record (an identity field): fields added since format 2 appear only
@@ -197,7 +196,6 @@ def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], f
     `one_shape`), the fewest bytes per image first (pooling specs, made for CNNs, last). Summed
     specs serve a method that reads sums (`sums`: MIST) where they keep the last stage, and any
     other method through that stage alone."""
-    dtype_bytes = {"int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
     serving = []
     for name in available_specs():
         spec = load_spec(name)
@@ -211,8 +209,8 @@ def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], f
             last = [depth] if spec.keep_last else []
             kept = (stages if last else []) if sums else last
         if spec.tokens in token_modes and set(stages) <= set(kept) and (one_shape or (
-                spec.dtype != "int8" and spec.sum_groups is None)):
-            serving.append((spec.max_grid is not None, spec.tokens == "all", entries * dtype_bytes[spec.dtype], name))
+                not spec.codec().quantized and spec.sum_groups is None)):
+            serving.append((spec.max_grid is not None, spec.tokens == "all", entries * spec.codec().itemsize, name))
     return [name for *_, name in sorted(serving)]
 
 

@@ -36,8 +36,6 @@ from sidetune.errors import SidetuneError
 
 IGNORED_ENTRIES = (LOCK_FILE, ".sidetune-write-probe")  # never make a folder "not a cache"
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-
 
 @dataclass
 class SplitWriter:

@@ -38,14 +38,14 @@ def _on_device(array: np.ndarray | None, device: torch.device) -> torch.Tensor |
 
 
 class ResidentFeatures:
-    """A whole split in device memory (as stored: 16-bit, or int8 and scales); batches are
+    """A whole split in device memory (as stored: a float type, or int8 and scales); batches are
     gathered and decoded on the device. A view holds its parent's tensors and its own rows."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor | None, labels: torch.Tensor, codec: Codec,
                  rows: torch.Tensor | None = None):
         self.codes, self.scales, self.labels, self.codec, self.rows = codes, scales, labels, codec, rows
         self.num_images = len(labels)
-        self.sample_shape, self.dtype = tuple(codes.shape[1:]), codec.decoded_dtype()
+        self.sample_shape, self.dtype = tuple(codes.shape[1:]), codec.decoded_dtype
 
     @classmethod
     def load(cls, split: CachedSplit, stages: Sequence[int], device: torch.device) -> "ResidentFeatures":
@@ -66,8 +66,9 @@ class ResidentFeatures:
     def _gather(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.rows is not None:
             index = self.rows[index]
-        if self.scales is None:
-            return torch.index_select(self.codes, 0, index, out=out) if out is not None else self.codes[index]
+        if self.scales is None:  # a float type: decoding reinterprets at most, so gather straight into `out`
+            source = self.codec.decode(self.codes, None)
+            return torch.index_select(source, 0, index, out=out) if out is not None else source[index]
         decoded = self.codec.decode(self.codes[index], self.scales[index])
         return decoded if out is None else out.copy_(decoded)
 
@@ -113,7 +114,7 @@ class StreamedFeatures:
         self.labels_host = torch.from_numpy(labels)
         self.labels = self.labels_host.to(device)
         self.sample_shape = parent.layout.image_shape(self.stages)
-        self.dtype = self.codec.decoded_dtype()
+        self.dtype = self.codec.decoded_dtype
         # Two windows live at once (the one training, the one being read).
         self.shards_per_window = max(1, budget_bytes // (2 * parent.image_nbytes(stages) * self.shard_size))
         shard_of_row = self.rows // self.shard_size
