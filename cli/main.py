@@ -110,10 +110,10 @@ def show_info(path: str | Path) -> None:
     from sidetune.cache.plan import human_bytes
 
     cache = sidetune.open_cache(path)
-    manifest = cache.manifest
-    backbone, pre, layout, data = manifest["backbone"], manifest["preprocessing"], manifest["layout"], manifest["dataset"]
+    info = cache.info
+    backbone, pre, data = info.backbone, info.preprocessing, info.dataset
     name = f"{backbone['alias']} ({backbone['timm_name']})" if backbone["alias"] else backbone["timm_name"]
-    console.print(f"[bold]{path}[/]  format v{manifest['format_version']}, created {manifest['created']}")
+    console.print(f"[bold]{path}[/]  format v{info.format_version}, created {info.created}")
     console.print(f"backbone       {name}, {backbone['depth']} {'blocks' if backbone.get('path', 'vit') == 'vit' else 'stages'}, width {backbone['width']}, weights {backbone['weights_source']} sha256 {backbone['weights_sha256'][:12]}")
     console.print(f"preprocessing  {pre['name']}: {pre['size'][0]}x{pre['size'][1]} {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}"
                   + (f", crop_pct {pre['crop_pct']}" if pre.get("crop_pct") else ""))
@@ -121,11 +121,11 @@ def show_info(path: str | Path) -> None:
                   + (f", VTAB-1k {data['vtab_group']}" if data.get("vtab_group") else ""))
     shapes = cache.token_layout
     if shapes.uniform:
-        tokens = f"{layout['num_tokens']} tokens x {layout['width']}"
+        tokens = f"{info.num_tokens} tokens x {info.width}"
     else:  # stages of different shapes (a CNN, a Swin): each stage's tokens x width
         tokens = ", ".join(f"{s.stage}: {s.num_tokens} x {s.width}" for s in shapes.shapes)
-    console.print(f"layout         {shapes.describe_stages()}, {tokens} ({layout['token_selection']}), "
-                  f"{manifest['spec']['dtype']}, spec '{manifest['spec']['name']}', compute {manifest['compute']['precision']}")
+    console.print(f"layout         {shapes.describe_stages()}, {tokens} ({info.token_selection}), "
+                  f"{info.spec.dtype}, spec '{info.spec.name}', compute {info.precision}")
     for note in data.get("notes", []):
         console.print(f"[yellow]note[/]           {note}")
     axes = "(N, S, T, D)" if shapes.uniform else "(N, E)"

@@ -37,7 +37,7 @@ def evaluate(run_dir: str | Path, split: str = "test", *, which: str = "last", c
                             f"({'; '.join(differences)}). Pass --cache with that cache.")
     torch_device = resolve_device(device)
     config = TrainConfig.from_record(run.config["config"])
-    net = restore_sidenet(opened.manifest, config, run.state(which)).to(torch_device)
+    net = restore_sidenet(opened.info, config, run.state(which)).to(torch_device)
     loaded = LoadedSplits(opened, torch_device, progress=progress)
     [predicted], labels = predicted_classes_together(opened, [net], split, torch_device, loaded, batch_size)
     top1, per_class = accuracy(predicted, labels, len(opened.class_names))

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 from sidetune.backbones import Preprocessing, load_recorded_backbone
 from sidetune.cache.reader import Cache
-from sidetune.cache.spec import spec_from_record
 from sidetune.compute import AUTOCAST_DTYPES
 from sidetune.datasets import load_source
 from sidetune.errors import SidetuneError
@@ -30,20 +29,19 @@ class LiveFeatures:
 
     def __init__(self, cache: Cache, split: str, stages: Sequence[int], device: torch.device,
                  progress: ProgressSink | None = None):
-        manifest = cache.manifest
         self.cache, self.name, self.device = cache, split, device
         self.progress = progress or ProgressSink()
         self.record = cache.split(split).record
         self.labels = torch.from_numpy(cache.split(split).labels).to(device)
         self.num_images = len(self.labels)
-        self.spec = spec_from_record(manifest["spec"])
+        self.spec = cache.info.spec
         self.layout = cache.token_layout
         self.positions = [self.layout.stages.index(stage) for stage in stages]
         self.sample_shape = self.layout.image_shape(stages)
         self.dtype = self.spec.codec().decoded_dtype
 
     def _images(self):
-        record = self.cache.manifest["dataset"]
+        record = self.cache.info.dataset
         data_root = self.cache.data_root or record.get("data_root")
         source = load_source(record["argument"], data_root=data_root, splits=[self.name], limit=record.get("limit"))
         images = source.splits[self.name]
@@ -63,16 +61,16 @@ class LiveFeatures:
         if shuffle is not None:
             raise SidetuneError(f"Split {self.name} is live (not cached): it can be evaluated, not trained on.")
         images = self._images()
-        manifest = self.cache.manifest
-        backbone = load_recorded_backbone(manifest["backbone"], self.cache.backbone_weights)
+        manifest = self.cache.info
+        backbone = load_recorded_backbone(manifest.backbone, self.cache.backbone_weights)
         backbone.model.to(self.device).eval()
-        transform = Preprocessing.from_record(manifest["preprocessing"]).transform()
-        shard, extract_batch = self.spec.shard_images, manifest["compute"].get("batch_size", 64)
+        transform = Preprocessing.from_record(manifest.preprocessing).transform()
+        shard, extract_batch = self.spec.shard_images, manifest.extract_batch_size
         bounds = [list(range(begin, end)) for start in range(0, self.num_images, shard)
                   for begin, end in batch_bounds(start, min(start + shard, self.num_images), extract_batch)]
         loader = DataLoader(ImageDataset(images, transform), batch_sampler=bounds, collate_fn=collate_images,
                             num_workers=default_workers(self.device), pin_memory=self.device.type == "cuda")
-        precision = AUTOCAST_DTYPES[manifest["compute"]["precision"]]
+        precision = AUTOCAST_DTYPES[manifest.precision]
         pending: list[torch.Tensor] = []
         done = 0
         self.progress.start_split(f"{self.name} (live)", self.num_images, 0)

@@ -14,7 +14,6 @@ from typing import Iterable
 import torch
 from PIL import Image
 
-from sidetune.cache.layout import TokenLayout
 from sidetune.errors import SidetuneError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -54,7 +53,6 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
     """Classify images with a finished run: its side network (`which`: 'last' or 'best') on
     the features of the backbone its cache was built with."""
     from sidetune.backbones import Preprocessing, load_recorded_backbone
-    from sidetune.cache.spec import spec_from_record
     from sidetune.compute import AUTOCAST_DTYPES, resolve_device
     from sidetune.features import as_read_from_cache
     from sidetune.runs import open_run
@@ -62,14 +60,13 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
 
     run = open_run(run_dir)
     paths = image_paths(inputs)
-    manifest = run.cache_manifest
+    manifest = run.cache_info
     torch_device = resolve_device(device)
     net = restore_sidenet(manifest, TrainConfig.from_record(run.config["config"]), run.state(which)).to(torch_device)
-    backbone = load_recorded_backbone(manifest["backbone"], weights)
+    backbone = load_recorded_backbone(manifest.backbone, weights)
     backbone.model.to(torch_device)
-    transform = Preprocessing.from_record(manifest["preprocessing"]).transform()
-    spec = spec_from_record(manifest["spec"])
-    layout = TokenLayout.from_manifest(manifest)
+    transform = Preprocessing.from_record(manifest.preprocessing).transform()
+    spec, layout = manifest.spec, manifest.layout
     positions = [layout.stages.index(stage) for stage in net.stages_needed()]
 
     predictions = []
@@ -77,7 +74,7 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], *, which: str = "
         for begin in range(0, len(paths), batch_size):
             batch_paths = paths[begin:begin + batch_size]
             images = torch.stack([transform(_read_image(path)) for path in batch_paths]).to(torch_device)
-            tokens = as_read_from_cache(backbone, spec, layout, images, AUTOCAST_DTYPES[manifest["compute"]["precision"]])
+            tokens = as_read_from_cache(backbone, spec, layout, images, AUTOCAST_DTYPES[manifest.precision])
             logits = net(layout.select(tokens, positions))[0].float().cpu()
             for path, row in zip(batch_paths, logits):
                 predictions.append(Prediction(path, row, row.softmax(-1)))

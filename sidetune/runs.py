@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from sidetune.cache.manifest import CacheManifest
 from sidetune.errors import SidetuneError
 
 CONFIG_FILE = "config.json"
@@ -141,8 +142,13 @@ class Run:
         return self.config["cache_manifest"]
 
     @property
+    def cache_info(self) -> CacheManifest:
+        """The manifest of the cache it was trained from, typed and read-only."""
+        return CacheManifest(self.cache_manifest)
+
+    @property
     def class_names(self) -> list[str]:
-        return list(self.cache_manifest["dataset"]["class_names"])
+        return self.cache_info.class_names
 
     def state(self, which: str = "last") -> dict[str, torch.Tensor]:
         """The side network's state: 'last' (final epoch) or 'best' (best on the eval split)."""

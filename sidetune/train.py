@@ -123,7 +123,7 @@ def train(
     runs.save_state(out / runs.MODEL_FILE, result.state)
     if result.best_state is not None:
         runs.save_state(out / runs.BEST_FILE, result.best_state)
-    title = f"{cache.manifest['dataset']['name']}: {config.method}, {train_split} -> {eval_split}"
+    title = f"{cache.info.dataset_name}: {config.method}, {train_split} -> {eval_split}"
     plot_learning_curve(result.history, out / runs.CURVE_FILE, title, eval_split)
     runs.write_json(out / runs.METRICS_FILE, metrics_record(cache, config, result, train_split, eval_split, torch_device.type))
     (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -152,8 +152,8 @@ def metrics_record(cache: Cache, config: TrainConfig, result: TrainResult, train
         "per_class_top1": {name: None if math.isnan(value) else value
                            for name, value in zip(class_names, result.per_class or [])},
         "cache": str(cache.path),
-        "dataset": cache.manifest["dataset"]["name"],
-        "backbone": cache.manifest["backbone"]["alias"] or cache.manifest["backbone"]["timm_name"],
+        "dataset": cache.info.dataset_name,
+        "backbone": cache.info.backbone_name,
         "device": device,
     }
 

@@ -104,7 +104,7 @@ def assert_live_run_predicts_its_cached_logits(model: str, spec: str, folder: Pa
     sidetune.extract(model, str(folder), tmp_path / "cached", splits=["test"], **options)
     cached = torch.from_numpy(sidetune.open_cache(tmp_path / "cached").split("test").load())
     run = open_run(run_dir)
-    net = restore_sidenet(run.cache_manifest, TrainConfig.from_record(run.config["config"]), run.state())
+    net = restore_sidenet(run.cache_info, TrainConfig.from_record(run.config["config"]), run.state())
     paths = [folder / line.split()[0] for line in (folder / "test.txt").read_text().splitlines()]
     with torch.no_grad():
         torch.testing.assert_close(torch.stack([p.logits for p in predict(run_dir, paths)]), net(cached)[0].float(),

@@ -28,7 +28,7 @@ def test_predict_gives_the_cached_logits_for_images_in_the_cache(trained_run):
     paths = [folder / line.split()[0] for line in (folder / "test.txt").read_text().splitlines()]
     predictions = predict(run_dir, paths)
     run = open_run(run_dir)
-    net = restore_sidenet(run.cache_manifest, TrainConfig.from_record(run.config["config"]), run.state())
+    net = restore_sidenet(run.cache_info, TrainConfig.from_record(run.config["config"]), run.state())
     with torch.no_grad():
         cached_logits = net(torch.from_numpy(cache.split("test").load()).float())[0]
     torch.testing.assert_close(torch.stack([p.logits for p in predictions]), cached_logits, atol=1e-5, rtol=1e-5)

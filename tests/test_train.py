@@ -99,7 +99,7 @@ def test_the_best_state_is_the_best_evaluated_epoch(digits_cache, tmp_path):
     run = open_run(run_dir)
     assert run.metrics["best_top1"] == max(evaluated.values())
     assert evaluated[run.metrics["best_epoch"]] == run.metrics["best_top1"]
-    net = restore_sidenet(run.cache_manifest, TrainConfig.from_record(run.config["config"]), run.state("best"))
+    net = restore_sidenet(run.cache_info, TrainConfig.from_record(run.config["config"]), run.state("best"))
     cached = digits_cache.split("val200")
     with torch.no_grad():
         predictions = net(torch.from_numpy(cached.load([6])).float())[0].argmax(-1)

@@ -12,8 +12,13 @@ import datetime as dt
 import importlib.metadata as md
 import json
 import sys
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
 
+from sidetune.cache.layout import TokenLayout
 from sidetune.cache.location import Location
+from sidetune.cache.spec import CacheSpec, spec_from_record
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -104,3 +109,114 @@ def read_manifest(location: Location, root_attributes: dict) -> dict | None:
         return dict(marker)
     data = location.read_bytes(MANIFEST_FILE)
     return None if data is None else json.loads(data)
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    """A manifest read back, typed and read-only: what everything outside cache/ (training, live
+    evaluation, predict, sweeps, the command line) reads instead of the record's keys. Sections
+    handed on whole (the backbone record to reload the backbone, the preprocessing record) come
+    as read-only mappings."""
+
+    record: Mapping[str, Any]
+
+    # the dataset
+    @property
+    def dataset(self) -> Mapping[str, Any]:
+        return MappingProxyType(self.record["dataset"])
+
+    @property
+    def dataset_name(self) -> str:
+        return self.record["dataset"]["name"]
+
+    @property
+    def task_name(self) -> str:
+        """The VTAB-1k task the cache was extracted from, else its dataset's name."""
+        return self.record["dataset"].get("vtab_task") or self.dataset_name
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.record["dataset"]["class_names"])
+
+    # the backbone
+    @property
+    def backbone(self) -> Mapping[str, Any]:
+        """The backbone's record, as `sidetune.backbones.load_recorded_backbone` reads it."""
+        return MappingProxyType(self.record["backbone"])
+
+    @property
+    def backbone_name(self) -> str:
+        """Its alias (vit_b16), else its timm name."""
+        return self.record["backbone"]["alias"] or self.record["backbone"]["timm_name"]
+
+    @property
+    def backbone_identity(self) -> tuple[str, str]:
+        """(timm name, weights sha256): caches of one backbone share it."""
+        return self.record["backbone"]["timm_name"], self.record["backbone"]["weights_sha256"]
+
+    @property
+    def depth(self) -> int:
+        return self.record["backbone"]["depth"]
+
+    @property
+    def backbone_stages(self) -> list[Mapping[str, Any]] | None:
+        """The backbone's stages and their shapes; None in caches written before any timm backbone."""
+        stages = self.record["backbone"].get("stages")
+        return None if stages is None else [MappingProxyType(stage) for stage in stages]
+
+    @property
+    def final_norm_eps(self) -> float | None:
+        """The backbone's final LayerNorm's eps; None when it has none."""
+        norm = self.record["backbone"].get("final_norm")
+        return None if norm is None else norm["eps"]
+
+    # how it was extracted and stored
+    @property
+    def preprocessing(self) -> Mapping[str, Any]:
+        return MappingProxyType(self.record["preprocessing"])
+
+    @property
+    def spec(self) -> CacheSpec:
+        return spec_from_record(dict(self.record["spec"]))
+
+    @property
+    def precision(self) -> str:
+        """The extraction's autocast precision (fp32, bf16, fp16)."""
+        return self.record["compute"]["precision"]
+
+    @property
+    def extract_batch_size(self) -> int:
+        return self.record["compute"].get("batch_size", 64)
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_manifest(self.record)
+
+    @property
+    def width(self) -> int:
+        """The width of the tokens side networks read (the last stored stage's)."""
+        return self.record["layout"]["width"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.record["layout"]["num_tokens"]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.record["layout"]["num_prefix_tokens"]
+
+    @property
+    def token_selection(self) -> str:
+        return self.record["layout"]["token_selection"]
+
+    @property
+    def stages(self) -> list[int]:
+        return list(self.record["layout"]["stages"])
+
+    @property
+    def format_version(self) -> int:
+        return self.record["format_version"]
+
+    @property
+    def created(self) -> str:
+        return self.record["created"]

@@ -19,7 +19,14 @@ import zarr
 from sidetune.cache.codec import Codec, codec_for
 from sidetune.cache.layout import TokenLayout
 from sidetune.cache.location import Location
-from sidetune.cache.manifest import FORMAT_VERSION, MANIFEST_FILE, MANIFEST_KEY, READABLE_VERSIONS, read_manifest
+from sidetune.cache.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MANIFEST_KEY,
+    READABLE_VERSIONS,
+    CacheManifest,
+    read_manifest,
+)
 from sidetune.errors import SidetuneError
 
 
@@ -227,6 +234,11 @@ class Cache:
         self.backbone_weights = None if weights is None else str(weights)
         self.data_root = None if data_root is None else str(data_root)
         return self
+
+    @property
+    def info(self) -> CacheManifest:
+        """The manifest, typed and read-only: what code outside cache/ reads."""
+        return CacheManifest(self.manifest)
 
     @property
     def live_splits(self) -> list[str]:

@@ -42,7 +42,7 @@ def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, wo
         "configurations": len({row.config_id for row in rows}), "best": report.best.record(), "train_command": train_command(cache.path, report.best.config, report.best.train_split, report.best.eval_split)})
     scored = [row for row in rows if row.phase in ("select", "single")]
     plot_sweep([row.record() for row in scored], out / "sweep.png",
-               f"{cache.manifest['dataset']['name']}: {method}, {scored[0].eval_split} top-1")
+               f"{cache.info.dataset_name}: {method}, {scored[0].eval_split} top-1")
 
 
 def train_command(cache_path: str | Path, config: TrainConfig, train_split: str, eval_split: str) -> str:

@@ -14,7 +14,7 @@ import datetime as dt
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
@@ -47,11 +47,6 @@ class SuiteReport:
     sweeps: dict[str, SweepReport]
 
 
-def task_name(cache: Cache) -> str:
-    dataset = cache.manifest["dataset"]
-    return dataset.get("vtab_task") or dataset["name"]
-
-
 def sweep_sources(cache: str | None, caches: str | Path | None, root: str | Path = "cache"
                   ) -> tuple[str | None, Path | None]:
     """What `sidetune sweep` runs on, as (one cache, or a folder of caches, one per task): the one
@@ -81,7 +76,7 @@ def find_caches(root: str | Path, tasks: str | list[str] = "all") -> dict[str, C
             cache = open_cache(folder)
         except SidetuneError:
             continue  # not a cache
-        name = task_name(cache)
+        name = cache.info.task_name
         if name in found:
             raise SidetuneError(f"Two caches under {root} hold task {name}: {found[name].path} and {folder}. "
                                 "Keep one per task, or point --caches at a folder with one of them.")
@@ -95,9 +90,9 @@ def find_caches(root: str | Path, tasks: str | list[str] = "all") -> dict[str, C
         raise SidetuneError(f"No cache for task {', '.join(missing)} under {root}; it holds {', '.join(found)}. "
                             "Pass --tasks all or some of those.")
     selected = {name: found[name] for name in wanted}
-    backbones = {(c.manifest["backbone"]["timm_name"], c.manifest["backbone"]["weights_sha256"]) for c in selected.values()}
+    backbones = {c.info.backbone_identity for c in selected.values()}
     if len(backbones) > 1:
-        listing = "; ".join(f"{name}: {c.manifest['backbone']['timm_name']} ({c.manifest['backbone']['weights_sha256'][:12]})"
+        listing = "; ".join(f"{name}: {c.info.backbone_identity[0]} ({c.info.backbone_identity[1][:12]})"
                             for name, c in selected.items())
         raise SidetuneError(f"The caches under {root} come from different backbones ({listing}); a summary over "
                             "them means nothing. Pick tasks from one backbone with --tasks.")
@@ -126,7 +121,7 @@ def summarize(scores: dict[str, float]) -> dict:
     }
 
 
-def published_scores(backbone: dict, method: str) -> dict[str, float]:
+def published_scores(backbone: Mapping[str, Any], method: str) -> dict[str, float]:
     """The published per-task top-1 comparable with caches of `backbone` (a manifest's record)
     for `method`: only for the original ImageNet-21k ViT-B/16 with pretrained weights."""
     if backbone["timm_name"] != PUBLISHED_BACKBONE or backbone["weights_source"].startswith("random"):
@@ -145,7 +140,7 @@ def sweep_tasks(root: str | Path, configs: list[TrainConfig], *, tasks: str | li
     world = current_world(resolve_device(device))
     out = sweep_dir(out, root, world)
     method = configs[0].method
-    published = published_scores(next(iter(caches.values())).manifest["backbone"], method)
+    published = published_scores(next(iter(caches.values())).info.backbone, method)
     sweeps, scores = {}, []
     for number, (name, cache) in enumerate(caches.items()):
         if on_task is not None:

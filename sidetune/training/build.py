@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sidetune.cache.layout import TokenLayout
+from sidetune.cache.manifest import CacheManifest
 from sidetune.cache.reader import Cache
 from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError
@@ -15,19 +15,18 @@ from sidetune.sidenets import SIDENETS, FeatureLayout, SideNet, create_sidenet, 
 from sidetune.training.config import TrainConfig
 
 
-def feature_layout(manifest: dict) -> FeatureLayout:
+def feature_layout(manifest: CacheManifest) -> FeatureLayout:
     """What a side network needs to know about a cache's features, from its manifest."""
-    layout = manifest["layout"]
-    backbone_stages = manifest["backbone"].get("stages")  # absent in caches written before any timm backbone
+    backbone_stages = manifest.backbone_stages
     return FeatureLayout(
-        depth=manifest["backbone"]["depth"],
-        width=layout["width"],
-        num_tokens=layout["num_tokens"],
-        num_prefix_tokens=layout["num_prefix_tokens"],
-        num_classes=len(manifest["dataset"]["class_names"]),
-        stages=tuple(layout["stages"]),
-        token_selection=layout["token_selection"],
-        stage_shapes=TokenLayout.from_manifest(manifest).shapes,
+        depth=manifest.depth,
+        width=manifest.width,
+        num_tokens=manifest.num_tokens,
+        num_prefix_tokens=manifest.num_prefix_tokens,
+        num_classes=len(manifest.class_names),
+        stages=tuple(manifest.stages),
+        token_selection=manifest.token_selection,
+        stage_shapes=manifest.layout.shapes,
         first_stage=backbone_stages[0]["stage"] if backbone_stages else 0,
     )
 
@@ -59,11 +58,11 @@ class SideNetBlueprint:
 def sidenet_blueprint(cache: Cache, method: str, options: dict) -> SideNetBlueprint:
     """The blueprint of `method` with `options` for this cache, refusing a cache that lacks what
     it reads (naming the spec to extract with, or the methods that read this cache)."""
-    layout = feature_layout(cache.manifest)
+    layout = feature_layout(cache.info)
     net = create_sidenet(method, layout, 1, **options)
     missing = [s for s in net.stages_needed() if s not in layout.stages]
     if missing or layout.token_selection not in net.token_selections:
-        backbone_stages = cache.manifest["backbone"].get("stages") or [{"num_tokens": 0, "width": 0}]
+        backbone_stages = cache.info.backbone_stages or [{"num_tokens": 0, "width": 0}]
         one_shape = len({(stage["num_tokens"], stage["width"]) for stage in backbone_stages}) == 1
         serving = specs_serving(layout.depth, net.stages_needed(), net.token_selections, layout.first_stage, one_shape,
                                 net.reads_sums)
@@ -90,15 +89,14 @@ def _reads(method: str, layout: FeatureLayout) -> bool:
     return layout.token_selection in net.token_selections and set(net.stages_needed()) <= set(layout.stages)
 
 
-def restore_sidenet(manifest: dict, config: TrainConfig, state: dict[str, torch.Tensor]) -> SideNet:
+def restore_sidenet(manifest: CacheManifest, config: TrainConfig, state: dict[str, torch.Tensor]) -> SideNet:
     """A one-config side network with a saved `config_state`, built from the cache's manifest
     alone (the state carries the frozen final norm)."""
     net = create_sidenet(config.method, feature_layout(manifest), 1, **dict(config.options))
-    norm = manifest["backbone"].get("final_norm")
-    if norm is None:
+    eps = manifest.final_norm_eps
+    if eps is None:
         net.set_final_norm(None, None, 0.0)
     else:
-        width = manifest["layout"]["width"]
-        net.set_final_norm(torch.empty(width), torch.empty(width), norm["eps"])  # values: from the state
+        net.set_final_norm(torch.empty(manifest.width), torch.empty(manifest.width), eps)  # values: from the state
     net.load_config_state(state)
     return net.eval()

@@ -20,7 +20,7 @@ def score(cache: Cache, results: list[TrainResult], split: str, device: str | to
     if not trained:
         return
     device = torch.device(device)
-    nets = [restore_sidenet(cache.manifest, r.config, r.state).to(device) for r in trained]
+    nets = [restore_sidenet(cache.info, r.config, r.state).to(device) for r in trained]
     predictions, labels = predicted_classes_together(cache, nets, split, device, loaded, batch_size)
     for result, predicted in zip(trained, predictions):
         result.top1, result.per_class = accuracy(predicted, labels, len(cache.class_names))
