@@ -471,6 +471,32 @@ def demo(
 
 
 @app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="Print the descriptions as JSON.")) -> None:
+    """List the side networks and probes: each one's options (the flags of train and sweep) and the grid a sweep tries by default."""
+    from sidetune.sidenets import describe_methods
+
+    described = describe_methods()
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    table = Table("method", "what it is", "options (default)", "default sweep grid", show_lines=True)
+    for entry in described:
+        options = "\n".join(_flag(o["name"], o["default"]) for o in entry["options"])
+        grid = "\n".join(f"{name}: {', '.join(f'{v:g}' for v in values)}" for name, values in entry["default_grid"].items())
+        what = entry["summary"] + ("" if entry["closed_form"] else f" (default lr {entry['default_lr']})")
+        table.add_row(entry["method"], what, options, grid)
+    console.print(table)
+    console.print("Each option's meaning: `sidetune train --help`; the formulations: docs/methods.md.")
+
+
+def _flag(name: str, value: object) -> str:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+@app.command()
 def models() -> None:
     """List the backbone aliases."""
     from sidetune.backbones import ALIASES

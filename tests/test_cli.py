@@ -5,7 +5,10 @@ import re
 import subprocess
 import sys
 
+from typer.testing import CliRunner
+
 import sidetune
+from cli.main import app
 from conftest import python_path, sidetune_cli
 
 
@@ -160,3 +163,15 @@ def test_docs_cli_names_every_method_option_flag():
     text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
     missing = [name for name in declared_options() if "--" + name.replace("_", "-") not in text]
     assert not missing, missing
+
+
+def test_methods_lists_every_method_with_its_declared_options_and_default_grid():
+    from sidetune.sidenets import SIDENETS, method_options
+
+    listed = json.loads(CliRunner().invoke(app, ["methods", "--json"]).output)
+    assert [entry["method"] for entry in listed] == list(SIDENETS)
+    last = next(entry for entry in listed if entry["method"] == "last")
+    assert {o["name"]: o["default"] for o in last["options"]} == method_options("last")
+    assert last["default_grid"]["rank"] == [8, 16] and all(o["help"] for o in last["options"])
+    table = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "160"}).output
+    assert all(name in table for name in SIDENETS) and "--no-zero-init-out" in table and "--rank 16" in table

@@ -20,7 +20,7 @@ from sidetune.sidenets.ridge import RidgeProbe
 SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, Head2Toe, LAST, LoSA, MIST,
                                                             LST, ResTuning)}
 
-__all__ = ["SIDENETS", "DeclaredOption", "FeatureLayout", "SideNet", "create_sidenet", "declared_options", "method_options",
+__all__ = ["SIDENETS", "DeclaredOption", "FeatureLayout", "SideNet", "create_sidenet", "declared_options", "describe_methods", "method_options",
            "resolve_options"]
 
 
@@ -75,6 +75,20 @@ def declared_options() -> dict[str, DeclaredOption]:
             merged[name] = DeclaredOption(name, kind, {**(known.defaults if known else {}), method: default},
                                           {**(known.help if known else {}), method: helps[name]}, minimum)
     return merged
+
+
+def describe_methods() -> list[dict]:
+    """Every registered method as it declares itself: its name, one-line summary, default
+    learning rate, options (default and help line) and the grid `sweep` tries when given none."""
+    described = []
+    for method, cls in SIDENETS.items():
+        declared = declared_options()
+        options = [{"name": name, "default": default, "help": declared[name].help[method]}
+                   for name, default in method_options(method).items()]
+        described.append({"method": method, "summary": cls.summary, "default_lr": cls.default_lr,
+                          "closed_form": cls.closed_form, "options": options,
+                          "default_grid": {name: list(values) for name, values in cls.default_grid.items()}})
+    return described
 
 
 def resolve_options(method: str, options: dict[str, object]) -> tuple[tuple[str, object], ...]:

@@ -26,6 +26,7 @@ from sidetune.sidenets.base import (
 
 class AttentiveProbe(SideNet):
     name = "attentive"
+    summary = "attentive probe: learned queries cross-attend the last stage's tokens"
     option_help = {"queries": "learned queries", "rank": "width of the queries, keys and values",
                    "heads": "attention heads, dividing the rank",
                    "full_width": "keys and values of the backbone's width instead of the rank"}

@@ -118,6 +118,7 @@ class SideNet(nn.Module):
     parameters and implement `stages_needed` and `represent`."""
 
     name: ClassVar[str]
+    summary: ClassVar[str]  # one line: what the method is (`sidetune methods`)
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
     default_lr: ClassVar[float] = 1e-3  # the side-tuning papers' AdamW default
     closed_form: ClassVar[bool] = False  # True: `fit` sets the parameters (no epochs)

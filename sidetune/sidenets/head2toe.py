@@ -24,6 +24,7 @@ from sidetune.sidenets.base import FeatureLayout, SideNet
 
 class Head2Toe(SideNet):
     name = "head2toe"
+    summary = "Head2Toe: pooled features of every stage, one head, group-lasso selection"
     option_help = {"group_lasso": "per-stage group-lasso strength",
                    "top_stages": "keep only the k stages that separate the classes best (0: all)"}
     option_minimum = {"top_stages": 0}

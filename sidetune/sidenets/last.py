@@ -142,6 +142,7 @@ class LowRankAttentionSide(SideNet):
 
 class LAST(LowRankAttentionSide):
     name = "last"
+    summary = "LAST: low-rank self-attention side network over every (g-th) stage"
     option_help = {"gap": "read every g-th stage"}
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
 

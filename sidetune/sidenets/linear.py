@@ -10,6 +10,7 @@ from sidetune.sidenets.base import FeatureLayout, SideNet
 
 class LinearProbe(SideNet):
     name = "linear"
+    summary = "linear probe on the pooled, standardised last stage"
     token_selections = ("all", "cls", "mean")
     default_lr = 0.1  # standardised features and a convex loss take a large step
     default_grid = {"lr": [0.03, 0.1, 0.3], "weight_decay": [0.0, 1e-4, 1e-3]}

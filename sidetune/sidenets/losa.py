@@ -12,6 +12,7 @@ from sidetune.sidenets.base import FeatureLayout, SideNet, layer_norm_stacked, o
 
 class LoSA(SideNet):
     name = "losa"
+    summary = "LoSA: low-rank token- and channel-mixing side network"
     option_help = {"token_rank": "token-mixing rank", "channel_rank": "channel-mixing rank"}
     norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
 

@@ -38,6 +38,7 @@ MLP_RATIO = 4
 
 class LST(SideNet):
     name = "lst"
+    summary = "LST: a narrow ladder transformer fed by every stage through learned gates"
     option_help = {"reduction": "side width = backbone width / reduction", "head_dim": "width of the side network's attention heads"}
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "reduction": [4, 8]}
 

@@ -23,6 +23,7 @@ from sidetune.sidenets.last import LowRankAttentionSide, running_sums
 
 class MIST(LowRankAttentionSide):
     name = "mist"
+    summary = "MIST: LAST's modules over sums of contiguous groups of stages"
     option_help = {"groups": "contiguous groups of stages summed (0: a summed cache's own; 1 on a cache of every stage)"}
     option_minimum = {"groups": 0}
     reads_sums = True

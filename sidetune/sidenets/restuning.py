@@ -28,6 +28,7 @@ def xavier_uniform(fan_in: int, fan_out: int):
 
 class ResTuning(SideNet):
     name = "restuning"
+    summary = "Res-Tuning bypass: residual adapters fed by every stage"
     option_help = {"bottleneck": "the adapters' bottleneck width",
                    "zero_init_out": "zero the last vertical adapter's W2 (ms-swift's option for the last block)"}
     norm_without_final_norm = True  # LN_f(b_N): a plain LayerNorm where the backbone has none

@@ -25,6 +25,7 @@ TARGETS = ("signed", "centred")
 
 class RidgeProbe(SideNet):
     name = "ridge"
+    summary = "ridge regression probe, every L2 strength solved from one eigendecomposition"
     option_help = {"targets": "signed (2 one-hot - 1) or centred one-hot regression targets"}
     token_selections = ("all", "cls", "mean")
     closed_form = True
