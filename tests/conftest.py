@@ -126,6 +126,19 @@ def tiny_weights(tmp_path_factory) -> Path:
     return path
 
 
+def assert_plot_drawn(path: Path) -> None:
+    """`path` is a PNG with data drawn on it: pixels in matplotlib's first colour (C0), which
+    empty axes do not have."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(path)
+    assert image.format == "PNG", path
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    near_c0 = (np.abs(pixels - np.array([31, 119, 180])).sum(-1) < 40).sum()
+    assert near_c0 > 50, f"{path} shows no data ({near_c0} pixels in C0)"
+
+
 def write_image(path: Path, seed: int, size: int = 24) -> None:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,3 +193,10 @@ def config(method: str = "linear", epochs: int = 4, **fields):
     options = {k: fields.pop(k) for k in list(fields) if k in method_options(method)}
     fields.setdefault("warmup_epochs", 1)
     return TrainConfig.create(method, options, epochs=epochs, **fields)
+
+
+def train_on_digits(cache, configs, epochs=4):
+    """Train dicts of TrainConfig fields, method options (rank, pool, ...) mixed in."""
+    from sidetune.training import train_group
+
+    return train_group(cache, [config(epochs=epochs, **c) for c in configs], "train800", "val200", device_under_test())

@@ -4,7 +4,7 @@ compute, and compile for the GPUs they are meant for.
 On the CPU the kernels run in a child process under Triton's interpreter
 (tests/kernel_checks.py); with `--device cuda` the same checks run on the GPU in this process.
 The torch implementation of the chain is itself checked against the written LAST formula
-(tests/test_engine.py, and its gradients here)."""
+(tests/test_sidenets.py, and its gradients here)."""
 
 import json
 import os

@@ -165,7 +165,9 @@ def test_extract_summed_then_train_and_sweep_mist_through_the_cli(tmp_path):
     done = cli("train", "--cache", cache, "--method", "mist", "--epochs", "2", "--depth", "1", "--rank", "4",
                "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["top1"] is not None
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["method"] == "mist" and metrics["eval_split"] == "val200" and 0 <= metrics["top1"] <= 100
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
     done = cli("sweep", "--cache", cache, "--method", "mist", "--lr", "1e-3,3e-3", "--depth", "1", "--epochs", "1",
                "--protocol", "none", "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "sweep"))
     assert done.returncode == 0, done.stderr
