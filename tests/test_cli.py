@@ -175,3 +175,53 @@ def test_methods_lists_every_method_with_its_declared_options_and_default_grid()
     assert last["default_grid"]["rank"] == [8, 16] and all(o["help"] for o in last["options"])
     table = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "160"}).output
     assert all(name in table for name in SIDENETS) and "--no-zero-init-out" in table and "--rank 16" in table
+
+
+A_NEW_METHOD = '''
+import sys
+from sidetune.sidenets import SIDENETS
+from sidetune.sidenets.linear import LinearProbe
+
+class ScaledProbe(LinearProbe):  # the whole method: its file, then one registration
+    name = "scaled"
+    summary = "a linear probe on its features times a fixed factor"
+    option_help = {"factor": "the factor the pooled features are multiplied by"}
+    default_grid = {"lr": [0.1], "factor": [1.0, 2.0]}
+
+    def __init__(self, layout, num_configs, pool="cls", standardize=True, factor=2.0):
+        super().__init__(layout, num_configs, pool, standardize)
+        self.factor = factor
+
+    def pooled_features(self, tokens):
+        return super().pooled_features(tokens) * self.factor
+
+SIDENETS["scaled"] = ScaledProbe
+from cli.main import main
+sys.argv = ["sidetune", *sys.argv[1:]]
+main()
+'''
+
+
+def test_a_new_method_is_its_file_and_its_registration(digits_cache, tmp_path):
+    script = tmp_path / "with_scaled.py"
+    script.write_text(A_NEW_METHOD)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                              env={"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+
+    assert "--factor" in cli("train", "--help").stdout and "--factor" in cli("sweep", "--help").stdout
+    listed = {entry["method"]: entry for entry in json.loads(cli("methods", "--json").stdout)}
+    assert listed["scaled"]["default_grid"] == {"lr": [0.1], "factor": [1.0, 2.0]}
+    refused = cli("sweep", "--cache", str(digits_cache.path), "--method", "scaled", "--factor", "-1,2")
+    assert refused.returncode == 2 and "--factor got -1; it must be at least 0.0" in " ".join(refused.stderr.split())
+    done = cli("train", "--cache", str(digits_cache.path), "--method", "scaled", "--factor", "3", "--epochs", "1",
+               "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["factor"] == 3.0
+    swept = cli("sweep", "--cache", str(digits_cache.path), "--method", "scaled", "--epochs", "1", "--protocol", "none",
+                "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "sweep"))
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert sorted(row["factor"] for row in rows) == [1.0, 2.0]  # the method's own default grid
+    assert "--factor" in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["train_command"]
