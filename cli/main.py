@@ -193,7 +193,7 @@ def train(
             opened, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
             eval_every=eval_every, memory_budget=budget, compile=compile, fused=fused, cuda_graphs=cuda_graphs,
             tensorboard=_tensorboard(log_to), overwrite=overwrite, on_epoch=progress.epoch_done,
-            live_progress=progress, log=lambda message: console.print(f"[dim]{message}"),
+            live_progress=progress, log=lambda message: console.print(f"[dim]{message}"), warn=_warn,
         )
     show_run(run_dir)
 
@@ -229,7 +229,7 @@ def evaluate(
         raise SidetuneError(f"--which must be last or best, not '{which}'.")
     with RichProgress() as progress:  # a live split's images through the backbone
         record = evaluate_run(run, split, which=which, cache=cache, weights=weights, data_root=data_root,
-                              device=device, batch_size=batch_size, progress=progress)
+                              device=device, batch_size=batch_size, progress=progress, warn=_warn)
     table = Table("run", "split", "kept as", "images", "top-1", title="evaluation")
     table.add_row(str(run), split, record["kind"], f"{record['images']:,}", f"{record['top1']:.2f}")
     console.print(table)
@@ -432,6 +432,10 @@ def print_summary(suite) -> None:
         console.print("[dim]Published numbers are shown for LAST on caches of the pretrained vit_b16 "
                       "(vit_base_patch16_224.orig_in21k).")
     console.print(f"Results: {suite.out}/summary.json, summary.csv, summary.png; one sweep folder per task.")
+
+
+def _warn(message: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {message}")
 
 
 def _tensorboard(log_to: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Callable
 
 from sidetune import runs
 from sidetune.cache.manifest import identity_differences
@@ -19,16 +20,18 @@ from sidetune.errors import SidetuneError
 from sidetune.progress import ProgressSink
 from sidetune.training import TrainConfig, restore_sidenet
 from sidetune.training.data import LoadedSplits
-from sidetune.training.scoring import accuracy, predicted_classes_together
+from sidetune.training.scoring import accuracy, predicted_classes_together, seen_warning
 
 
 def evaluate(run_dir: str | Path, split: str = "test", *, which: str = "last", cache: str | Path | None = None,
              weights: str | Path | None = None, data_root: str | Path | None = None, device: str = "auto",
-             batch_size: int = 64, progress: ProgressSink | None = None) -> dict:
+             batch_size: int = 64, progress: ProgressSink | None = None,
+             warn: Callable[[str], None] = lambda message: None) -> dict:
     """Top-1 and per-class accuracy of a run's side network (`which`: 'last' or 'best') on
     `split`; `cache` when the run's cache moved, `weights` and `data_root` when the backbone's
     weights or the images of a live split did; `progress` hears a live split's images go
-    through the backbone. Writes eval-<split>.json into the run."""
+    through the backbone; `warn` hears that `split` holds images the run trained on (the record
+    says how many). Writes eval-<split>.json into the run."""
     run = runs.open_run(run_dir)
     opened = open_cache(cache or run.config["cache"]).relocate(weights, data_root)
     differences = identity_differences(opened.manifest, run.cache_manifest)
@@ -47,6 +50,9 @@ def evaluate(run_dir: str | Path, split: str = "test", *, which: str = "last", c
         "cache": str(opened.path), "device": torch_device.type,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    record["images_seen_in_training"] = seen = opened.shared_images(run.config["train_split"], split)
+    if seen:
+        warn(seen_warning(opened, run.config["train_split"], split, seen))
     runs.write_json(run.path / f"eval-{split}.json", record)
     return record
 

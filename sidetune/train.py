@@ -4,7 +4,7 @@
     from sidetune.training import TrainConfig
     run_dir, result = sidetune.train("cache/dtd", TrainConfig.create("last", {"rank": 16}))
 
-It is the engine with K = 1 plus the files of a run (sidetune/runs.py). Like all of stage
+It is the training loop with K = 1 plus the files of a run (sidetune/runs.py). Like all of stage
 two it never imports timm or the backbone."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sidetune.results import plot_learning_curve
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.training import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 from sidetune.training.data import LoadedSplits
+from sidetune.training.scoring import seen_warning
 
 if TYPE_CHECKING:  # stage two never imports the backbone code at run time
     from sidetune.progress import ProgressSink
@@ -65,18 +66,24 @@ def train(
     on_epoch: Callable[[EpochStats], None] | None = None,
     live_progress: ProgressSink | None = None,
     log: Callable[[str], None] = lambda message: None,
+    warn: Callable[[str], None] = lambda message: None,
     checkpoint_seconds: float = 30.0,
 ) -> tuple[Path, TrainResult]:
     """Train one configuration and write its run directory; an interrupted run in `out` with
     the same settings resumes from its last checkpoint. `tensorboard` also writes TensorBoard
     event files (scalars per epoch, the HParams entry) to `out`/tensorboard. `live_progress`
-    hears a live evaluation split's pass through the backbone. Returns (run directory, result)."""
+    hears a live evaluation split's pass through the backbone. `warn` hears, before training,
+    that the evaluation split holds images of the training split (its top-1 then is not a
+    held-out score; metrics.json records how many). Returns (run directory, result)."""
     if launched_world_size() > 1:
         raise SidetuneError("`sidetune train` trains one configuration in one process; under torchrun every rank "
                             "would write the same run. Run it without torchrun, or share configurations between "
                             "ranks with `torchrun ... -m sidetune sweep`.")
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     train_split, eval_split = default_splits(cache, train_split, eval_split)
+    seen = cache.shared_images(train_split, eval_split)
+    if seen:
+        warn(seen_warning(cache, train_split, eval_split, seen))
     torch_device = resolve_device(device)
     out = Path(out) if out is not None else runs.default_run_dir(cache.path, config.method)
     manifest = {k: v for k, v in cache.manifest.items() if k != "splits"}
@@ -125,7 +132,8 @@ def train(
         runs.save_state(out / runs.BEST_FILE, result.best_state)
     title = f"{cache.info.dataset_name}: {config.method}, {train_split} -> {eval_split}"
     plot_learning_curve(result.history, out / runs.CURVE_FILE, title, eval_split)
-    runs.write_json(out / runs.METRICS_FILE, metrics_record(cache, config, result, train_split, eval_split, torch_device.type))
+    runs.write_json(out / runs.METRICS_FILE, {**metrics_record(cache, config, result, train_split, eval_split, torch_device.type),
+                                             "eval_images_seen_in_training": seen})
     (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
     return out, result
 

@@ -206,3 +206,44 @@ def test_a_spec_without_the_newer_options_records_itself_as_caches_written_befor
     assert set(load_spec("default").describe()) == {"name", "stages", "tokens", "dtype", "scale", "chunk_images",
                                                     "shard_images", "compressor", "description"}
     assert load_spec("cnn-grid7").describe()["max_grid"] == 7
+
+
+def test_shared_images_are_counted_exactly_through_views(digits_default):
+    sizes = {name: digits_default.split(name).num_images for name in ("train800val200", "train800", "val200")}
+    assert digits_default.shared_images("train800val200", "val200") == sizes["val200"]
+    assert digits_default.shared_images("val200", "train800val200") == sizes["val200"]
+    assert digits_default.shared_images("train800", "val200") == 0
+    assert digits_default.shared_images("train800", "train800") == sizes["train800"]
+    assert digits_default.shared_images("train800val200", "test") == 0  # live: its images are not in the cache
+
+
+def test_training_and_scoring_on_overlapping_splits_warns_and_is_recorded(digits_default, tmp_path):
+    heard = []
+    run_dir, _ = sidetune.train(digits_default, config("linear", epochs=1), out=tmp_path / "run",
+                                train_split="train800val200", eval_split="val200", warn=heard.append,
+                                device=device_under_test().type)
+    val200 = digits_default.split("val200").num_images
+    assert len(heard) == 1 and f"{val200} of the {val200} images of val200 are in the training split" in heard[0]
+    assert json.loads((run_dir / "metrics.json").read_text())["eval_images_seen_in_training"] == val200
+    heard.clear()
+    record = sidetune.evaluate(run_dir, "train800", warn=heard.append, device=device_under_test().type)
+    assert record["images_seen_in_training"] == digits_default.split("train800").num_images and len(heard) == 1
+    held_out = sidetune.evaluate(run_dir, "test", warn=heard.append, device=device_under_test().type)
+    assert held_out["images_seen_in_training"] == 0 and len(heard) == 1
+
+
+def test_the_command_line_prints_the_overlap_warning(digits_default, tmp_path):
+    outcome = CliRunner().invoke(app, ["train", "--cache", str(digits_default.path), "--method", "linear", "--epochs", "1",
+                                       "--train-split", "train800val200", "--eval-split", "val200",
+                                       "--out", str(tmp_path / "run"), "--device", device_under_test().type],
+                                 env={"COLUMNS": "200"})
+    assert outcome.exit_code == 0, outcome.output
+    assert "warning:" in outcome.output and "not a held-out score" in outcome.output
+
+
+def test_the_eval_every_refusal_suggests_a_split_the_training_split_does_not_hold(digits_default):
+    with pytest.raises(sidetune.SidetuneError, match="does not contain \\(--eval-split train800\\)"):
+        train_group(digits_default, [config("linear", epochs=1)], "val200", "test", device_under_test(), eval_every=1)
+    with pytest.raises(sidetune.SidetuneError, match="--train-split train800 --eval-split val200"):
+        train_group(digits_default, [config("linear", epochs=1)], "train800val200", "test", device_under_test(),
+                    eval_every=1)

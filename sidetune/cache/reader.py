@@ -283,6 +283,18 @@ class Cache:
     def class_names(self) -> list[str]:
         return list(self.manifest["dataset"]["class_names"])
 
+    def shared_images(self, first: str, second: str) -> int:
+        """How many images of split `second` are also images of split `first`. Exact for stored
+        splits and views, which are rows of one stored split; a live split shares none with a
+        split of another name (its images are not all in the cache, and their keys are not kept)."""
+        a, b = self.split(first), self.split(second)
+        if first == second:
+            return b.num_images
+        if a.kind == "live" or b.kind == "live" or a.stored.name != b.stored.name:
+            return 0
+        rows = lambda split: np.arange(split.num_images) if split.kind == "stored" else split.rows  # noqa: E731
+        return int(np.isin(rows(b), rows(a)).sum())
+
     def final_norm(self) -> dict[str, np.ndarray] | None:
         """The backbone's frozen final LayerNorm (weight, bias, eps), or None."""
         record = self.manifest["backbone"].get("final_norm")

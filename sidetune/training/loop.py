@@ -73,9 +73,13 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
                             "the backbone); training reads cached splits only. Train on another split, or extract "
                             f"{train_split} into the cache with --splits.")
     if eval_every and cache.split(eval_split).kind == "live":
+        held_out = [name for name, split in cache.splits.items()
+                    if split.kind != "live" and cache.shared_images(train_split, name) == 0]
+        fix = (f"Evaluate during training on a cached split the training split does not contain (--eval-split "
+               f"{held_out[0]})" if held_out else
+               "Train on a split that leaves cached images out (e.g. --train-split train800 --eval-split val200)")
         raise SidetuneError(f"--eval-every would run the backbone over the live split {eval_split} every "
-                            f"{eval_every} epochs. Evaluate during training on a cached split (--eval-split val200), "
-                            f"or extract {eval_split} into the cache with --splits.")
+                            f"{eval_every} epochs. {fix}, or extract {eval_split} into the cache with --splits.")
     if fused:
         check_fused(device)
     started = time.perf_counter()

@@ -55,3 +55,10 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     correct = (predictions == labels).float()
     per_class = [float(correct[labels == c].mean() * 100) if (labels == c).any() else float("nan") for c in range(num_classes)]
     return float(correct.mean() * 100), per_class
+
+
+def seen_warning(cache: Cache, train_split: str, scored_split: str, seen: int) -> str:
+    """One line: `seen` images of `scored_split` are in `train_split`, so its score is on seen data."""
+    total = cache.split(scored_split).num_images
+    return (f"{seen} of the {total} images of {scored_split} are in the training split {train_split}: its top-1 "
+            "is scored on images the side network trained on, not a held-out score.")
