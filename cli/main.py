@@ -188,11 +188,12 @@ def train(
     import sidetune
 
     opened = sidetune.open_cache(cache).relocate(weights, data_root)
-    with TrainProgress(f"{method}", epochs) as progress:
+    with TrainProgress() as progress:
         run_dir, result = train_run(
             opened, config, out=out, train_split=train_split, eval_split=eval_split, device=device,
             eval_every=eval_every, memory_budget=budget, compile=compile, fused=fused, cuda_graphs=cuda_graphs,
-            tensorboard=_tensorboard(log_to), overwrite=overwrite, on_epoch=progress.epoch_done,
+            tensorboard=_tensorboard(log_to), overwrite=overwrite,
+            on_start=lambda epoch: progress.add(method, config.epochs, completed=epoch), on_epoch=progress.epoch_done,
             live_progress=progress, log=lambda message: console.print(f"[dim]{message}"), warn=_warn,
         )
     show_run(run_dir)
@@ -384,6 +385,9 @@ def sweep(
         print_summary(suite)
         return
     _print_sweep(report)
+    if report.eval_images_seen_in_training:
+        _warn(f"{report.eval_images_seen_in_training} images the configurations were scored on are in their training "
+              "split: the ranking is on seen data, not a held-out score.")
     console.print("Train it alone with:")
     best = report.best  # printed unwrapped, whatever the terminal's width: a pasted line must hold all of it
     typer.echo("  " + train_command(cache, best.config, best.train_split, best.eval_split))
@@ -524,16 +528,17 @@ def datasets() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: user errors print as one paragraph, exit status 2."""
+    """Console-script entry point: user errors print as one paragraph (exit status 2); Ctrl-C
+    says what was kept and how to resume (exit status 130)."""
     from sidetune.compute import keep_freed_memory
+    from sidetune.errors import Interrupted
 
     keep_freed_memory()
     try:
-        app()
+        app()  # typer ends a bare Ctrl-C itself, silently (exit status 130); train, sweep and extract raise Interrupted
     except SidetuneError as error:
         console.print(f"[bold red]error:[/] {error}")
         raise SystemExit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished work is kept; rerun the same command to resume "
-                      "(for train and sweep, with --out set to the same folder).")
+    except Interrupted as interruption:
+        console.print(f"[yellow]interrupted:[/] {interruption}")
         raise SystemExit(130)

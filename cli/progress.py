@@ -66,7 +66,7 @@ class TrainProgress(ProgressSink):
     A sweep adds one bar per stack (`stack_started`). A live split's pass through the backbone
     (the test split, scored at the end) gets a bar of images and images per second."""
 
-    def __init__(self, description: str | None = None, epochs: int | None = None, quiet: bool = False):
+    def __init__(self, quiet: bool = False):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
             TextColumn("{task.fields[unit]} {task.completed}/{task.total}"),
@@ -75,8 +75,6 @@ class TrainProgress(ProgressSink):
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
         )
         self.task = None
-        if description is not None:
-            self.add(description, epochs)
 
     def __enter__(self) -> "TrainProgress":
         self.progress.start()
@@ -85,9 +83,11 @@ class TrainProgress(ProgressSink):
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def add(self, description: str, epochs: int) -> None:
-        self.task = self.progress.add_task(description, total=epochs, unit="epoch", loss="-", train="-", eval="-",
-                                           rate="-")
+    def add(self, description: str, epochs: int, completed: int = 0) -> None:
+        """A bar over `epochs`, from `completed` (a resumed run's); added once training starts,
+        so nothing is drawn before the options are checked."""
+        self.task = self.progress.add_task(description, total=epochs, completed=completed, unit="epoch", loss="-",
+                                           train="-", eval="-", rate="-")
 
     def start_split(self, name: str, total_images: int, done_images: int) -> None:
         self.live = self.progress.add_task(name, total=total_images, completed=done_images, unit="images", loss="-",

@@ -6,3 +6,9 @@ class SidetuneError(Exception):
 
     The CLI prints these without a traceback; any other exception is a bug in sidetune.
     """
+
+
+class Interrupted(BaseException):
+    """Ctrl-C during long work, saying what was kept and how to resume; the CLI prints the
+    message and exits with status 130. Like KeyboardInterrupt it is no `Exception`, so nothing
+    that handles errors swallows it; unlike it, typer lets it through to the CLI's entry point."""

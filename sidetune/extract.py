@@ -28,7 +28,7 @@ from sidetune.cache.store import CacheWriter, SplitWriter
 from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import VTAB_SPLITS, ImageSource, ImageSplit, load_source
 from sidetune.distributed import World, current_world, launched_rank
-from sidetune.errors import SidetuneError
+from sidetune.errors import Interrupted, SidetuneError
 from sidetune.features import (
     ImageDataset,
     batch_bounds,
@@ -224,10 +224,16 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
             world.barrier()
             if not world.is_main:
                 split_writer = writer.open_split(name, len(split), cache_spec.shard_images)
-            reports.append(_extract_split(
-                name, split, split_writer, writer, backbone, preprocessing, cache_spec, token_layout,
-                torch_device, autocast_dtype, batch_size, workers, progress, world,
-            ))
+            try:
+                reports.append(_extract_split(
+                    name, split, split_writer, writer, backbone, preprocessing, cache_spec, token_layout,
+                    torch_device, autocast_dtype, batch_size, workers, progress, world,
+                ))
+            except KeyboardInterrupt:
+                done = split_writer.num_shards - len(split_writer.pending_shards())
+                raise Interrupted(f"Extraction interrupted in split {name}: {done} of its {split_writer.num_shards} "
+                                  f"shards are written and kept in {out}; rerun the same command to compute only "
+                                  "the rest.") from None
     return reports
 
 

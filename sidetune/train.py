@@ -20,7 +20,7 @@ from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.distributed import launched_world_size
-from sidetune.errors import SidetuneError
+from sidetune.errors import Interrupted, SidetuneError
 from sidetune.results import plot_learning_curve
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.training import EpochStats, GroupState, TrainConfig, TrainResult, train_group
@@ -63,18 +63,21 @@ def train(
     cuda_graphs: bool | None = None,
     tensorboard: bool = False,
     overwrite: bool = False,
+    on_start: Callable[[int], None] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     live_progress: ProgressSink | None = None,
     log: Callable[[str], None] = lambda message: None,
     warn: Callable[[str], None] = lambda message: None,
-    checkpoint_seconds: float = 30.0,
+    checkpoint_seconds: float | None = None,
 ) -> tuple[Path, TrainResult]:
     """Train one configuration and write its run directory; an interrupted run in `out` with
     the same settings resumes from its last checkpoint. `tensorboard` also writes TensorBoard
     event files (scalars per epoch, the HParams entry) to `out`/tensorboard. `live_progress`
     hears a live evaluation split's pass through the backbone. `warn` hears, before training,
     that the evaluation split holds images of the training split (its top-1 then is not a
-    held-out score; metrics.json records how many). Returns (run directory, result)."""
+    held-out score; metrics.json records how many). A checkpoint is written at every epoch end
+    (at most one every `checkpoint_seconds`, when given), so Ctrl-C loses at most the epoch in
+    progress; it raises `Interrupted`, saying what was kept. Returns (run directory, result)."""
     if launched_world_size() > 1:
         raise SidetuneError("`sidetune train` trains one configuration in one process; under torchrun every rank "
                             "would write the same run. Run it without torchrun, or share configurations between "
@@ -110,18 +113,24 @@ def train(
         if on_epoch is not None:
             on_epoch(stats)
 
-    last_saved = time.monotonic()
+    last_saved, saved_epoch = time.monotonic(), resume.epoch if resume is not None else 0
 
     def checkpoint(state: GroupState) -> None:
-        nonlocal last_saved
-        if time.monotonic() - last_saved >= checkpoint_seconds and state.epoch < config.epochs:
+        nonlocal last_saved, saved_epoch
+        if state.epoch < config.epochs and time.monotonic() - last_saved >= (checkpoint_seconds or 0.0):
             runs.save_checkpoint(out / runs.CHECKPOINT_FILE, state.to_record())
-            last_saved = time.monotonic()
+            last_saved, saved_epoch = time.monotonic(), state.epoch
 
-    [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
-                           on_epoch=epoch_done, resume=resume, checkpoint=checkpoint, compile=compile, fused=fused,
-                           cuda_graphs=cuda_graphs,
-                           loaded=LoadedSplits(cache, torch_device, memory_budget, progress=live_progress))
+    try:
+        [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
+                               on_start=on_start, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint,
+                               compile=compile, fused=fused, cuda_graphs=cuda_graphs,
+                               loaded=LoadedSplits(cache, torch_device, memory_budget, progress=live_progress))
+    except KeyboardInterrupt:
+        kept = (f"epochs 1-{saved_epoch} of {config.epochs} are kept in {out / runs.CHECKPOINT_FILE}; rerun the same "
+                f"command (with --out {out}) to resume from epoch {saved_epoch + 1}") if saved_epoch else (
+                f"no epoch had finished, so nothing was kept; rerun the same command (with --out {out}) to start again")
+        raise Interrupted(f"Training interrupted: {kept}.") from None
     if board is not None:
         board.result(".", config, result.top1, {"train_split": train_split, "eval_split": eval_split})
         board.close()

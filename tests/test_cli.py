@@ -225,3 +225,9 @@ def test_a_new_method_is_its_file_and_its_registration(digits_cache, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
     assert sorted(row["factor"] for row in rows) == [1.0, 2.0]  # the method's own default grid
     assert "--factor" in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["train_command"]
+
+
+def test_no_progress_bar_is_drawn_before_the_options_are_checked(digits_cache):
+    refused = sidetune_cli("train", "--cache", str(digits_cache.path), "--method", "linear", "--epochs", "3")
+    assert refused.returncode == 2 and "has no training split 'train'" in refused.stderr
+    assert "epoch" not in refused.stderr.split("error:")[0]  # nothing drawn before the error

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import sidetune
 from cli.main import app
 from conftest import config, extract_tiny
+from sidetune.errors import Interrupted
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_a_cache_written_to_a_memory_url_equals_a_local_one_and_trains_the_same(
 
 def test_an_interrupted_extract_to_a_url_resumes_there(memory_url, tmp_path):
     spec = str(small_shard_spec(tmp_path))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         extract_tiny("digits", memory_url, splits=["val200"], limit=32, spec=spec, progress=InterruptAfter(images=20))
     assert not sidetune.open_cache(memory_url).split("val200").complete
     reports = extract_tiny("digits", memory_url, splits=["val200"], limit=32, spec=spec)

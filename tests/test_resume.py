@@ -14,6 +14,7 @@ import zarr
 
 import sidetune
 from conftest import python_path
+from sidetune.errors import Interrupted
 from sidetune.progress import ProgressSink
 
 
@@ -65,7 +66,7 @@ def test_interrupted_extract_resumes_to_an_identical_store(tmp_path):
     spec = small_shard_spec(tmp_path)
     run(tmp_path / "straight", spec)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         run(tmp_path / "resumed", spec, InterruptAfter(images=20))  # mid-way through val200's 3rd shard
     partial = sidetune.open_cache(tmp_path / "resumed")
     assert not partial.split("val200").complete

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import sidetune
 from cli.main import app
 from conftest import assert_plot_drawn, config, extract_tiny, write_vtab_folder
+from sidetune.errors import Interrupted
 from sidetune.sweeps import expand_grid, sweep
 from sidetune.training import sidenet_blueprint
 from sidetune.training.stacking import plan_stacks, stack_capacity, stack_memory
@@ -157,7 +158,7 @@ class StopAtStack:
 def test_an_interrupted_sweep_reruns_only_the_missing_stacks_and_ends_as_an_uninterrupted_one(small_vtab_cache, tmp_path):
     configs = expand_grid("linear", {"lr": [0.01, 0.03, 0.1]}, {"epochs": 2})
     splits = dict(protocol="none", train_split="train800", eval_split="val200", max_stack=1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         sweep(small_vtab_cache, configs, out=tmp_path / "resumed", on_stack=StopAtStack(2), **splits)
     assert not (tmp_path / "resumed" / "sweep.json").exists()
     rerun = StopAtStack()

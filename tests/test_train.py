@@ -11,6 +11,7 @@ import torch
 
 import sidetune
 from conftest import assert_plot_drawn, config, extract_tiny, python_path
+from sidetune.errors import Interrupted
 from sidetune.runs import open_run
 from sidetune.train import default_splits, train
 from sidetune.training import TrainConfig, restore_sidenet
@@ -64,7 +65,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(digits_cache, tm
     settings = config("last", epochs=4, rank=4)
     _, uninterrupted = train(digits_cache, settings, out=tmp_path / "whole", train_split="train800", eval_split="val200")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         train(digits_cache, settings, out=tmp_path / "cut", train_split="train800", eval_split="val200",
               on_epoch=interrupt_after(2), checkpoint_seconds=0)
     with pytest.raises(sidetune.SidetuneError, match="did not finish"):
@@ -130,7 +131,7 @@ def test_a_run_interrupted_before_the_augmentation_settings_existed_still_resume
     def older(record):
         return {k: v for k, v in record.items() if not k.startswith("augment")}
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
               on_epoch=interrupt_after(1), checkpoint_seconds=0)
     record = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
@@ -152,7 +153,7 @@ def test_a_checkpoint_is_plain_data_and_an_older_pickled_one_still_resumes(digit
 
     settings = config("last", epochs=3, rank=4)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
               on_epoch=interrupt_after(1), checkpoint_seconds=0)
     checkpoint = tmp_path / "run" / CHECKPOINT_FILE
@@ -174,3 +175,26 @@ def test_a_checkpoint_is_plain_data_and_an_older_pickled_one_still_resumes(digit
     train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200",
           on_epoch=lambda stats: epochs_seen.append(stats.epoch))
     assert epochs_seen == [2, 3]
+
+
+def test_ctrl_c_on_the_command_line_says_what_was_kept_and_loses_at_most_an_epoch(digits_cache, tmp_path):
+    import signal
+    import time
+
+    from sidetune.runs import CHECKPOINT_FILE, load_checkpoint
+
+    command = [sys.executable, "-m", "sidetune", "train", "--cache", str(digits_cache.path), "--method", "linear",
+               "--epochs", "500", "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "run")]
+    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "300"}
+    running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log, deadline = tmp_path / "run" / "log.jsonl", time.monotonic() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=120)
+    assert running.returncode == 130, stderr
+    saved = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)["epoch"]
+    assert saved >= len(log.read_text().splitlines()) - 1 >= 2  # at most the epoch in progress is lost
+    assert f"epochs 1-{saved} of 500 are kept" in " ".join(stderr.split())
+    assert f"resume from epoch {saved + 1}" in " ".join(stderr.split())

@@ -23,7 +23,7 @@ from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.datasets.catalogue import VTAB_SPLITS
 from sidetune.distributed import World, current_world
-from sidetune.errors import SidetuneError
+from sidetune.errors import Interrupted, SidetuneError
 from sidetune.sweeps.halving import Halving, train_with_halving
 from sidetune.sweeps.journal import SweepRow, append_rows, finished_rows, result_row
 from sidetune.sweeps.report import SweepReport, write_results
@@ -174,26 +174,33 @@ def sweep(
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile, fused=fused,
                   cuda_graphs=cuda_graphs, loaded=loaded, board=board, halving=halving, on_stack=on_stack, on_epoch=on_epoch)
 
-    if protocol == "vtab":
-        rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)
-        ranked = sorted((row for row in rows if row.status == "ok"), key=lambda row: -row.top1)
-        if not ranked:
-            raise SidetuneError("Every configuration diverged during selection; lower the learning rates.")
-        chosen = {row.config_id: configs[row.config_id] for row in ranked[:top_k]}
-        final_rows = run_configs(cache, chosen, "final", "train800val200", "test", **common)
-        rows += final_rows
-        best = max((row for row in final_rows if row.status == "ok"), key=lambda row: row.top1, default=final_rows[0])
-    else:
-        train_split, eval_split = default_splits(cache, train_split, eval_split)
-        rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, eval_split, **common)
-        ok = [row for row in rows if row.status == "ok"]
-        if not ok:
-            raise SidetuneError("Every configuration diverged; lower the learning rates.")
-        best = max(ok, key=lambda row: row.top1)
+    try:
+        if protocol == "vtab":
+            seen = cache.shared_images("train800", "val200")  # 0 unless the cache's splits were made otherwise
+            rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)
+            ranked = sorted((row for row in rows if row.status == "ok"), key=lambda row: -row.top1)
+            if not ranked:
+                raise SidetuneError("Every configuration diverged during selection; lower the learning rates.")
+            chosen = {row.config_id: configs[row.config_id] for row in ranked[:top_k]}
+            final_rows = run_configs(cache, chosen, "final", "train800val200", "test", **common)
+            rows += final_rows
+            best = max((row for row in final_rows if row.status == "ok"), key=lambda row: row.top1, default=final_rows[0])
+        else:
+            train_split, eval_split = default_splits(cache, train_split, eval_split)
+            seen = cache.shared_images(train_split, eval_split)
+            rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, eval_split, **common)
+            ok = [row for row in rows if row.status == "ok"]
+            if not ok:
+                raise SidetuneError("Every configuration diverged; lower the learning rates.")
+            best = max(ok, key=lambda row: row.top1)
+    except KeyboardInterrupt:
+        journaled = sum(len(path.read_text().splitlines()) for path in (out / "ranks").glob("rank-*.jsonl"))
+        raise Interrupted(f"Sweep interrupted: {journaled} finished configuration rows are journaled in {out}/ranks; "
+                          f"rerun the same command with --out {out} to train only the rest.") from None
 
     if board is not None:
         board.close()
-    report = SweepReport(out, rows, best, protocol, time.perf_counter() - started)
+    report = SweepReport(out, rows, best, protocol, time.perf_counter() - started, seen)
     if world.is_main:
         write_results(report, cache, configs[0].method, top_k, world.size)
     world.barrier()

@@ -42,7 +42,8 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
                 on_epoch: Callable[[EpochStats], None] | None = None, resume: GroupState | None = None,
                 checkpoint: Checkpointer | None = None, compile: bool = False, cuda_graphs: bool | None = None,
                 fused: bool = False, loaded: LoadedSplits | None = None, evaluate: bool = True,
-                until_epoch: int | None = None, blueprint: SideNetBlueprint | None = None) -> list[TrainResult]:
+                until_epoch: int | None = None, blueprint: SideNetBlueprint | None = None,
+                on_start: Callable[[int], None] | None = None) -> list[TrainResult]:
     """Train configs that share a group key, stacked along the leading axis, and evaluate
     them on `eval_split` after training (and every `eval_every` epochs, which also keeps the
     best state). `on_epoch` sees each epoch's stats; `checkpoint` receives the group's state
@@ -56,7 +57,9 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     epoch (the schedule stays that of the full run): with the state `checkpoint` received,
     `resume` continues it later, as successive halving does (sidetune/sweeps/halving.py).
     `blueprint` is the group's side network already checked against the cache (a sweep checks
-    each group once); by default it is made here.
+    each group once); by default it is made here. `on_start` hears the epoch training starts
+    from (0, or a resumed state's), once everything is checked and loaded and the first epoch
+    begins; a closed-form method, which has no epochs, never calls it.
 
     Training reads only the cache. An evaluation split kept out of it (live) is scored through
     the backbone the cache records (sidetune/live.py).
@@ -119,6 +122,8 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     steps_per_epoch = math.ceil(num_images / first.batch_size)
     total_steps = steps_per_epoch * first.epochs
     warmup_steps = steps_per_epoch * first.warmup_epochs
+    if on_start is not None and not net.closed_form:
+        on_start(state.epoch)
     for epoch in range(state.epoch, until_epoch or first.epochs):
         epoch_started = time.perf_counter()
         number = epoch * steps_per_epoch
