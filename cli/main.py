@@ -209,7 +209,9 @@ def show_run(run_dir: Path) -> None:
     table.add_row(metrics["method"], metrics["train_split"], metrics["eval_split"], f"{metrics['top1']:.2f}",
                   best, f"{metrics['params']:,}", f"{metrics['seconds']:.1f}")
     console.print(table)
-    console.print(f"[green]Run saved:[/] {run_dir} (metrics.json, model.safetensors, log.jsonl, curve.png)")
+    files = [name for name in ("metrics.json", "model.safetensors", "best.safetensors", "log.jsonl", "curve.png")
+             if (run_dir / name).is_file()]
+    console.print(f"[green]Run saved:[/] {run_dir} ({', '.join(files)})")
 
 
 @app.command()

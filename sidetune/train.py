@@ -22,6 +22,7 @@ from sidetune.compute import resolve_device
 from sidetune.distributed import launched_world_size
 from sidetune.errors import Interrupted, SidetuneError
 from sidetune.results import plot_learning_curve
+from sidetune.sidenets import SIDENETS
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.training import EpochStats, GroupState, TrainConfig, TrainResult, train_group
 from sidetune.training.data import LoadedSplits
@@ -84,6 +85,11 @@ def train(
                             "ranks with `torchrun ... -m sidetune sweep`.")
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     train_split, eval_split = default_splits(cache, train_split, eval_split)
+    closed_form = SIDENETS[config.method].closed_form
+    if closed_form:
+        log(f"{config.method} is solved in closed form for its L2 strength (--wd {config.weight_decay}): no epochs, so "
+            "--epochs and the learning rate do not apply and no learning curve is drawn; `sidetune sweep --method "
+            f"{config.method}` solves many strengths at once and plots top-1 against them")
     seen = cache.shared_images(train_split, eval_split)
     if seen:
         warn(seen_warning(cache, train_split, eval_split, seen))
@@ -140,7 +146,8 @@ def train(
     if result.best_state is not None:
         runs.save_state(out / runs.BEST_FILE, result.best_state)
     title = f"{cache.info.dataset_name}: {config.method}, {train_split} -> {eval_split}"
-    plot_learning_curve(result.history, out / runs.CURVE_FILE, title, eval_split)
+    if not closed_form:
+        plot_learning_curve(result.history, out / runs.CURVE_FILE, title, eval_split)
     runs.write_json(out / runs.METRICS_FILE, {**metrics_record(cache, config, result, train_split, eval_split, torch_device.type),
                                              "eval_images_seen_in_training": seen})
     (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -157,12 +164,13 @@ def metrics_record(cache: Cache, config: TrainConfig, result: TrainResult, train
         "top1": result.top1,
         "eval_split": eval_split,
         "train_split": train_split,
-        "epochs": config.epochs,
         "params": result.params,
         "seconds": round(result.seconds, 3),
         "seed": config.seed,
         "hyperparameters": config.hyperparameters(),
         **config.hyperparameters(),
+        "epochs": None if SIDENETS[config.method].closed_form else config.epochs,  # a closed form has none
+        "closed_form": SIDENETS[config.method].closed_form,
         "best_top1": result.best_top1,
         "best_epoch": result.best_epoch,
         "final_loss": result.history[-1]["loss"] if result.history else None,

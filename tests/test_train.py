@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sidetune
-from conftest import assert_plot_drawn, config, extract_tiny, python_path
+from conftest import assert_plot_drawn, config, extract_tiny, python_path, sidetune_cli
 from sidetune.errors import Interrupted
 from sidetune.runs import open_run
 from sidetune.train import default_splits, train
@@ -198,3 +198,16 @@ def test_ctrl_c_on_the_command_line_says_what_was_kept_and_loses_at_most_an_epoc
     assert saved >= len(log.read_text().splitlines()) - 1 >= 2  # at most the epoch in progress is lost
     assert f"epochs 1-{saved} of 500 are kept" in " ".join(stderr.split())
     assert f"resume from epoch {saved + 1}" in " ".join(stderr.split())
+
+
+def test_a_closed_form_run_says_it_has_no_epochs_and_draws_no_empty_curve(digits_cache, tmp_path):
+    done = sidetune_cli("train", "--cache", str(digits_cache.path), "--method", "ridge", "--epochs", "5",
+                        "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "runs" / "ridge"))
+    assert done.returncode == 0, done.stderr
+    assert "solved in closed form" in " ".join(done.stderr.split()) and "epoch 0/" not in done.stderr
+    run = tmp_path / "runs" / "ridge"
+    assert not (run / "curve.png").exists() and (run / "log.jsonl").read_text() == ""
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["closed_form"] and metrics["epochs"] is None and metrics["top1"] > 30.0
+    listed = sidetune_cli("runs", str(tmp_path / "runs"), "--json")
+    assert json.loads(listed.stdout)[0]["settings"] == "closed form, wd 0.0001"
