@@ -475,9 +475,15 @@ def demo(
     run: Path = typer.Option(Path("runs/digits-demo"), help="Where to write the demo run."),
 ) -> None:
     """Offline end to end: scikit-learn's digits through a small random timm ViT into a cache,
-    then a LAST side network trained from it (train800val200 -> test)."""
+    then a LAST side network trained from it (train800val200 -> test). An earlier demo run is kept:
+    this one then goes beside it."""
+    import datetime as dt
+
+    if run.exists() and any(run.iterdir()):
+        earlier, run = run, run.with_name(f"{run.name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        console.print(f"[dim]{earlier} holds an earlier demo run, kept as it is; this one goes to {run}")
     call_with_defaults(extract, model=model, dataset="digits", out=out, pretrained=False)
-    call_with_defaults(train, cache=out, method="last", rank=8, epochs=10, lr=3e-3, out=run, overwrite=True)
+    call_with_defaults(train, cache=out, method="last", rank=8, epochs=10, lr=3e-3, out=run)
 
 
 @app.command()

@@ -43,12 +43,18 @@ def test_info_on_a_missing_cache_says_how_to_create_one(tmp_path):
     assert result.returncode == 2 and "sidetune extract" in result.stderr
 
 
-def test_demo_runs_end_to_end_offline(tmp_path):
+def test_demo_runs_end_to_end_offline_and_keeps_an_earlier_demo_run(tmp_path):
     result = sidetune_cli("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "runs" / "digits-demo" / "metrics.json").read_text())
     assert metrics["eval_split"] == "test" and metrics["top1"] > 30.0  # test scored live; chance is 10%
     assert sidetune.open_cache(tmp_path / "cache" / "digits").split("test").kind == "live"
+    (tmp_path / "runs" / "digits-demo" / "eval-test.json").write_text("{}")  # what a user did with the run since
+    again = sidetune_cli("demo", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "runs" / "digits-demo" / "eval-test.json").read_text() == "{}"  # kept, as it was
+    [second] = [path for path in (tmp_path / "runs").iterdir() if path.name.startswith("digits-demo-")]
+    assert (second / "metrics.json").is_file() and "earlier demo run" in " ".join(again.stderr.split())
 
 
 MMAPPED_BY_A_20_MIB_BLOCK = """

@@ -143,3 +143,12 @@ def test_a_second_extract_into_a_cache_being_written_is_refused(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_finished_extract_leaves_no_lock_and_the_next_writer_gets_one(tmp_path):
+    spec = str(small_shard_spec(tmp_path))
+    options = dict(splits=["test"], limit=40, spec=spec, batch_size=2, workers=0, pretrained=False, device="cpu")
+    sidetune.extract("test_vit", "digits", tmp_path / "cache", **options)
+    assert not (tmp_path / "cache" / "extract.lock").exists()
+    sidetune.extract("test_vit", "digits", tmp_path / "cache", **options)  # reopened, nothing refused
+    assert not (tmp_path / "cache" / "extract.lock").exists() and sidetune.open_cache(tmp_path / "cache").split("test").complete

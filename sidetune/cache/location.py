@@ -124,7 +124,9 @@ class Location:
     def exclusive(self, name: str, what: str) -> Iterator[None]:
         """Hold an exclusive lock on the lock file `name` for `what` (a local disk; a no-op on
         object stores, which have no locks). A second holder is refused at once; the lock dies
-        with its process, so a killed writer never leaves it behind."""
+        with its process, so a killed writer never leaves it held. The file is removed when the
+        holder finishes (while still locked: a process that opened it meanwhile finds it gone and
+        is refused rather than sharing the cache with the next writer)."""
         if not self.is_local:
             yield
             return
@@ -133,6 +135,8 @@ class Location:
         with open(path, "a+") as handle:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                    raise BlockingIOError  # locked a file its holder removed on finishing: someone else's turn
             except BlockingIOError:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
@@ -147,4 +151,5 @@ class Location:
             try:
                 yield
             finally:
+                path.unlink(missing_ok=True)
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
