@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from cli.method_options import call_with_defaults, with_method_options
-from cli.progress import RichProgress, console
+from cli.progress import RichProgress, console, folding_table
 from sidetune.errors import SidetuneError
 
 app = typer.Typer(
@@ -80,7 +79,7 @@ def extract(
 def show_plan(plan) -> None:
     from sidetune.cache.plan import human_bytes
 
-    table = Table("split", "images", "kept as", "bytes", title=f"Plan for {plan.out} (spec {plan.spec})")
+    table = folding_table("split", "images", "kept as", "bytes", title=f"Plan for {plan.out} (spec {plan.spec})")
     how = {"stored": "stored", "view": "rows of {parent}", "live": "live: through the backbone when evaluated"}
     for split in plan.splits:
         table.add_row(split.name, f"{split.num_images:,}", how[split.kind].format(parent=split.parent), human_bytes(split.nbytes))
@@ -129,7 +128,7 @@ def show_info(path: str | Path) -> None:
     for note in data.get("notes", []):
         console.print(f"[yellow]note[/]           {note}")
     axes = "(N, S, T, D)" if shapes.uniform else "(N, E)"
-    table = Table("split", "images", "kept as", f"shape {axes}", "on disk", "shards", "max |x|", "state")
+    table = folding_table("split", "images", "kept as", f"shape {axes}", "on disk", "shards", "max |x|", "state")
     for split in cache.splits.values():
         state = "[green]complete" if split.complete else "[yellow]incomplete"
         if split.kind == "stored":
@@ -204,7 +203,7 @@ def show_run(run_dir: Path) -> None:
 
     run = open_run(run_dir)
     metrics = run.metrics
-    table = Table("method", "train split", "eval split", "top-1", "best (epoch)", "params", "seconds", title=str(run_dir))
+    table = folding_table("method", "train split", "eval split", "top-1", "best (epoch)", "params", "seconds", title=str(run_dir))
     best = f"{metrics['best_top1']:.2f} ({metrics['best_epoch']})" if metrics.get("best_top1") is not None else "-"
     table.add_row(metrics["method"], metrics["train_split"], metrics["eval_split"], f"{metrics['top1']:.2f}",
                   best, f"{metrics['params']:,}", f"{metrics['seconds']:.1f}")
@@ -233,7 +232,7 @@ def evaluate(
     with RichProgress() as progress:  # a live split's images through the backbone
         record = evaluate_run(run, split, which=which, cache=cache, weights=weights, data_root=data_root,
                               device=device, batch_size=batch_size, progress=progress, warn=_warn)
-    table = Table("run", "split", "kept as", "images", "top-1", title="evaluation")
+    table = folding_table("run", "split", "kept as", "images", "top-1", title="evaluation")
     table.add_row(str(run), split, record["kind"], f"{record['images']:,}", f"{record['top1']:.2f}")
     console.print(table)
     console.print(f"Saved {run}/eval-{split}.json")
@@ -251,7 +250,7 @@ def runs_command(
     if as_json:
         typer.echo(json.dumps(records, indent=2))
         return
-    table = Table("kind", "folder", "method", "data", "settings", "splits", "top-1", "seconds", "when",
+    table = folding_table("kind", "folder", "method", "data", "settings", "splits", "top-1", "seconds", "when",
                   title=f"{len(records)} under {folder}")
     for r in records:
         table.add_row(r["kind"], Path(r["path"]).name, r["method"], r["data"], r["settings"], r["splits"],
@@ -284,7 +283,7 @@ def predict(
             typer.echo(json.dumps({"path": str(prediction.path), "top": prediction.top(class_names, top),
                                    "logits": prediction.logits.tolist()}))
         return
-    table = Table("image", *[f"#{i + 1}" for i in range(min(top, len(class_names)))])
+    table = folding_table("image", *[f"#{i + 1}" for i in range(min(top, len(class_names)))])
     for prediction in predictions:
         table.add_row(str(prediction.path), *[f"{name} ({p:.1%})" for name, p in prediction.top(class_names, top)])
     console.print(table)
@@ -401,7 +400,7 @@ def _print_sweep(report) -> None:
 
     records = [row.record() for row in report.rows]
     varying = varying_settings(records)
-    table = Table("#", "phase", *varying, "split", "top-1", "status", "seconds",
+    table = folding_table("#", "phase", *varying, "split", "top-1", "status", "seconds",
                   title=f"{report.out} ({report.protocol} protocol)")
     for row in sorted(report.rows, key=lambda r: (r.phase != "final", -(r.top1 if r.top1 is not None else -1))):
         record = row.record()
@@ -416,7 +415,7 @@ def print_summary(suite) -> None:
     """Per task the best config's top-1 (beside the published number), then the VTAB-1k means."""
     published = suite.summary["published"]
     columns = ["task", "group", "best config", "top-1"] + (["published", "difference"] if published else [])
-    table = Table(*columns, title=f"{suite.out}: {suite.summary['method']}, top-1 of the best config per task")
+    table = folding_table(*columns, title=f"{suite.out}: {suite.summary['method']}, top-1 of the best config per task")
     for score in suite.scores:
         cells = [score.task, score.group or "-", str(score.config_id), f"{score.top1:.2f}"]
         if published:
@@ -495,7 +494,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print the descri
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
-    table = Table("method", "what it is", "options (default)", "default sweep grid", show_lines=True)
+    table = folding_table("method", "what it is", "options (default)", "default sweep grid", show_lines=True)
     for entry in described:
         options = "\n".join(_flag(o["name"], o["default"]) for o in entry["options"])
         grid = "\n".join(f"{name}: {', '.join(f'{v:g}' for v in values)}" for name, values in entry["default_grid"].items())
@@ -517,7 +516,7 @@ def models() -> None:
     """List the backbone aliases."""
     from sidetune.backbones import ALIASES
 
-    table = Table("alias", "timm model")
+    table = folding_table("alias", "timm model")
     for alias, name in ALIASES.items():
         table.add_row(alias, name)
     console.print(table)
@@ -528,7 +527,7 @@ def datasets() -> None:
     """List the VTAB-1k catalogue and the bundled datasets."""
     from sidetune.datasets import VTAB_TASKS
 
-    table = Table("task", "group", "classes", "hub copy")
+    table = folding_table("task", "group", "classes", "hub copy")
     for task in VTAB_TASKS.values():
         table.add_row(task.name, task.group, str(task.num_classes), task.hub_id or "-")
     table.add_row("digits", "bundled", "10", "scikit-learn, offline")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -14,11 +15,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from sidetune.progress import ProgressSink
 
 console = Console(stderr=True)
+
+
+def folding_table(*headers: str, **options) -> Table:
+    """A rich table whose cells wrap (and a word too long for its column folds) when the terminal
+    is narrow, never cut with an ellipsis: train800 and train800val200 stay tell-apart at 80
+    columns. Borders are light (a head rule only), leaving the text the room."""
+    made = Table(*headers, **{"box": box.SIMPLE_HEAD, **options})
+    for column in made.columns:
+        column.overflow = "fold"
+    return made
 
 
 class RateColumn(ProgressColumn):

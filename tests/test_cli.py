@@ -237,3 +237,12 @@ def test_no_progress_bar_is_drawn_before_the_options_are_checked(digits_cache):
     refused = sidetune_cli("train", "--cache", str(digits_cache.path), "--method", "linear", "--epochs", "3")
     assert refused.returncode == 2 and "has no training split 'train'" in refused.stderr
     assert "epoch" not in refused.stderr.split("error:")[0]  # nothing drawn before the error
+
+
+def test_tables_at_80_columns_fold_long_names_instead_of_cutting_them(digits_cache, tmp_path):
+    narrow = {"COLUMNS": "80"}
+    shown = CliRunner().invoke(app, ["info", str(digits_cache.path)], env=narrow)
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.output, shown.output  # before: train800 and train800val200 both as train8…
+    listed = CliRunner().invoke(app, ["methods"], env=narrow)
+    assert "…" not in listed.output
