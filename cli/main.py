@@ -363,6 +363,10 @@ def sweep(
                                    train_split=train_split) * tasks_count
         console.print(f"[bold]{len(configs)}[/] configurations of {method}{grid_note}, on "
                       f"{tasks_count} cache{'s' if tasks_count > 1 else ''}: about {_duration(seconds)} of training")
+        if seconds > 3600 and (defaulted or epochs is None):  # the defaults chose this much work, not the user
+            console.print(f"[yellow]That is long.[/] To make it shorter: fewer epochs (--epochs "
+                          f"{max(1, configs[0].epochs // 4)}), successive halving (--halving), or fewer values "
+                          "(e.g. --lr 1e-3 --wd 1e-4).")
     options = dict(protocol=protocol, top_k=top_k, train_split=train_split, eval_split=eval_split, device=device,
                    max_stack=max_stack, memory_budget=budget, compile=compile, fused=fused, cuda_graphs=cuda_graphs,
                    tensorboard=_tensorboard(log_to), halving=Halving(halving_factor, halving_min_epochs) if halving else None)

@@ -246,3 +246,24 @@ def test_tables_at_80_columns_fold_long_names_instead_of_cutting_them(digits_cac
     assert "…" not in shown.output, shown.output  # before: train800 and train800val200 both as train8…
     listed = CliRunner().invoke(app, ["methods"], env=narrow)
     assert "…" not in listed.output
+
+
+def test_a_default_grid_sweep_estimated_over_an_hour_says_how_to_make_it_shorter(digits_cache, tmp_path):
+    command = [sys.executable, "-m", "sidetune", "sweep", "--cache", str(digits_cache.path), "--method", "last",
+               "--epochs", "2000", "--protocol", "none", "--train-split", "train800", "--eval-split", "val200",
+               "--device", "cpu"]
+    env = {"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin", "COLUMNS": "300"}
+    sweeping = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path)
+    seen = []
+    try:
+        for line in sweeping.stderr:  # the estimate and its hint print before any training: stop there
+            seen.append(line)
+            if "That is long" in line or "stack" in line:
+                break
+    finally:
+        sweeping.kill()
+        sweeping.wait()
+    text = " ".join("".join(seen).split())
+    assert "12 configurations of last, the default grid" in text and " h of training" in text
+    assert "That is long. To make it shorter: fewer epochs (--epochs 500), successive halving (--halving)" in text
