@@ -396,6 +396,8 @@ def sweep(
     console.print("Train it alone with:")
     best = report.best  # printed unwrapped, whatever the terminal's width: a pasted line must hold all of it
     typer.echo("  " + train_command(cache, best.config, best.train_split, best.eval_split))
+    if best.config_id in report.models:
+        console.print(f"Its model: {report.models[best.config_id]} (`sidetune predict --run` and `evaluate --run` take it)")
     console.print(f"Results: {report.out}/results.jsonl, results.csv, sweep.png")
 
 

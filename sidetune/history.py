@@ -17,15 +17,16 @@ USUAL = {"gap": 1, "depth": 1, "heads": 1, "pool": "cls"}  # shown when they are
 
 def list_runs(root: str | Path = "runs") -> list[dict]:
     """One record per finished run, sweep and suite under `root` (any depth; a suite's own
-    sweeps are listed inside it, not again), newest first."""
+    sweeps and a sweep's kept models are listed inside it, not again), newest first."""
     root = Path(root)
     if not root.is_dir():
         raise SidetuneError(f"No folder {root}: `sidetune train` and `sidetune sweep` write their runs to ./runs; "
                             "pass the folder that holds them.")
-    suites = {path.parent for path in root.rglob("summary.json")}
+    # a suite's sweeps and a sweep's kept models are listed inside it, not again
+    containers = {path.parent for name in ("summary.json", "sweep.json") for path in root.rglob(name)}
     records = []
     for folder in sorted(path for path in root.rglob("*") if path.is_dir()):
-        if any(parent in suites for parent in folder.parents):
+        if any(parent in containers for parent in folder.parents):
             continue
         record = _read(folder)
         if record is not None:

@@ -95,13 +95,7 @@ def train(
         warn(seen_warning(cache, train_split, eval_split, seen))
     torch_device = resolve_device(device)
     out = Path(out) if out is not None else runs.default_run_dir(cache.path, config.method)
-    manifest = {k: v for k, v in cache.manifest.items() if k != "splits"}
-    record = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cache": str(cache.path), "train_split": train_split, "eval_split": eval_split,
-        "eval_every": eval_every, "device": torch_device.type, "config": config.describe(),
-        "cache_manifest": manifest,
-    }
+    record = run_record(cache, config, train_split, eval_split, torch_device.type, eval_every)
     resume = None
     if runs.prepare_run_dir(out, record, overwrite):
         resume = GroupState.from_record(runs.load_checkpoint(out / runs.CHECKPOINT_FILE))
@@ -142,16 +136,35 @@ def train(
         board.close()
     if result.status != "ok":
         raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
+    finish_run(out, cache, config, result, train_split, eval_split, torch_device.type)
+    (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
+    return out, result
+
+
+def run_record(cache: Cache, config: TrainConfig, train_split: str, eval_split: str, device: str,
+               eval_every: int = 0) -> dict:
+    """config.json: the configuration, its splits and the cache's manifest (without its splits)."""
+    return {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cache": str(cache.path), "train_split": train_split, "eval_split": eval_split,
+        "eval_every": eval_every, "device": device, "config": config.describe(),
+        "cache_manifest": {k: v for k, v in cache.manifest.items() if k != "splits"},
+    }
+
+
+def finish_run(out: Path, cache: Cache, config: TrainConfig, result: TrainResult, train_split: str, eval_split: str,
+               device: str) -> None:
+    """A trained configuration's files in its run directory (beside config.json): its state
+    (and best state), its learning curve, and last metrics.json, which marks the run finished
+    (so `evaluate`, `predict` and `runs` read it)."""
     runs.save_state(out / runs.MODEL_FILE, result.state)
     if result.best_state is not None:
         runs.save_state(out / runs.BEST_FILE, result.best_state)
-    title = f"{cache.info.dataset_name}: {config.method}, {train_split} -> {eval_split}"
-    if not closed_form:
+    if not SIDENETS[config.method].closed_form:
+        title = f"{cache.info.dataset_name}: {config.method}, {train_split} -> {eval_split}"
         plot_learning_curve(result.history, out / runs.CURVE_FILE, title, eval_split)
-    runs.write_json(out / runs.METRICS_FILE, {**metrics_record(cache, config, result, train_split, eval_split, torch_device.type),
-                                             "eval_images_seen_in_training": seen})
-    (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
-    return out, result
+    runs.write_json(out / runs.METRICS_FILE, {**metrics_record(cache, config, result, train_split, eval_split, device),
+                                             "eval_images_seen_in_training": cache.shared_images(train_split, eval_split)})
 
 
 def metrics_record(cache: Cache, config: TrainConfig, result: TrainResult, train_split: str, eval_split: str,

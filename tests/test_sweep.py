@@ -283,3 +283,22 @@ def test_the_probe_family_sweeps_from_the_command_line(small_vtab_cache, tmp_pat
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["status"] == "ok" and row["top1"] > 0 for row in rows)
+
+
+def test_a_sweep_keeps_its_top_k_models_as_runs_that_evaluate_to_their_reported_top1(small_vtab_cache, tmp_path):
+    configs = expand_grid("linear", {"lr": [1e-3, 0.1, 0.3]}, {"epochs": 2})
+    report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", top_k=2)
+    final = {row.config_id: row.top1 for row in report.rows if row.phase == "final"}
+    assert sorted(report.models) == sorted(final)  # the top-k, each a run directory
+    recorded = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["models"]
+    assert {int(config_id) for config_id in recorded} == set(final)
+    for config_id, path in report.models.items():
+        assert sidetune.evaluate(path, "test", device="cpu")["top1"] == final[config_id]
+
+
+def test_a_single_split_sweep_keeps_the_model_of_its_best(small_vtab_cache, tmp_path):
+    configs = expand_grid("linear", {"lr": [1e-3, 0.1]}, {"epochs": 2})
+    report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", protocol="none", train_split="train800",
+                   eval_split="val200")
+    assert list(report.models) == [report.best.config_id]
+    assert sidetune.evaluate(report.models[report.best.config_id], "val200", device="cpu")["top1"] == report.best.top1

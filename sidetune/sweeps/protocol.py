@@ -28,8 +28,8 @@ from sidetune.sweeps.halving import Halving, train_with_halving
 from sidetune.sweeps.journal import SweepRow, append_rows, finished_rows, result_row
 from sidetune.sweeps.report import SweepReport, write_results
 from sidetune.tensorboard_log import TensorBoardLog
-from sidetune.train import default_splits
-from sidetune.training import EpochStats, TrainConfig, score, sidenet_blueprint, train_group
+from sidetune.train import default_splits, finish_run, run_record
+from sidetune.training import EpochStats, TrainConfig, TrainResult, score, sidenet_blueprint, train_group
 from sidetune.training.data import LoadedSplits
 from sidetune.training.stacking import default_stack_limit, plan_stacks, stack_capacity
 
@@ -42,13 +42,16 @@ StackCallback = Callable[[int, int, list[TrainConfig]], None]  # (stack number, 
 def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train_split: str, eval_split: str, *,
                 out: Path, world: World, device: torch.device, max_stack: int | None, memory_budget: int | None, compile: bool, fused: bool,
                 cuda_graphs: bool | None, loaded: LoadedSplits, board: TensorBoardLog | None, halving: Halving | None,
-                on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None) -> list[SweepRow]:
+                on_stack: StackCallback | None, on_epoch: Callable[[EpochStats], None] | None,
+                keep_models: bool = False, kept: dict[int, TrainResult] | None = None) -> list[SweepRow]:
     """Train configs (keyed by config id) and return every config's row, ordered by id, on
     every rank. Configs an interrupted run of this sweep finished are not trained again. Each
     group of same-shape configs is shared out between the ranks, and each rank's share is cut
     into stacks that fit its device's memory (and `max_stack`); every finished stack is
     journaled to ranks/rank-R.jsonl. `loaded` holds the splits' features for every stack and
-    both phases (views share their stored split's)."""
+    both phases (views share their stored split's). With `keep_models` every trained
+    configuration's model is written as it finishes (`keep_model`); `kept` collects this rank's
+    results instead, for the caller to keep some."""
     done = world.broadcast(finished_rows(out, phase, configs, train_split, eval_split) if world.is_main else None)
     groups: dict[tuple, list[int]] = {}
     for config_id, config in configs.items():
@@ -67,6 +70,17 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
     live = cache.split(eval_split).kind == "live"  # scored once for every stack, below: one backbone pass
     rows, pending = [], []
     stacks = plan_stacks(ordered, capacity)
+
+    def record_stack(finished: list[tuple[int, TrainResult]]) -> list[SweepRow]:
+        for config_id, result in finished:  # the models first: a journaled final row has its model
+            if result.status == "ok" and keep_models:
+                keep_model(out, cache, config_id, result, train_split, eval_split, device)
+            elif result.status == "ok" and kept is not None:
+                kept[config_id] = result
+        stack_rows = [result_row(config_id, phase, train_split, eval_split, result, world.rank)
+                      for config_id, result in finished]
+        append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
+        return stack_rows
     num_images = cache.split(train_split).num_images
 
     def logged(stack: list[int]) -> Callable[[EpochStats], None] | None:
@@ -93,20 +107,34 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         if live:
             pending += zip(stack, results)
             continue
-        stack_rows = [result_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in zip(stack, results)]
-        append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
-        rows += stack_rows
+        finished = [(mine[i], result) for i, result in zip(stack, results)]
+        rows += record_stack(finished)
     if pending:
         score(cache, [result for _, result in pending], eval_split, device, loaded, ordered[0].batch_size)
-        stack_rows = [result_row(mine[i], phase, train_split, eval_split, result, world.rank) for i, result in pending]
-        append_rows(out / "ranks" / f"rank-{world.rank}.jsonl", stack_rows)
-        rows += stack_rows
+        rows += record_stack([(mine[i], result) for i, result in pending])
     if board is not None:
         for row in rows:
             board.result(f"{phase}-{row.config_id}", row.config, row.top1,
                          {"phase": phase, "train_split": train_split, "eval_split": eval_split})
     trained = [row for rank_rows in world.all_gather(rows) for row in rank_rows]
     return sorted([*done.values(), *trained], key=lambda row: row.config_id)
+
+
+def keep_model(out: Path, cache: Cache, config_id: int, result: TrainResult, train_split: str, eval_split: str,
+               device: torch.device) -> Path:
+    """A trained configuration as a run directory of its own, out/models/config-<id>, with the
+    files `sidetune train` writes: `evaluate --run` and `predict --run` work on it."""
+    folder = out / "models" / f"config-{config_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    runs.write_json(folder / runs.CONFIG_FILE, run_record(cache, result.config, train_split, eval_split, device.type))
+    finish_run(folder, cache, result.config, result, train_split, eval_split, device.type)
+    return folder
+
+
+def kept_models(out: Path, config_ids: list[int]) -> dict[int, str]:
+    """The finished model folders of these configurations, by config id."""
+    folders = {config_id: out / "models" / f"config-{config_id}" for config_id in config_ids}
+    return {config_id: str(folder) for config_id, folder in folders.items() if (folder / runs.METRICS_FILE).is_file()}
 
 
 def sweep_dir(out: str | Path | None, source: str | Path, world: World) -> Path:
@@ -182,17 +210,26 @@ def sweep(
             if not ranked:
                 raise SidetuneError("Every configuration diverged during selection; lower the learning rates.")
             chosen = {row.config_id: configs[row.config_id] for row in ranked[:top_k]}
-            final_rows = run_configs(cache, chosen, "final", "train800val200", "test", **common)
+            final_rows = run_configs(cache, chosen, "final", "train800val200", "test", keep_models=True, **common)
             rows += final_rows
             best = max((row for row in final_rows if row.status == "ok"), key=lambda row: row.top1, default=final_rows[0])
+            world.barrier()
+            models = kept_models(out, list(chosen))
         else:
             train_split, eval_split = default_splits(cache, train_split, eval_split)
             seen = cache.shared_images(train_split, eval_split)
-            rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, eval_split, **common)
+            trained: dict[int, TrainResult] = {}
+            rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, eval_split, kept=trained, **common)
             ok = [row for row in rows if row.status == "ok"]
             if not ok:
                 raise SidetuneError("Every configuration diverged; lower the learning rates.")
             best = max(ok, key=lambda row: row.top1)
+            top = [row.config_id for row in sorted(ok, key=lambda row: -row.top1)[:top_k]]
+            for config_id in top:  # each rank keeps those it trained; one trained by an earlier, interrupted run is not kept
+                if config_id in trained:
+                    keep_model(out, cache, config_id, trained[config_id], train_split, eval_split, torch_device)
+            world.barrier()
+            models = kept_models(out, top)
     except KeyboardInterrupt:
         journaled = sum(len(path.read_text().splitlines()) for path in (out / "ranks").glob("rank-*.jsonl"))
         raise Interrupted(f"Sweep interrupted: {journaled} finished configuration rows are journaled in {out}/ranks; "
@@ -200,7 +237,7 @@ def sweep(
 
     if board is not None:
         board.close()
-    report = SweepReport(out, rows, best, protocol, time.perf_counter() - started, seen)
+    report = SweepReport(out, rows, best, protocol, time.perf_counter() - started, seen, models)
     if world.is_main:
         write_results(report, cache, configs[0].method, top_k, world.size)
     world.barrier()

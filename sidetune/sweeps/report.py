@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidetune import runs
@@ -24,6 +24,7 @@ class SweepReport:
     protocol: str
     seconds: float = 0.0  # this run's wall time (a resumed sweep: since it resumed)
     eval_images_seen_in_training: int = 0  # images of the selection split that are in its training split
+    models: dict[int, str] = field(default_factory=dict)  # config id -> its kept model's run directory (the top-k)
 
 
 
@@ -41,7 +42,8 @@ def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, wo
         "cache": str(cache.path), "protocol": report.protocol, "top_k": top_k, "ranks": world_size,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(report.seconds, 3),
         "configurations": len({row.config_id for row in rows}),
-        "eval_images_seen_in_training": report.eval_images_seen_in_training, "best": report.best.record(), "train_command": train_command(cache.path, report.best.config, report.best.train_split, report.best.eval_split)})
+        "eval_images_seen_in_training": report.eval_images_seen_in_training,
+        "models": {str(config_id): path for config_id, path in report.models.items()}, "best": report.best.record(), "train_command": train_command(cache.path, report.best.config, report.best.train_split, report.best.eval_split)})
     scored = [row for row in rows if row.phase in ("select", "single")]
     plot_sweep([row.record() for row in scored], out / "sweep.png",
                f"{cache.info.dataset_name}: {method}, {scored[0].eval_split} top-1")
