@@ -25,6 +25,7 @@ from sidetune.results import plot_learning_curve
 from sidetune.sidenets import SIDENETS
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.training import EpochStats, GroupState, TrainConfig, TrainResult, train_group
+from sidetune.training.build import config_for_cache
 from sidetune.training.data import LoadedSplits
 from sidetune.training.scoring import seen_warning
 
@@ -84,6 +85,7 @@ def train(
                             "would write the same run. Run it without torchrun, or share configurations between "
                             "ranks with `torchrun ... -m sidetune sweep`.")
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    config = config_for_cache(config, cache)  # e.g. pool auto, decided and recorded
     train_split, eval_split = default_splits(cache, train_split, eval_split)
     closed_form = SIDENETS[config.method].closed_form
     if closed_form:

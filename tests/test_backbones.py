@@ -169,6 +169,20 @@ def test_probes_train_from_a_cnn_cache_through_the_cli(convnext_digits, tmp_path
     assert metrics["top1"] > 20.0  # 10 classes: well above chance from random ConvNeXt features
 
 
+def test_pool_auto_is_the_patch_mean_on_a_cnn_and_cls_on_a_vit_and_is_recorded(convnext_digits, tmp_path):
+    from conftest import config
+
+    for cache, expected in ((convnext_digits, "mean"), (None, "cls")):
+        if cache is None:
+            cache = tmp_path / "vit"
+            sidetune.extract("test_vit", "digits", cache, splits=["train800", "val200"], limit=64, pretrained=False,
+                             workers=0)
+        run_dir, result = sidetune.train(cache, config("linear", epochs=1), out=tmp_path / f"run-{expected}",
+                                         train_split="train800", eval_split="val200")
+        assert dict(result.config.options)["pool"] == expected and result.status == "ok"
+        assert json.loads((run_dir / "metrics.json").read_text())["pool"] == expected
+
+
 def test_head2toe_on_a_cnn_reads_every_stage_at_its_own_width(convnext_digits):
     from sidetune.training import sidenet_blueprint
 

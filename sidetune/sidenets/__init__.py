@@ -25,7 +25,7 @@ __all__ = ["SIDENETS", "DeclaredOption", "FeatureLayout", "SideNet", "create_sid
 
 
 def method_options(method: str) -> dict[str, object]:
-    """A method's options and their defaults, e.g. {"pool": "cls", "rank": 16, ...}."""
+    """A method's options and their defaults, e.g. {"pool": "auto", "rank": 16, ...}."""
     _check_method(method)
     parameters = list(inspect.signature(SIDENETS[method].__init__).parameters.values())[3:]  # self, layout, K
     return {p.name: p.default for p in parameters}

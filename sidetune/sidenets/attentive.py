@@ -32,7 +32,7 @@ class AttentiveProbe(SideNet):
                    "full_width": "keys and values of the backbone's width instead of the rank"}
     norm_without_final_norm = True  # keys from unnormalised CNN features saturate the softmax
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", queries: int = 1, rank: int = 64,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", queries: int = 1, rank: int = 64,
                  heads: int = 1, full_width: bool = False):
         width = layout.width if full_width else rank
         if width % heads:

@@ -29,6 +29,12 @@ STAGE_EMBEDDING_SEED = 1_000_000  # + the stage index: the fixed maps of stages 
 POOLS = ("cls", "mean", "both")  # both: CLS and the mean of the patch tokens, concatenated (2D features)
 
 
+def auto_pool(layout: "FeatureLayout") -> str:
+    """What `pool auto` is on a cache of `layout`: the CLS token where the backbone has one (or
+    the cache keeps a single token per stage), else the mean of the patch tokens (a CNN)."""
+    return "cls" if layout.num_prefix_tokens > 0 or layout.token_selection != "all" else "mean"
+
+
 @dataclass(frozen=True)
 class FeatureLayout:
     """What a side network needs to know about the cached features (all from the manifest)."""
@@ -131,13 +137,15 @@ class SideNet(nn.Module):
     # --flags are generated from these (cli/method_options.py). Integer options take at least 1
     # and float ones at least 0 unless `option_minimum` says otherwise.
     option_help: ClassVar[dict[str, str]] = {
-        "pool": "cls, mean (of the patch tokens) or both (concatenated)",
+        "pool": "auto (cls where the backbone has a class token, else mean), cls, mean (of the patch tokens) or both "
+                "(concatenated)",
         "standardize": "standardise pooled features with training-split statistics"}
     option_minimum: ClassVar[dict[str, float]] = {}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = False,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", standardize: bool = False,
                  feature_width: int | None = None):
         super().__init__()
+        pool = auto_pool(layout) if pool == "auto" else pool
         if pool not in POOLS:
             raise SidetuneError(f"Unknown pooling '{pool}'. Choose one of: {', '.join(POOLS)}.")
         if pool == "both" and layout.token_selection != "all":

@@ -31,7 +31,7 @@ class Head2Toe(SideNet):
     token_selections = ("all", "cls", "mean")
     default_lr = 0.01  # Head2Toe's Adam learning rate
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = True,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", standardize: bool = True,
                  group_lasso: float = 0.0, top_stages: int = 0):
         self.stage_widths = [layout.shape(stage)[1] * (2 if pool == "both" else 1) for stage in layout.backbone_stages]
         super().__init__(layout, num_configs, pool, standardize, feature_width=sum(self.stage_widths))

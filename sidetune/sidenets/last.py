@@ -146,7 +146,7 @@ class LAST(LowRankAttentionSide):
     option_help = {"gap": "read every g-th stage"}
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", rank: int = 16,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", rank: int = 16,
                  gap: int = 1, depth: int = 1, heads: int = 1, zero_init_out: bool = True,
                  standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)

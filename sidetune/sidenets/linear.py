@@ -15,7 +15,7 @@ class LinearProbe(SideNet):
     default_lr = 0.1  # standardised features and a convex loss take a large step
     default_grid = {"lr": [0.03, 0.1, 0.3], "weight_decay": [0.0, 1e-4, 1e-3]}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = True):
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", standardize: bool = True):
         super().__init__(layout, num_configs, pool, standardize)
 
     def stages_needed(self) -> list[int]:

@@ -16,7 +16,7 @@ class LoSA(SideNet):
     option_help = {"token_rank": "token-mixing rank", "channel_rank": "channel-mixing rank"}
     norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls",
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto",
                  token_rank: int = 16, channel_rank: int = 16, standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
         self.token_rank, self.channel_rank = token_rank, channel_rank

@@ -42,7 +42,7 @@ class LST(SideNet):
     option_help = {"reduction": "side width = backbone width / reduction", "head_dim": "width of the side network's attention heads"}
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "reduction": [4, 8]}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", reduction: int = 8,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", reduction: int = 8,
                  head_dim: int = 8, standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
         d = layout.width

@@ -29,7 +29,7 @@ class MIST(LowRankAttentionSide):
     reads_sums = True
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "rank": [8, 16]}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", groups: int = 0,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", groups: int = 0,
                  rank: int = 16, depth: int = 4, heads: int = 1, zero_init_out: bool = True,
                  standardize: bool = False):
         """`groups`: k, the number of contiguous groups of stages summed; 0 takes a summed

@@ -34,7 +34,7 @@ class ResTuning(SideNet):
     norm_without_final_norm = True  # LN_f(b_N): a plain LayerNorm where the backbone has none
     default_grid = {"lr": [3e-4, 1e-3, 3e-3], "weight_decay": [1e-4, 1e-3], "bottleneck": [16, 32]}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", bottleneck: int = 32,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", bottleneck: int = 32,
                  zero_init_out: bool = False, standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
         self.bottleneck = bottleneck

@@ -33,7 +33,7 @@ class RidgeProbe(SideNet):
     # λ from 1e-3 to 1e6 in steps of 4x (big_vision's single choice, 1024, among them): all from one eigh.
     default_grid = {"weight_decay": [4.0 ** k for k in range(-5, 11)]}
 
-    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "cls", standardize: bool = True,
+    def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", standardize: bool = True,
                  targets: str = "signed"):
         super().__init__(layout, num_configs, pool, standardize)
         if targets not in TARGETS:

@@ -30,6 +30,7 @@ from sidetune.sweeps.report import SweepReport, write_results
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.train import default_splits, finish_run, run_record
 from sidetune.training import EpochStats, TrainConfig, TrainResult, score, sidenet_blueprint, train_group
+from sidetune.training.build import config_for_cache
 from sidetune.training.data import LoadedSplits
 from sidetune.training.stacking import default_stack_limit, plan_stacks, stack_capacity
 
@@ -182,6 +183,7 @@ def sweep(
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if not configs:
         raise SidetuneError("The sweep has no configurations; give at least one value for each setting.")
+    configs = [config_for_cache(config, cache) for config in configs]  # e.g. pool auto, decided and recorded
     has_vtab = all(split in cache.splits for split in VTAB_SPLITS)
     if protocol == "auto":
         protocol = "vtab" if has_vtab and train_split is None and eval_split is None else "none"

@@ -3,7 +3,7 @@ stores what it reads (`sidenet_blueprint`), and a trained configuration restored
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -12,6 +12,7 @@ from sidetune.cache.reader import Cache
 from sidetune.cache.spec import specs_serving
 from sidetune.errors import SidetuneError
 from sidetune.sidenets import SIDENETS, FeatureLayout, SideNet, create_sidenet, resolve_options
+from sidetune.sidenets.base import auto_pool
 from sidetune.training.config import TrainConfig
 
 
@@ -87,6 +88,16 @@ def _reads(method: str, layout: FeatureLayout) -> bool:
     except SidetuneError:
         return False
     return layout.token_selection in net.token_selections and set(net.stages_needed()) <= set(layout.stages)
+
+
+def config_for_cache(config: TrainConfig, cache: Cache) -> TrainConfig:
+    """`config` with the options that depend on the cache decided, as runs and sweeps record
+    them: pool `auto` becomes cls where the backbone has a class token, else mean."""
+    options = dict(config.options)
+    if options.get("pool") != "auto":
+        return config
+    options["pool"] = auto_pool(feature_layout(cache.info))
+    return replace(config, options=tuple(sorted(options.items())))
 
 
 def restore_sidenet(manifest: CacheManifest, config: TrainConfig, state: dict[str, torch.Tensor]) -> SideNet:
