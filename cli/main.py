@@ -495,6 +495,7 @@ def demo(
 def methods(as_json: bool = typer.Option(False, "--json", help="Print the descriptions as JSON.")) -> None:
     """List the side networks and probes: each one's options (the flags of train and sweep) and the grid a sweep tries by default."""
     from sidetune.sidenets import describe_methods
+    from sidetune.sweeps.report import option_flag
 
     described = describe_methods()
     if as_json:
@@ -502,19 +503,12 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print the descri
         return
     table = folding_table("method", "what it is", "options (default)", "default sweep grid", show_lines=True)
     for entry in described:
-        options = "\n".join(_flag(o["name"], o["default"]) for o in entry["options"])
+        options = "\n".join(option_flag(o["name"], o["default"]) for o in entry["options"])
         grid = "\n".join(f"{name}: {', '.join(f'{v:g}' for v in values)}" for name, values in entry["default_grid"].items())
         what = entry["summary"] + ("" if entry["closed_form"] else f" (default lr {entry['default_lr']})")
         table.add_row(entry["method"], what, options, grid)
     console.print(table)
     console.print("Each option's meaning: `sidetune train --help`; the formulations: docs/methods.md.")
-
-
-def _flag(name: str, value: object) -> str:
-    flag = name.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} {value}"
 
 
 @app.command()

@@ -14,6 +14,7 @@ from sidetune.datasets.catalogue import VTAB_SPLITS
 from sidetune.sidenets import SIDENETS
 from sidetune.train import default_splits
 from sidetune.training import SideNetBlueprint, TrainConfig, sidenet_blueprint
+from sidetune.training.data import sample_batch
 from sidetune.training.optim import StackedAdamW
 from sidetune.training.stacking import default_stack_limit
 from sidetune.training.step import StackedStep
@@ -61,10 +62,7 @@ def step_seconds(cache: Cache, blueprint: SideNetBlueprint, configs: list[TrainC
     net = blueprint.build(len(configs))
     net.reset_parameters([c.seed for c in configs])
     net.to(device)
-    stored = cache.split(split).stored
-    rows = slice(0, min(first.batch_size, stored.num_images))
-    tokens = torch.from_numpy(stored.read_rows(rows, net.stages_needed())).to(device)
-    labels = torch.from_numpy(stored.labels[rows]).to(device)
+    tokens, labels = sample_batch(cache, split, blueprint.stages, first.batch_size, device)
     optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]), torch.tensor([c.weight_decay for c in configs]))
     step = StackedStep(net, optimizer, torch.zeros(len(configs)), len(labels), tuple(tokens.shape[1:]), tokens.dtype,
                        cuda_graphs=device.type == "cuda")

@@ -43,7 +43,8 @@ def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, wo
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(report.seconds, 3),
         "configurations": len({row.config_id for row in rows}),
         "eval_images_seen_in_training": report.eval_images_seen_in_training,
-        "models": {str(config_id): path for config_id, path in report.models.items()}, "best": report.best.record(), "train_command": train_command(cache.path, report.best.config, report.best.train_split, report.best.eval_split)})
+        "models": {str(config_id): path for config_id, path in report.models.items()}, "best": report.best.record(),
+        "train_command": train_command(cache.path, report.best.config, report.best.train_split, report.best.eval_split)})
     scored = [row for row in rows if row.phase in ("select", "single")]
     plot_sweep([row.record() for row in scored], out / "sweep.png",
                f"{cache.info.dataset_name}: {method}, {scored[0].eval_split} top-1")
@@ -60,7 +61,13 @@ def train_command(cache_path: str | Path, config: TrainConfig, train_split: str,
     parts = ["sidetune", "train", "--cache", shlex.quote(str(cache_path)), "--train-split", train_split,
              "--eval-split", eval_split]
     parts += [f"--{name} {value}" for name, value in flags.items()]
-    for name, value in config.options:  # every declared option is a flag of `sidetune train`
-        flag = name.replace("_", "-")
-        parts.append((f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}")
+    parts += [option_flag(name, value) for name, value in config.options]  # each declared option is a train flag
     return " ".join(parts)
+
+
+def option_flag(name: str, value: object) -> str:
+    """A method option as `sidetune train` takes it: --rank 16, --zero-init-out / --no-zero-init-out."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"

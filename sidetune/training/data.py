@@ -193,6 +193,17 @@ class StreamedFeatures:
                     pass
 
 
+def sample_batch(cache: Cache, split: str, stages: Sequence[int], batch_size: int, device: torch.device) -> Batch:
+    """A batch of `split`'s shape as training sees it: the first images of its stored split,
+    decoded on `device` by the cache's codec (what stacking measures memory on and the sweep's
+    estimate times a step on)."""
+    stored = cache.split(split).stored
+    rows = slice(0, min(batch_size, stored.num_images))
+    tokens, scales = stored.read_stored(rows, stages)
+    decoded = stored.codec.decode(_on_device(tokens, device), _on_device(scales, device))
+    return decoded, _on_device(stored.labels[rows], device)
+
+
 def load_features(cache: Cache, split: str, stages: Sequence[int], device: torch.device,
                   budget_bytes: int | None = None):
     """The split's features for training or evaluation: resident when the requested stages

@@ -14,7 +14,7 @@ from sidetune.cache.reader import Cache
 from sidetune.compute import free_memory
 from sidetune.training.build import SideNetBlueprint
 from sidetune.training.config import TrainConfig
-from sidetune.training.data import default_memory_budget
+from sidetune.training.data import Batch, default_memory_budget, sample_batch
 from sidetune.training.step import cross_entropy_per_config, training_autocast
 
 USABLE_FRACTION = 0.8  # of the memory left after the features, for the stack
@@ -46,7 +46,8 @@ def stack_memory(cache: Cache, blueprint: SideNetBlueprint, config: TrainConfig,
                  device: torch.device) -> tuple[int, int]:
     """(shared, per-config) bytes of one training step of `config`'s shape (its network:
     `blueprint`) on a batch of `split`, measured on `device`."""
-    one, two = (_step_bytes(cache, blueprint, config, split, device, k) for k in (1, 2))
+    batch = sample_batch(cache, split, blueprint.stages, config.batch_size, device)
+    one, two = (_step_bytes(blueprint, config, batch, device, k) for k in (1, 2))
     per_config = max(two - one, 1)
     return max(one - per_config, 0), per_config
 
@@ -68,15 +69,11 @@ def stack_capacity(cache: Cache, blueprint: SideNetBlueprint, config: TrainConfi
     return max(1, int(room // (per_config * HEADROOM)))
 
 
-def _step_bytes(cache: Cache, blueprint: SideNetBlueprint, config: TrainConfig, split: str, device: torch.device,
-                k: int) -> int:
+def _step_bytes(blueprint: SideNetBlueprint, config: TrainConfig, batch: Batch, device: torch.device, k: int) -> int:
     net = blueprint.build(k)
     net.reset_parameters([config.seed] * k)
     net.to(device).train()
-    stored = cache.split(split).stored  # a batch of the split's shape: its stored split's first images
-    rows = slice(0, min(config.batch_size, stored.num_images))
-    tokens = torch.from_numpy(stored.read_rows(rows, net.stages_needed())).to(device)
-    labels = torch.from_numpy(stored.labels[rows]).to(device)
+    tokens, labels = batch
     saved: dict[int, int] = {}
 
     def remember(tensor: torch.Tensor) -> torch.Tensor:
