@@ -85,6 +85,8 @@ def show_plan(plan) -> None:
         table.add_row(split.name, f"{split.num_images:,}", how[split.kind].format(parent=split.parent), human_bytes(split.nbytes))
     table.add_row("[bold]total", "", "", f"[bold]{human_bytes(plan.nbytes)}")
     console.print(table)
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}")
     free = "unknown (object store)" if plan.free_bytes is None else human_bytes(plan.free_bytes)
     verdict = "[green]fits" if plan.fits else "[red]does not fit"
     console.print(f"free at {plan.out}: {free}: {verdict}")
@@ -125,6 +127,9 @@ def show_info(path: str | Path) -> None:
         tokens = ", ".join(f"{s.stage}: {s.num_tokens} x {s.width}" for s in shapes.shapes)
     console.print(f"layout         {shapes.describe_stages()}, {tokens} ({info.token_selection}), "
                   f"{info.spec.dtype}, spec '{info.spec.name}', compute {info.precision}")
+    console.print(f"roles          {info.roles.describe()}"
+                  + ("" if info.carved_validation is None else
+                     f" ({info.roles.val} carved from {info.carved_validation['carved_from']})"))
     for note in data.get("notes", []):
         console.print(f"[yellow]note[/]           {note}")
     axes = "(N, S, T, D)" if shapes.uniform else "(N, E)"
@@ -159,8 +164,8 @@ def train(
     data_seed: int = typer.Option(0, help="Batch-order seed (and augmentation draws)."),
     augment: str = typer.Option("none", help="Feature-space augmentation of training batches: none, or frofa-brightness (c²FroFA: per-channel brightness on min-max-mapped patch tokens; docs/methods.md)."),
     augment_magnitude: float = typer.Option(0.5, help="frofa-brightness: factors 1 + v, v uniform in [-m, m]."),
-    train_split: Optional[str] = typer.Option(None, help="Default: train800val200 when the cache has it, else train."),
-    eval_split: Optional[str] = typer.Option(None, help="Default: test."),
+    train_split: Optional[str] = typer.Option(None, help="Default: train and validation together (train800val200, trainval), else train."),
+    eval_split: Optional[str] = typer.Option(None, help="Default: test (without one, the validation split)."),
     eval_every: int = typer.Option(0, min=0, help="Also evaluate every N epochs and keep the best state (best.safetensors)."),
     out: Optional[Path] = typer.Option(None, help="Run directory. Default: runs/<cache>-<method>-<timestamp>."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
@@ -306,8 +311,8 @@ def sweep(
     epochs: Optional[str] = typer.Option(None, help="Epochs (default 100), comma-separated."),
     warmup_epochs: Optional[str] = typer.Option(None, help="Warmup epochs (default: a tenth of the epochs)."),
     batch_size: Optional[str] = typer.Option(None, help="Batch sizes (default 64), comma-separated."),
-    protocol: str = typer.Option("auto", help="vtab (select on train800 -> val200, retrain on train800val200, report test), none, or auto (vtab when the cache has those splits)."),
-    top_k: int = typer.Option(1, min=1, help="VTAB protocol: how many selected configurations to retrain."),
+    protocol: str = typer.Option("auto", help="val (VTAB-1k's protocol on any dataset: select on the validation split, retrain on train + validation, report test; vtab is its old name), none (rank on --eval-split, default test, said when it is test), or auto (val where the cache has those splits)."),
+    top_k: int = typer.Option(1, min=1, help="Protocol val: how many selected configurations to retrain."),
     train_split: Optional[str] = typer.Option(None, help="Protocol none: training split."),
     eval_split: Optional[str] = typer.Option(None, help="Protocol none: evaluation split."),
     out: Optional[Path] = typer.Option(None, help="Sweep directory. Default: runs/<cache>-sweep-<timestamp>."),
@@ -360,7 +365,7 @@ def sweep(
         task_caches = [sidetune.open_cache(cache)] if cache is not None else list(find_caches(caches, chosen_tasks).values())
         first, tasks_count = task_caches[0], len(task_caches)
         seconds = estimate_seconds(first, configs, device, protocol=protocol, top_k=top_k, max_stack=max_stack,
-                                   train_split=train_split) * tasks_count
+                                   train_split=train_split, eval_split=eval_split) * tasks_count
         console.print(f"[bold]{len(configs)}[/] configurations of {method}{grid_note}, on "
                       f"{tasks_count} cache{'s' if tasks_count > 1 else ''}: about {_duration(seconds)} of training")
         if seconds > 3600 and (defaulted or epochs is None):  # the defaults chose this much work, not the user
@@ -407,7 +412,7 @@ def _print_sweep(report) -> None:
     records = [row.record() for row in report.rows]
     varying = varying_settings(records)
     table = folding_table("#", "phase", *varying, "split", "top-1", "status", "seconds",
-                  title=f"{report.out} ({report.protocol} protocol)")
+                          title=f"{report.out} (protocol {report.protocol.name}: {report.protocol.describe()})")
     for row in sorted(report.rows, key=lambda r: (r.phase != "final", -(r.top1 if r.top1 is not None else -1))):
         record = row.record()
         table.add_row(str(row.config_id), row.phase, *[str(record[k]) for k in varying], row.eval_split,
@@ -415,6 +420,10 @@ def _print_sweep(report) -> None:
                       row.status if row.status == "ok" else f"[red]{row.status}", f"{row.seconds:.1f}")
     console.print(table)
     console.print(f"[green]Best:[/] config {report.best.config_id}, {report.best.eval_split} top-1 {report.best.top1:.2f}")
+    if report.protocol.selected_on_test:
+        _warn(f"the best configuration was selected on the test split ({report.protocol.select}): its top-1 is the "
+              "best of the sweep on test, an optimistic estimate, not a held-out score. The default protocol selects "
+              "on the validation split.")
 
 
 def print_summary(suite) -> None:
@@ -439,6 +448,9 @@ def print_summary(suite) -> None:
         table.add_row(f"[bold]{name}", "", "", f"[bold]{value:.2f}",
                       *([f"{reference:.2f}", f"{value - reference:+.2f}"] if published else []))
     console.print(table)
+    if suite.summary.get("selected_on_test"):
+        _warn(f"selected on test in {', '.join(suite.summary['selected_on_test'])}: those tasks' top-1 are the best of "
+              "their sweeps on test, optimistic estimates rather than held-out scores.")
     if not published:
         console.print("[dim]Published numbers are shown for LAST on caches of the pretrained vit_b16 "
                       "(vit_base_patch16_224.orig_in21k).")

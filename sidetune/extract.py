@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -125,7 +125,8 @@ def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, 
 def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backbone, requested: list[str] | None) -> CachePlan:
     layout = split_layout({name: split.keys() for name, split in source.splits.items()},
                           default_live_splits(list(source.splits), requested))
-    return plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=Location(out).local_bytes())
+    plan = plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=Location(out).local_bytes())
+    return replace(plan, notes=list(source.notes))
 
 
 def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, ...]:

@@ -47,7 +47,9 @@ def _read(folder: Path) -> dict | None:
         best = sweep["best"]
         count = sweep.get("configurations") or len({json.loads(line)["config_id"] for line in
                                                     (folder / "results.jsonl").read_text().splitlines() if line})
-        settings = f"{count} configs, {sweep['protocol']} protocol; best {_settings(best)}"
+        protocol = {"vtab": "val"}.get(sweep["protocol"], sweep["protocol"])  # sweeps before roles said vtab
+        selected = ", SELECTED ON TEST" if sweep.get("selected_on_test") else ""
+        settings = f"{count} configs, {protocol} protocol{selected}; best {_settings(best)}"
         return _record("sweep", folder, best["method"], Path(sweep["cache"]).name, settings,
                        f"{best['train_split']} -> {best['eval_split']}", best["top1"], sweep.get("seconds"),
                        sweep.get("created"))
@@ -55,7 +57,9 @@ def _read(folder: Path) -> dict | None:
         summary = json.loads((folder / "summary.json").read_text())
         tasks = summary["tasks"]
         return _record("suite", folder, summary["method"], f"{len(tasks)} tasks", f"{len(tasks)} sweeps",
-                       "VTAB-1k protocol", summary["ours"]["mean"], summary.get("seconds"),
+                       f"{'/'.join(summary.get('protocols', ['val']))} protocol"
+                       + (", selected on test" if summary.get("selected_on_test") else ""),
+                       summary["ours"]["mean"], summary.get("seconds"),
                        summary.get("created") or _modified(folder / "summary.json"))
     return None
 

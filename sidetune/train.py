@@ -32,19 +32,19 @@ from sidetune.training.scoring import seen_warning
 if TYPE_CHECKING:  # stage two never imports the backbone code at run time
     from sidetune.progress import ProgressSink
 
-VTAB_DEFAULT = ("train800val200", "test")
-PLAIN_DEFAULT = ("train", "test")
-
-
 def default_splits(cache: Cache, train_split: str | None = None, eval_split: str | None = None) -> tuple[str, str]:
-    """The VTAB-1k pair (train800val200 -> test) when the cache has train800val200, else
-    train -> test; an explicit split wins. A missing split is refused, listing those present."""
+    """By the cache's split roles: the final model's training split (train and validation
+    together: train800val200, trainval; else train) -> test; without a test split, train ->
+    validation. An explicit split wins. A missing split is refused, listing those present."""
     present = list(cache.splits)
-    default = VTAB_DEFAULT if VTAB_DEFAULT[0] in present else PLAIN_DEFAULT
+    roles = cache.info.roles
+    default = (roles.final_training, roles.test) if roles.test else (roles.train, roles.val)
     chosen = (train_split or default[0], eval_split or default[1])
-    for role, split in zip(("training", "evaluation"), chosen):
+    for role, split, option in (("training", chosen[0], "--train-split"), ("evaluation", chosen[1], "--eval-split")):
+        if split is None:
+            raise SidetuneError(f"Cache {cache.path} has no {role} split by default (its splits: {', '.join(present)}; "
+                                f"roles: {roles.describe()}). Pass {option} with one of those.")
         if split not in present:
-            option = "--train-split" if role == "training" else "--eval-split"
             raise SidetuneError(f"Cache {cache.path} has no {role} split '{split}'; it has {', '.join(present)}. "
                                 f"Pass {option} with one of those (or extract the split with --splits).")
     return chosen

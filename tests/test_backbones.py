@@ -113,7 +113,7 @@ def test_a_swin_caches_each_stage_as_its_grid_of_tokens_with_its_own_width(folde
 
 def test_a_convnext_caches_timms_stage_outputs(folder, tmp_path):
     cache, stored, expected, _ = cached_and_timm("test_convnext", folder, tmp_path)
-    assert cache.split("train").tokens.ndim == 2  # stages of different shapes: one flat vector per image
+    assert cache.split("train").stored.tokens.ndim == 2  # stages of different shapes: one flat vector per image
     for tokens, reference in zip(stored, expected, strict=True):
         assert_tokens_equal(tokens, reference)
 
@@ -141,7 +141,7 @@ def test_keeping_the_last_stages_of_a_cnn_stores_only_those(folder, tmp_path):
     sidetune.extract("test_resnet", str(folder), tmp_path / "cache", spec="cnn-last2", pretrained=False, workers=0)
     cache = sidetune.open_cache(tmp_path / "cache")
     assert cache.split("train").stages == [4, 5]
-    assert cache.split("train").tokens.shape == (6, 49 * 192 + 25 * 96)
+    assert cache.split("trainval").tokens.shape == (6, 49 * 192 + 25 * 96)  # train and its carved val, stored once
 
 
 def test_an_int8_spec_is_refused_for_stages_of_different_shapes(folder, tmp_path):

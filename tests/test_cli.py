@@ -234,8 +234,9 @@ def test_a_new_method_is_its_file_and_its_registration(digits_cache, tmp_path):
 
 
 def test_no_progress_bar_is_drawn_before_the_options_are_checked(digits_cache):
-    refused = sidetune_cli("train", "--cache", str(digits_cache.path), "--method", "linear", "--epochs", "3")
-    assert refused.returncode == 2 and "has no training split 'train'" in refused.stderr
+    refused = sidetune_cli("train", "--cache", str(digits_cache.path), "--method", "linear", "--epochs", "3",
+                           "--train-split", "nosuch")
+    assert refused.returncode == 2 and "has no training split 'nosuch'" in refused.stderr
     assert "epoch" not in refused.stderr.split("error:")[0]  # nothing drawn before the error
 
 

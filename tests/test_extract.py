@@ -17,12 +17,12 @@ def test_class_folder_gives_seeded_train_test_split_with_class_names(class_folde
     extract_tiny(class_folder, tmp_path / "cache")
     cache = sidetune.open_cache(tmp_path / "cache")
     assert cache.class_names == ["circle", "square", "triangle"]
-    assert set(cache.splits) == {"train", "test"}
-    train, test = cache.split("train"), cache.split("test")
-    assert train.num_images + test.num_images == 15
+    assert list(cache.splits) == ["train", "val", "trainval", "test"]
+    trainval, test = cache.split("trainval"), cache.split("test")
+    assert trainval.num_images + test.num_images == 15
     assert sorted(np.bincount(test.labels).tolist()) == [1, 1, 1]  # stratified 20% of 5 per class
-    assert train.tokens.shape == (train.num_images, 7, 101, 64)  # test_vit: 6 blocks, 1 + 10x10 tokens
-    assert train.complete and test.complete
+    assert trainval.tokens.shape == (trainval.num_images, 7, 101, 64)  # test_vit: 6 blocks, 1 + 10x10 tokens
+    assert trainval.complete and test.complete
 
 
 def test_vtab_folder_reads_the_four_list_files(vtab_folder, tmp_path):

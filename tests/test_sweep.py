@@ -1,4 +1,4 @@
-"""`sidetune sweep`: grids, stacking, the VTAB-1k protocol, isolation, results files."""
+"""`sidetune sweep`: grids, stacking, the validation protocol, isolation, results files."""
 
 import csv
 import json
@@ -80,7 +80,7 @@ def test_a_sweep_cut_into_small_stacks_matches_one_stack(small_vtab_cache, tmp_p
 def test_vtab_protocol_selects_on_val200_and_reports_the_retrained_best_on_test(small_vtab_cache, tmp_path):
     configs = expand_grid("linear", {"lr": [1e-3, 0.3], "seed": [0, 1]}, {"epochs": 3})
     report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", top_k=2)
-    assert report.protocol == "vtab"
+    assert report.protocol.name == "val" and not report.protocol.selected_on_test
     selected = [row for row in report.rows if row.phase == "select"]
     assert len(selected) == 4 and {(r.train_split, r.eval_split) for r in selected} == {("train800", "val200")}
     ranked = sorted(selected, key=lambda r: -r.top1)
@@ -216,7 +216,7 @@ def test_runs_lists_every_run_and_sweep_from_their_files(small_vtab_cache, tmp_p
     assert set(records) == {"one", "grid"}
     assert records["one"]["kind"] == "run" and records["one"]["splits"] == "train800 -> val200"
     assert records["one"]["top1"] == json.loads((tmp_path / "runs" / "one" / "metrics.json").read_text())["top1"]
-    assert records["grid"]["kind"] == "sweep" and records["grid"]["settings"].startswith("2 configs, vtab protocol")
+    assert records["grid"]["kind"] == "sweep" and records["grid"]["settings"].startswith("2 configs, val protocol")
     assert records["grid"]["top1"] == json.loads((tmp_path / "runs" / "grid" / "sweep.json").read_text())["best"]["top1"]
     table = CliRunner().invoke(app, ["runs", str(tmp_path / "runs")], terminal_width=250)
     assert "2 under" in table.output and "linear" in table.output

@@ -50,14 +50,17 @@ def test_train_command_writes_a_run_where_timm_cannot_be_imported(digits_cache, 
     assert f"{metrics['top1']:.2f}" in done.stderr  # the results table
 
 
-def test_splits_default_to_vtab_then_train_test_and_a_missing_one_lists_those_present(tmp_path, vtab_folder, class_folder):
+def test_splits_default_to_train_and_validation_then_test_by_role_and_a_missing_one_lists_those_present(
+        tmp_path, vtab_folder, class_folder):
     extract_tiny(vtab_folder, tmp_path / "vtab")
     extract_tiny(class_folder, tmp_path / "folders")
-    vtab, folders = sidetune.open_cache(tmp_path / "vtab"), sidetune.open_cache(tmp_path / "folders")
+    extract_tiny(class_folder, tmp_path / "no-test", splits=["train", "val"])
+    vtab, folders, no_test = (sidetune.open_cache(tmp_path / name) for name in ("vtab", "folders", "no-test"))
     assert default_splits(vtab) == ("train800val200", "test")
     assert default_splits(vtab, "train800", "val200") == ("train800", "val200")
-    assert default_splits(folders) == ("train", "test")
-    with pytest.raises(sidetune.SidetuneError, match="no evaluation split 'val200'; it has train, test"):
+    assert default_splits(folders) == ("trainval", "test")
+    assert default_splits(no_test) == ("train", "val")
+    with pytest.raises(sidetune.SidetuneError, match="no evaluation split 'val200'; it has train, val, trainval, test"):
         default_splits(folders, eval_split="val200")
 
 

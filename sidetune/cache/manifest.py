@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from sidetune.cache.layout import TokenLayout
 from sidetune.cache.location import Location
 from sidetune.cache.spec import CacheSpec, spec_from_record
+from sidetune.roles import SplitRoles
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -137,6 +138,20 @@ class CacheManifest:
     @property
     def class_names(self) -> list[str]:
         return list(self.record["dataset"]["class_names"])
+
+    @property
+    def roles(self) -> SplitRoles:
+        """Which split trains, selects, retrains and reports (sidetune/roles.py): as recorded at
+        extraction, kept to the splits the cache has; caches written before roles were recorded
+        get them from their split names."""
+        return SplitRoles.from_record(self.record["dataset"].get("roles"), self.record["splits"])
+
+    @property
+    def carved_validation(self) -> Mapping[str, Any] | None:
+        """How the validation split was carved from the training split (split, fraction, seed),
+        or None when the dataset came with one."""
+        carved = self.record["dataset"].get("validation")
+        return None if carved is None else MappingProxyType(carved)
 
     # the backbone
     @property

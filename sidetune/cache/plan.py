@@ -36,6 +36,7 @@ class CachePlan:
     spec: str
     splits: list[SplitPlan]
     free_bytes: int | None  # None: not known (an object store)
+    notes: list[str] = field(default_factory=list)  # what the dataset's reading decided (a carved validation split)
 
     @property
     def nbytes(self) -> int:

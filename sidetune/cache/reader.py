@@ -159,6 +159,14 @@ class ViewSplit:
         return self.group["rows"][:]
 
     @property
+    def layout(self) -> TokenLayout:
+        return self.parent.layout
+
+    @property
+    def stages(self) -> list[int]:
+        return self.parent.stages
+
+    @property
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
 

@@ -10,6 +10,7 @@ from sidetune.datasets.digits import load_digits_source
 from sidetune.datasets.folders import is_class_folder, is_list_folder, load_class_folder, load_list_folder
 from sidetune.datasets.hub import is_saved_dataset, load_hub_dataset, load_saved_dataset, load_vtab_from_hub
 from sidetune.datasets.sources import ImageSource, ImageSplit, check_labels
+from sidetune.datasets.validation import with_validation
 from sidetune.errors import SidetuneError
 
 DATA_ROOT_ENV = "SIDETUNE_DATA"
@@ -28,9 +29,10 @@ def load_source(
 
     In order: `digits`; `hf:org/name`; an existing path (VTAB-1k list folder, `save_to_disk`
     folder, or class-folder of images); a VTAB-1k task name, read from
-    `<data_root or $SIDETUNE_DATA>/<task>/` when present, else from its hub copy.
+    `<data_root or $SIDETUNE_DATA>/<task>/` when present, else from its hub copy. A dataset
+    without a validation split gets one carved from its training split (`with_validation`).
     """
-    source = _resolve(dataset, data_root)
+    source = with_validation(_resolve(dataset, data_root))
     source = source.select_splits(splits).first(limit)
     check_labels(source)
     return source

@@ -8,6 +8,7 @@ import numpy as np
 
 from sidetune.datasets.catalogue import VTAB_SPLITS, VTAB_TASKS
 from sidetune.datasets.sources import IMAGE_SUFFIXES, FileSplit, ImageSource
+from sidetune.datasets.validation import stratified_split
 from sidetune.errors import SidetuneError
 
 FOLDER_SPLIT_NAMES = ("train", "val", "valid", "validation", "test", *VTAB_SPLITS)
@@ -72,7 +73,7 @@ def is_class_folder(folder: Path) -> bool:
 def load_class_folder(folder: Path) -> ImageSource:
     """Images under `<class>/` sub-folders. If the top level holds split folders
     (train/, val/, test/ ...) each becomes a split; otherwise a seeded, stratified
-    80/20 train/test split is drawn and recorded."""
+    80/20 train/test split is drawn and recorded (and `load_source` carves val from train)."""
     subdirs = sorted(child for child in folder.iterdir() if child.is_dir())
     split_dirs = [d for d in subdirs if d.name in FOLDER_SPLIT_NAMES]
     notes = []
@@ -82,7 +83,7 @@ def load_class_folder(folder: Path) -> ImageSource:
     else:
         class_names = [d.name for d in subdirs]
         everything = _scan_classes(folder, class_names, folder)
-        train, test = _stratified_holdout(everything.labels)
+        train, test = stratified_split(everything.labels, HOLDOUT_FRACTION, HOLDOUT_SEED)
         splits = {"train": everything.subset(train), "test": everything.subset(test)}
         notes.append(
             f"no split folders: a stratified {1 - HOLDOUT_FRACTION:.0%}/{HOLDOUT_FRACTION:.0%} "
@@ -109,14 +110,3 @@ def _scan_classes(folder: Path, class_names: list[str], root: Path) -> FileSplit
             "inside class folders)."
         )
     return FileSplit(paths, np.asarray(labels, dtype=np.int64), root)
-
-
-def _stratified_holdout(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(HOLDOUT_SEED)
-    train, test = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        count = int(round(len(members) * HOLDOUT_FRACTION)) if len(members) > 1 else 0
-        test.extend(members[:count])
-        train.extend(members[count:])
-    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))

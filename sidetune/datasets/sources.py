@@ -4,7 +4,7 @@ integer labels, class names, and a fingerprint that identifies the exact data.""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from sidetune.errors import SidetuneError
+from sidetune.roles import SplitRoles
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -133,6 +134,46 @@ class HubSplit:
 
 
 @dataclass
+class UnionSplit:
+    """Several splits listed one after the other (train then val: trainval), each item read from
+    the split it belongs to; `items` holds (part, row) pairs."""
+
+    parts: list[ImageSplit]
+    items: np.ndarray = field(default=None)  # (N, 2) int64
+    labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.items is None:
+            self.items = np.array([(part, row) for part, split in enumerate(self.parts) for row in range(len(split))],
+                                  dtype=np.int64).reshape(-1, 2)
+        self.labels = np.asarray([self.parts[part].labels[row] for part, row in self.items.tolist()], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, index: int) -> Image.Image:
+        part, row = self.items[index]
+        return self.parts[part].image(int(row))
+
+    def describe(self, index: int) -> str:
+        part, row = self.items[index]
+        return self.parts[part].describe(int(row))
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(self.items).tobytes())
+        for part in self.parts:
+            digest.update(f"{len(part)}:{part.fingerprint()}\n".encode())
+        return digest.hexdigest()
+
+    def keys(self) -> list[str]:
+        keys = [part.keys() for part in self.parts]
+        return [keys[part][row] for part, row in self.items.tolist()]
+
+    def subset(self, indices: np.ndarray) -> "UnionSplit":
+        return UnionSplit(self.parts, self.items[np.asarray(indices, dtype=np.int64)])
+
+
+@dataclass
 class ImageSource:
     """A dataset ready for extraction."""
 
@@ -144,6 +185,13 @@ class ImageSource:
     group: str | None = None
     notes: list[str] = field(default_factory=list)
     limit: int | None = None
+    roles: SplitRoles | None = None  # None: read from the split names
+    validation: dict | None = None  # how a carved validation split was drawn (sidetune/datasets/validation.py)
+
+    @property
+    def split_roles(self) -> SplitRoles:
+        """The roles of the splits present."""
+        return (self.roles or SplitRoles.from_names(self.splits)).only(self.splits)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256("|".join(self.class_names).encode())
@@ -161,6 +209,8 @@ class ImageSource:
             "num_classes": len(self.class_names),
             "split_sizes": {name: len(split) for name, split in self.splits.items()},
             "limit": self.limit,
+            "roles": self.split_roles.record(),
+            "validation": self.validation,
             "notes": self.notes,
             "fingerprint": self.fingerprint(),
         }
@@ -177,24 +227,25 @@ class ImageSource:
         return _replace_splits(self, {name: self.splits[name] for name in wanted})
 
     def first(self, limit: int | None) -> "ImageSource":
-        """The first `limit` images of every split (a quick trial run). A union split (VTAB-1k's
-        train800val200, listing train800 then val200) keeps the union of its parts' first images."""
+        """The first `limit` images of every split (a quick trial run). The split that holds train
+        and val together (VTAB-1k's train800val200, listing train800 then val200) keeps the union
+        of their first images."""
         if limit is None:
             return self
         splits = {name: split.subset(np.arange(min(limit, len(split)))) for name, split in self.splits.items()}
-        union = self.splits.get("train800val200")
-        parts = [self.splits.get(name) for name in ("train800", "val200")]
-        if union is not None and None not in parts and union.keys() == parts[0].keys() + parts[1].keys():
-            rows = np.concatenate([np.arange(min(limit, len(parts[0]))), len(parts[0]) + np.arange(min(limit, len(parts[1])))])
-            splits["train800val200"] = union.subset(rows)
+        roles = self.split_roles
+        if roles.trainval and roles.train and roles.val:
+            union, train, val = (self.splits[name] for name in (roles.trainval, roles.train, roles.val))
+            if union.keys() == train.keys() + val.keys():
+                rows = np.concatenate([np.arange(min(limit, len(train))), len(train) + np.arange(min(limit, len(val)))])
+                splits[roles.trainval] = union.subset(rows)
         source = _replace_splits(self, splits)
         source.limit = limit
         return source
 
 
 def _replace_splits(source: ImageSource, splits: dict[str, ImageSplit]) -> ImageSource:
-    return ImageSource(source.name, source.source, source.class_names, splits, source.task,
-                       source.group, list(source.notes), source.limit)
+    return replace(source, splits=splits, notes=list(source.notes))
 
 
 def check_labels(source: ImageSource) -> None:

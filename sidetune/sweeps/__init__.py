@@ -3,7 +3,7 @@
 - `grid`: the configurations of a sweep, checked, and each method's default grid.
 - `estimate`: the wall time a sweep will take, from one timed step per group.
 - `journal`: the rows of finished configurations, journaled so an interrupted sweep resumes.
-- `protocol`: `sweep` itself (the VTAB-1k protocol or one split pair, stacks, ranks).
+- `protocol`: `sweep` itself (the validation protocol by split roles, or one split pair; stacks, ranks).
 - `halving`: successive halving inside a stack.
 - `report`: the result files and the `sidetune train` command of the best configuration.
 - `suite`: the same sweep on every task's cache, and the VTAB-1k summary."""

@@ -10,9 +10,8 @@ import torch
 
 from sidetune.cache.reader import Cache
 from sidetune.compute import resolve_device
-from sidetune.datasets.catalogue import VTAB_SPLITS
 from sidetune.sidenets import SIDENETS
-from sidetune.train import default_splits
+from sidetune.sweeps.protocol import resolve_protocol
 from sidetune.training import SideNetBlueprint, TrainConfig, sidenet_blueprint
 from sidetune.training.data import sample_batch
 from sidetune.training.optim import StackedAdamW
@@ -21,14 +20,15 @@ from sidetune.training.step import StackedStep
 
 
 def estimate_seconds(cache: Cache, configs: list[TrainConfig], device: str | torch.device, *, protocol: str = "auto",
-                     top_k: int = 1, max_stack: int | None = None, train_split: str | None = None) -> float:
+                     top_k: int = 1, max_stack: int | None = None, train_split: str | None = None,
+                     eval_split: str | None = None) -> float:
     """A rough wall time for `sweep`: one training step of each group's stack timed on a real
     batch (after the steps that warm up and capture it), times the steps its stacks take, for
-    selection and the top-k's retraining (or the one phase of protocol none, on `train_split`)."""
+    selection and the top-k's retraining (or the one phase of protocol none, on `train_split`).
+    Refuses what `sweep` would refuse about the protocol, before anything is timed."""
     device = resolve_device(device) if isinstance(device, str) else device
-    vtab = protocol == "vtab" or (protocol == "auto" and train_split is None
-                                  and all(split in cache.splits for split in VTAB_SPLITS))
-    train_split = "train800" if vtab else train_split or default_splits(cache)[0]
+    chosen = resolve_protocol(cache, protocol, train_split, eval_split)
+    train_split = chosen.train
     groups: dict[tuple, list[TrainConfig]] = {}
     for config in configs:
         groups.setdefault(config.group_key(), []).append(config)
@@ -43,12 +43,12 @@ def estimate_seconds(cache: Cache, configs: list[TrainConfig], device: str | tor
         if SIDENETS[members[0].method].closed_form:  # one solve, about a pass over the split
             steps = math.ceil(cache.split(train_split).num_images / members[0].batch_size)
         total += seconds * steps * math.ceil(len(members) / stack)
-    if vtab:  # the top-k retrained on train800val200 (1.25x the images), about one stack's worth
+    if chosen.final_train is not None:  # the top-k retrained on train and validation, about one stack's worth
         first = configs[0]
-        steps = math.ceil(cache.split("train800val200").num_images / first.batch_size)
+        steps = math.ceil(cache.split(chosen.final_train).num_images / first.batch_size)
         steps *= 1 if SIDENETS[first.method].closed_form else first.epochs
-        total += step_seconds(cache, blueprints[first.group_key()], configs[:min(top_k, len(configs))], "train800val200",
-                              device) * steps
+        total += step_seconds(cache, blueprints[first.group_key()], configs[:min(top_k, len(configs))],
+                              chosen.final_train, device) * steps
     return total
 
 

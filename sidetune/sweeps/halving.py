@@ -48,7 +48,8 @@ def train_with_halving(cache: Cache, configs: list[TrainConfig], train_split: st
     `on_epoch_of(alive)` gives the epoch callback while the configs at positions `alive` train."""
     if cache.split(eval_split).kind == "live":
         raise SidetuneError(f"Successive halving scores the stack on the evaluation split at every rung; {eval_split} "
-                            "is live (through the backbone). Halve on a cached split (the VTAB protocol uses val200).")
+                            "is live (through the backbone). Halve on a cached split (the default protocol selects on the cached "
+                            "validation split).")
     results: dict[int, TrainResult] = {}
     alive, state, elapsed = list(range(len(configs))), None, 0.0
     for rung in halving.rungs(configs[0].epochs):

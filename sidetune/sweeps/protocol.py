@@ -6,13 +6,16 @@ Configs that share a group key (same method, options, epochs, batch size, batch 
 stacked and trained together by the engine, sharing every batch; different shapes form separate
 groups, each checked against the cache once, and a group is cut into stacks that fit the
 device's memory (sidetune/training/stacking.py). Under torchrun the configs are shared out
-between the ranks. With the VTAB-1k protocol every config trains on train800 and is scored on
-val200; the best (top-k) is retrained on train800val200 and reported on test. Selection never
-sees test."""
+between the ranks. Under the validation protocol (VTAB-1k's, by split roles) every config
+trains on the training split and is scored on the validation split; the best (top-k) is
+retrained on train and validation together and reported on test. Selection never sees test;
+selecting on test happens only when asked for (protocol none with test as the evaluation split)
+and the report says so."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -21,7 +24,6 @@ import torch
 from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
-from sidetune.datasets.catalogue import VTAB_SPLITS
 from sidetune.distributed import World, current_world
 from sidetune.errors import Interrupted, SidetuneError
 from sidetune.sweeps.halving import Halving, train_with_halving
@@ -143,6 +145,81 @@ def sweep_dir(out: str | Path | None, source: str | Path, world: World) -> Path:
     return Path(world.broadcast(str(out) if out is not None else str(runs.default_run_dir(source, "sweep"))))
 
 
+PROTOCOLS = ("auto", "val", "none")
+PROTOCOL_ALIASES = {"vtab": "val"}  # its name before it ran by roles on any dataset
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a sweep trains, selects and reports, as the cache's split names. `val`: every
+    configuration trains on `train` and is ranked on `select` (the validation split); the top-k
+    are retrained on `final_train` (train and validation) and reported on `report` (test).
+    `none`: one phase, trained on `train`, ranked and reported on `select`."""
+
+    name: str
+    train: str
+    select: str
+    final_train: str | None = None
+    report: str | None = None
+    selected_on_test: bool = False
+
+    @property
+    def reported(self) -> str:
+        """The split of the reported top-1."""
+        return self.report or self.select
+
+    def describe(self) -> str:
+        if self.name == "val":
+            return (f"selected on {self.select} (trained on {self.train}), the best retrained on {self.final_train} "
+                    f"and reported on {self.report}")
+        text = f"trained on {self.train}, selected and reported on {self.select}"
+        if self.selected_on_test:
+            text += (": SELECTED ON TEST, so the best top-1 is an optimistic estimate, not a held-out score (the "
+                     "default protocol selects on the validation split)")
+        return text
+
+
+def resolve_protocol(cache: Cache, protocol: str = "auto", train_split: str | None = None,
+                     eval_split: str | None = None) -> Protocol:
+    """The protocol a sweep runs on `cache`, from the cache's split roles (sidetune/roles.py).
+    `auto`: the validation protocol wherever the cache has train, validation, train+validation
+    and test splits and no split was named; with a split named, protocol none on the splits
+    given (defaults as for `train`). A cache without a validation split is refused rather than
+    selected on test; protocol none on test is allowed when asked for, and said."""
+    protocol = PROTOCOL_ALIASES.get(protocol, protocol)
+    if protocol not in PROTOCOLS:
+        raise SidetuneError(f"Unknown protocol '{protocol}'; choose val (select on the validation split, retrain, "
+                            "report test), none (one training split, one evaluation split) or auto.")
+    roles = cache.info.roles
+    named = train_split is not None or eval_split is not None
+    if protocol == "auto":
+        if named or (roles.val is not None and roles.test is None):
+            protocol = "none"
+        elif roles.can_select:
+            protocol = "val"
+        else:
+            raise SidetuneError(
+                f"Cache {cache.path} has no validation split to select on (its splits: {', '.join(cache.splits)}; "
+                f"roles: {roles.describe()}), and a sweep does not select on test unless asked. Extract a validation "
+                "split into it (`sidetune extract` carves a seeded, stratified one from the training split unless "
+                "--splits leaves it out; a cache written before it did needs --overwrite), or pass --protocol none "
+                "to select on the test split knowingly (the results then say so).")
+    if protocol == "val":
+        if named:
+            raise SidetuneError("--train-split and --eval-split choose the splits of --protocol none; the validation "
+                                f"protocol uses the cache's roles ({roles.describe()}). Drop them, or pass --protocol none.")
+        if not roles.can_select:
+            missing = [role for role in ("train", "val", "trainval", "test") if getattr(roles, role) is None]
+            raise SidetuneError(
+                f"--protocol val needs splits in the roles train, val, trainval and test; cache {cache.path} has none "
+                f"for {', '.join(missing)} (its splits: {', '.join(cache.splits)}). Extract the missing splits into it "
+                "(`sidetune extract` carves a validation split from train unless --splits leaves it out; a cache "
+                "written before it did needs --overwrite), or use --protocol none.")
+        return Protocol("val", roles.train, roles.val, roles.trainval, roles.test)
+    train_split, eval_split = default_splits(cache, train_split, eval_split)
+    return Protocol("none", train_split, eval_split, selected_on_test=eval_split == roles.test)
+
+
 def sweep(
     cache: str | Path | Cache,
     configs: list[TrainConfig],
@@ -166,10 +243,12 @@ def sweep(
 ) -> SweepReport:
     """Train every configuration and write results.jsonl, results.csv and sweep.png to `out`.
 
-    protocol 'vtab' (the default when the cache has the VTAB-1k splits): select on
-    train800 -> val200, retrain the top-k on train800val200, report on test. 'none': train on
-    one split and score on another (defaults as for `train`). Stacks hold as many configs as
-    fit the device's memory, at most `max_stack` (default: 16 on the CPU, unbounded on a GPU).
+    protocol 'val' (the default where the cache has train, validation and test splits: VTAB-1k's
+    protocol, by split roles): select on the training -> validation split, retrain the top-k on
+    both together, report on test. 'none': train on one split and rank on another (defaults as
+    for `train`; on test only when asked for, and the report says so). `resolve_protocol` says
+    which. Stacks hold as many configs as fit the device's memory, at most `max_stack`
+    (default: 16 on the CPU, unbounded on a GPU).
 
     Every finished stack is journaled to ranks/rank-R.jsonl: rerun an interrupted sweep with
     the same `out` and it trains only what is missing. Under torchrun each rank trains its share
@@ -184,15 +263,7 @@ def sweep(
     if not configs:
         raise SidetuneError("The sweep has no configurations; give at least one value for each setting.")
     configs = [config_for_cache(config, cache) for config in configs]  # e.g. pool auto, decided and recorded
-    has_vtab = all(split in cache.splits for split in VTAB_SPLITS)
-    if protocol == "auto":
-        protocol = "vtab" if has_vtab and train_split is None and eval_split is None else "none"
-    if protocol not in ("vtab", "none"):
-        raise SidetuneError(f"Unknown protocol '{protocol}'; choose vtab, none or auto.")
-    if protocol == "vtab" and not has_vtab:
-        missing = [s for s in VTAB_SPLITS if s not in cache.splits]
-        raise SidetuneError(f"--protocol vtab needs the splits {', '.join(VTAB_SPLITS)}; cache {cache.path} lacks "
-                            f"{', '.join(missing)}. Extract them, or use --protocol none.")
+    chosen_protocol = resolve_protocol(cache, protocol, train_split, eval_split)
     torch_device = resolve_device(device)
     world = current_world(torch_device)
     torch_device = world.device(torch_device)
@@ -203,25 +274,25 @@ def sweep(
     board = TensorBoardLog(out / "tensorboard") if tensorboard else None
     common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile, fused=fused,
                   cuda_graphs=cuda_graphs, loaded=loaded, board=board, halving=halving, on_stack=on_stack, on_epoch=on_epoch)
+    train_split, select_split = chosen_protocol.train, chosen_protocol.select
+    seen = cache.shared_images(train_split, select_split)  # 0 under the val protocol unless the splits were made so
 
     try:
-        if protocol == "vtab":
-            seen = cache.shared_images("train800", "val200")  # 0 unless the cache's splits were made otherwise
-            rows = run_configs(cache, dict(enumerate(configs)), "select", "train800", "val200", **common)
+        if chosen_protocol.name == "val":
+            rows = run_configs(cache, dict(enumerate(configs)), "select", train_split, select_split, **common)
             ranked = sorted((row for row in rows if row.status == "ok"), key=lambda row: -row.top1)
             if not ranked:
                 raise SidetuneError("Every configuration diverged during selection; lower the learning rates.")
             chosen = {row.config_id: configs[row.config_id] for row in ranked[:top_k]}
-            final_rows = run_configs(cache, chosen, "final", "train800val200", "test", keep_models=True, **common)
+            final_rows = run_configs(cache, chosen, "final", chosen_protocol.final_train, chosen_protocol.report,
+                                     keep_models=True, **common)
             rows += final_rows
             best = max((row for row in final_rows if row.status == "ok"), key=lambda row: row.top1, default=final_rows[0])
             world.barrier()
             models = kept_models(out, list(chosen))
         else:
-            train_split, eval_split = default_splits(cache, train_split, eval_split)
-            seen = cache.shared_images(train_split, eval_split)
             trained: dict[int, TrainResult] = {}
-            rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, eval_split, kept=trained, **common)
+            rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, select_split, kept=trained, **common)
             ok = [row for row in rows if row.status == "ok"]
             if not ok:
                 raise SidetuneError("Every configuration diverged; lower the learning rates.")
@@ -229,7 +300,7 @@ def sweep(
             top = [row.config_id for row in sorted(ok, key=lambda row: -row.top1)[:top_k]]
             for config_id in top:  # each rank keeps those it trained; one trained by an earlier, interrupted run is not kept
                 if config_id in trained:
-                    keep_model(out, cache, config_id, trained[config_id], train_split, eval_split, torch_device)
+                    keep_model(out, cache, config_id, trained[config_id], train_split, select_split, torch_device)
             world.barrier()
             models = kept_models(out, top)
     except KeyboardInterrupt:
@@ -239,7 +310,7 @@ def sweep(
 
     if board is not None:
         board.close()
-    report = SweepReport(out, rows, best, protocol, time.perf_counter() - started, seen, models)
+    report = SweepReport(out, rows, best, chosen_protocol, time.perf_counter() - started, seen, models)
     if world.is_main:
         write_results(report, cache, configs[0].method, top_k, world.size)
     world.barrier()

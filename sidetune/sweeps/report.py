@@ -8,6 +8,7 @@ import datetime as dt
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidetune import runs
 from sidetune.cache.reader import Cache
@@ -15,17 +16,19 @@ from sidetune.results import plot_sweep
 from sidetune.sweeps.journal import SweepRow, write_rows
 from sidetune.training import TrainConfig
 
+if TYPE_CHECKING:
+    from sidetune.sweeps.protocol import Protocol
+
 
 @dataclass
 class SweepReport:
     out: Path
     rows: list[SweepRow]
-    best: SweepRow  # the reported configuration (final phase under the VTAB protocol)
-    protocol: str
+    best: SweepRow  # the reported configuration (final phase under the validation protocol)
+    protocol: Protocol
     seconds: float = 0.0  # this run's wall time (a resumed sweep: since it resumed)
     eval_images_seen_in_training: int = 0  # images of the selection split that are in its training split
     models: dict[int, str] = field(default_factory=dict)  # config id -> its kept model's run directory (the top-k)
-
 
 
 def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, world_size: int) -> None:
@@ -39,7 +42,9 @@ def write_results(report: SweepReport, cache: Cache, method: str, top_k: int, wo
         writer.writeheader()
         writer.writerows(records)
     runs.write_json(out / "sweep.json", {
-        "cache": str(cache.path), "protocol": report.protocol, "top_k": top_k, "ranks": world_size,
+        "cache": str(cache.path), "protocol": report.protocol.name, "protocol_description": report.protocol.describe(),
+        "selected_on": report.protocol.select, "selected_on_test": report.protocol.selected_on_test,
+        "top_k": top_k, "ranks": world_size,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(report.seconds, 3),
         "configurations": len({row.config_id for row in rows}),
         "eval_images_seen_in_training": report.eval_images_seen_in_training,

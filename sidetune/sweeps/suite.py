@@ -151,7 +151,8 @@ def sweep_tasks(root: str | Path, configs: list[TrainConfig], *, tasks: str | li
                                 str(report.out)))
     ours = summarize({s.task: s.top1 for s in scores})
     theirs = {s.task: s.published for s in scores if s.published is not None}
-    summary = {"method": method, "ours": ours,
+    summary = {"method": method, "ours": ours, "protocols": sorted({r.protocol.name for r in sweeps.values()}),
+               "selected_on_test": sorted(name for name, r in sweeps.items() if r.protocol.selected_on_test),
                "published": summarize(theirs) if len(theirs) == len(scores) else None,
                "published_source": "V-PETL Bench table of LAST, ViT-B/16 ImageNet-21k" if theirs else None}
     report = SuiteReport(out, scores, summary, sweeps)

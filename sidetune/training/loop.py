@@ -78,9 +78,10 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     if eval_every and cache.split(eval_split).kind == "live":
         held_out = [name for name, split in cache.splits.items()
                     if split.kind != "live" and cache.shared_images(train_split, name) == 0]
+        roles = cache.info.roles
+        example = f" (e.g. --train-split {roles.train} --eval-split {roles.val})" if roles.train and roles.val else ""
         fix = (f"Evaluate during training on a cached split the training split does not contain (--eval-split "
-               f"{held_out[0]})" if held_out else
-               "Train on a split that leaves cached images out (e.g. --train-split train800 --eval-split val200)")
+               f"{held_out[0]})" if held_out else f"Train on a split that leaves cached images out{example}")
         raise SidetuneError(f"--eval-every would run the backbone over the live split {eval_split} every "
                             f"{eval_every} epochs. {fix}, or extract {eval_split} into the cache with --splits.")
     if fused:
