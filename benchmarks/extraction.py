@@ -43,9 +43,10 @@ def main() -> None:
 
     import sidetune
     from sidetune.backbones import forward_stages, load_backbone, resolve_preprocessing
-    from sidetune.compute import autocast, keep_freed_memory, resolve_compute
+    from sidetune.compute import autocast, resolve_compute
     from sidetune.datasets import load_source
     from sidetune.features import ImageDataset, collate_images, default_workers
+    from sidetune.malloc import keep_freed_memory
 
     malloc = "kept" if keep_freed_memory() else "default"
     folder = generated_images(WORK / f"images-{args.images}", args.images)

@@ -32,7 +32,7 @@ matrix-product speed.
 
 The images are decoded and preprocessed once into memory for paper, lora and forward, so their
 figures exclude image decoding: the comparison favours them. Every case keeps freed memory as
-the command line does (`sidetune.compute.keep_freed_memory`)."""
+the command line does (`sidetune.malloc.keep_freed_memory`)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--args")
     args = parser.parse_args()
     if args.child:
-        from sidetune.compute import keep_freed_memory
+        from sidetune.malloc import keep_freed_memory
 
         keep_freed_memory()  # every case with the command line's allocator settings
         print(json.dumps(CASES[args.child](**json.loads(args.args))))

@@ -23,7 +23,7 @@ import torch
 
 import sidetune
 from common import WORK, generated_images, machine, write_result
-from sidetune.compute import keep_freed_memory
+from sidetune.malloc import keep_freed_memory
 from sidetune.sweeps import expand_grid
 from sidetune.training import train_group
 from sidetune.training.data import LoadedSplits

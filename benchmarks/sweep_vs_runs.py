@@ -6,7 +6,7 @@ the random test_vit.
     python benchmarks/sweep_vs_runs.py [--configs 16] [--epochs 3] [--out FILE]
 
 Every case runs twice: as the command line runs by default (glibc's malloc keeping freed memory,
-`sidetune.compute.keep_freed_memory`) and with SIDETUNE_MALLOC=default (the C library's own
+`sidetune.malloc.keep_freed_memory`) and with SIDETUNE_MALLOC=default (the C library's own
 settings). Per case: wall seconds, the CPU's user and system seconds and the minor page faults
 of the child processes (getrusage), and the ratio to the K separate runs of the same allocator."""
 

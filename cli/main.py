@@ -18,14 +18,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: each option's text wraps under it at any width, never cut
 )
+
+
+WIDE_TABLE = 120  # columns below which `runs` prints two lines per record instead of its table
 
 
 def _split_list(value: Optional[str]) -> Optional[list[str]]:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
 
 
-@app.command()
+@app.command(short_help="Stage one: run the backbone over a dataset once, into a cache.")
 def extract(
     model: str = typer.Option(..., help="Alias (vit_b16, vit_l16, vit_h14, vit_g14, vit_s16, vit_ti16), any timm model name (ViTs block by block, other models through forward_intermediates), or local-dir:/folder."),
     dataset: str = typer.Option(..., help="VTAB-1k task name, digits, hf:org/name, or a folder (VTAB-1k lists, class folders, save_to_disk)."),
@@ -79,7 +83,8 @@ def extract(
 def show_plan(plan) -> None:
     from sidetune.cache.plan import human_bytes
 
-    table = folding_table("split", "images", "kept as", "bytes", title=f"Plan for {plan.out} (spec {plan.spec})")
+    table = folding_table("split", "images", "kept as", "bytes", title=f"Plan for {plan.out} (spec {plan.spec})",
+                          whole=("split", "images", "bytes"))
     how = {"stored": "stored", "view": "rows of {parent}", "live": "live: through the backbone when evaluated"}
     for split in plan.splits:
         table.add_row(split.name, f"{split.num_images:,}", how[split.kind].format(parent=split.parent), human_bytes(split.nbytes))
@@ -92,7 +97,7 @@ def show_plan(plan) -> None:
     console.print(f"free at {plan.out}: {free}: {verdict}")
 
 
-@app.command()
+@app.command(short_help="Describe a cache: backbone, split roles, splits, bytes, state.")
 def info(
     cache: str = typer.Argument(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     as_json: bool = typer.Option(False, "--json", help="Print the full manifest as JSON."),
@@ -107,6 +112,8 @@ def info(
 
 
 def show_info(path: str | Path) -> None:
+    from rich.table import Table
+
     import sidetune
     from sidetune.cache.plan import human_bytes
 
@@ -115,41 +122,47 @@ def show_info(path: str | Path) -> None:
     backbone, pre, data = info.backbone, info.preprocessing, info.dataset
     name = f"{backbone['alias']} ({backbone['timm_name']})" if backbone["alias"] else backbone["timm_name"]
     console.print(f"[bold]{path}[/]  format v{info.format_version}, created {info.created}")
-    console.print(f"backbone       {name}, {backbone['depth']} {'blocks' if backbone.get('path', 'vit') == 'vit' else 'stages'}, width {backbone['width']}, weights {backbone['weights_source']} sha256 {backbone['weights_sha256'][:12]}")
-    console.print(f"preprocessing  {pre['name']}: {pre['size'][0]}x{pre['size'][1]} {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}"
-                  + (f", crop_pct {pre['crop_pct']}" if pre.get("crop_pct") else ""))
-    console.print(f"dataset        {data['name']} ({data['source']}), {data['num_classes']} classes"
+    about = Table.grid(padding=(0, 2))  # the values wrap in their own column
+    about.add_column(no_wrap=True)
+    about.add_column(overflow="fold")
+    about.add_row("backbone", f"{name}, {backbone['depth']} {'blocks' if backbone.get('path', 'vit') == 'vit' else 'stages'}, "
+                  f"width {backbone['width']}, weights {backbone['weights_source']} sha256 {backbone['weights_sha256'][:12]}")
+    about.add_row("preprocessing", f"{pre['name']}: {pre['size'][0]}x{pre['size'][1]} {pre['interpolation']}, mean "
+                  f"{pre['mean']}, std {pre['std']}" + (f", crop_pct {pre['crop_pct']}" if pre.get("crop_pct") else ""))
+    about.add_row("dataset", f"{data['name']} ({data['source']}), {data['num_classes']} classes"
                   + (f", VTAB-1k {data['vtab_group']}" if data.get("vtab_group") else ""))
     shapes = cache.token_layout
     if shapes.uniform:
         tokens = f"{info.num_tokens} tokens x {info.width}"
     else:  # stages of different shapes (a CNN, a Swin): each stage's tokens x width
         tokens = ", ".join(f"{s.stage}: {s.num_tokens} x {s.width}" for s in shapes.shapes)
-    console.print(f"layout         {shapes.describe_stages()}, {tokens} ({info.token_selection}), "
-                  f"{info.spec.dtype}, spec '{info.spec.name}', compute {info.precision}")
-    console.print(f"roles          {info.roles.describe()}"
-                  + ("" if info.carved_validation is None else
-                     f" ({info.roles.val} carved from {info.carved_validation['carved_from']})"))
+    about.add_row("layout", f"{shapes.describe_stages()}, {tokens} ({info.token_selection}), {info.spec.dtype}, "
+                  f"spec '{info.spec.name}', compute {info.precision}")
+    about.add_row("roles", info.roles.describe() + ("" if info.carved_validation is None else
+                  f" ({info.roles.val} carved from {info.carved_validation['carved_from']})"))
     for note in data.get("notes", []):
-        console.print(f"[yellow]note[/]           {note}")
+        about.add_row("[yellow]note", note)
+    console.print(about)
     axes = "(N, S, T, D)" if shapes.uniform else "(N, E)"
-    table = folding_table("split", "images", "kept as", f"shape {axes}", "on disk", "shards", "max |x|", "state")
+    table = folding_table("split", "images", "kept as", f"shape {axes}", "on disk", "max |x|", "state",
+                          whole=("split", "images", "on disk", "max |x|", "state"))
     for split in cache.splits.values():
-        state = "[green]complete" if split.complete else "[yellow]incomplete"
         if split.kind == "stored":
             absmax = split.record.get("absmax")
+            state = ("[green]complete" if split.complete else
+                     f"[yellow]{split.shards_done}/{split.record['num_shards']} shards")
             table.add_row(split.name, f"{split.num_images:,}", "stored", str(tuple(split.tokens.shape)),
-                          human_bytes(split.nbytes_stored), f"{split.shards_done}/{split.record['num_shards']}",
-                          f"{max(absmax):.4g}" if absmax else "-", state)
+                          human_bytes(split.nbytes_stored), f"{max(absmax):.4g}" if absmax else "-", state)
         elif split.kind == "view":
+            state = "[green]complete" if split.complete else "[yellow]incomplete"
             table.add_row(split.name, f"{split.num_images:,}", f"rows of {split.parent.name}", "-",
-                          human_bytes(split.nbytes_stored), "-", "-", state)
+                          human_bytes(split.nbytes_stored), "-", state)
         else:
-            table.add_row(split.name, f"{split.num_images:,}", "live (through the backbone)", "-", "-", "-", "-", "-")
+            table.add_row(split.name, f"{split.num_images:,}", "live (through the backbone)", "-", "-", "-", "-")
     console.print(table)
 
 
-@app.command()
+@app.command(short_help="Stage two: train one side network from a cache.")
 @with_method_options("train")
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
@@ -208,7 +221,8 @@ def show_run(run_dir: Path) -> None:
 
     run = open_run(run_dir)
     metrics = run.metrics
-    table = folding_table("method", "train split", "eval split", "top-1", "best (epoch)", "params", "seconds", title=str(run_dir))
+    table = folding_table("method", "train split", "eval split", "top-1", "best (epoch)", "params", "seconds", title=str(run_dir),
+                          whole=("method", "top-1", "params", "seconds"))
     best = f"{metrics['best_top1']:.2f} ({metrics['best_epoch']})" if metrics.get("best_top1") is not None else "-"
     table.add_row(metrics["method"], metrics["train_split"], metrics["eval_split"], f"{metrics['top1']:.2f}",
                   best, f"{metrics['params']:,}", f"{metrics['seconds']:.1f}")
@@ -218,7 +232,7 @@ def show_run(run_dir: Path) -> None:
     console.print(f"[green]Run saved:[/] {run_dir} ({', '.join(files)})")
 
 
-@app.command()
+@app.command(short_help="Score a trained run on a split (a live one through the backbone).")
 def evaluate(
     run: Path = typer.Option(..., help="A run directory written by `sidetune train`."),
     split: str = typer.Option("test", help="A split of the run's cache: cached, or live (run through the backbone)."),
@@ -237,13 +251,14 @@ def evaluate(
     with RichProgress() as progress:  # a live split's images through the backbone
         record = evaluate_run(run, split, which=which, cache=cache, weights=weights, data_root=data_root,
                               device=device, batch_size=batch_size, progress=progress, warn=_warn)
-    table = folding_table("run", "split", "kept as", "images", "top-1", title="evaluation")
+    table = folding_table("run", "split", "kept as", "images", "top-1", title="evaluation",
+                          whole=("split", "images", "top-1"))
     table.add_row(str(run), split, record["kind"], f"{record['images']:,}", f"{record['top1']:.2f}")
     console.print(table)
     console.print(f"Saved {run}/eval-{split}.json")
 
 
-@app.command(name="runs")
+@app.command(name="runs", short_help="Every run, sweep and suite under a folder, newest first.")
 def runs_command(
     folder: Path = typer.Argument(Path("runs"), help="The folder holding runs and sweeps (default ./runs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
@@ -255,16 +270,25 @@ def runs_command(
     if as_json:
         typer.echo(json.dumps(records, indent=2))
         return
+    cells = [(r["kind"], Path(r["path"]).name, r["method"], r["data"], r["settings"], r["splits"],
+              "-" if r["top1"] is None else f"{r['top1']:.2f}", "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+              (r["created"] or "-")[:16].replace("T", " ")) for r in records]
+    if console.width < WIDE_TABLE:  # nine columns do not fit: two lines per record, the settings on the second
+        from rich.padding import Padding
+
+        console.print(f"[bold]{len(records)} under {folder}")
+        for kind, name, method, data, settings, splits, top1, seconds, when in cells:
+            console.print(f"[bold]{name}[/] {kind}, {method} on {data}, top-1 {top1}, {seconds} s, {when}")
+            console.print(Padding(f"{splits}; {settings}", (0, 0, 0, 2)))
+        return
     table = folding_table("kind", "folder", "method", "data", "settings", "splits", "top-1", "seconds", "when",
-                  title=f"{len(records)} under {folder}")
-    for r in records:
-        table.add_row(r["kind"], Path(r["path"]).name, r["method"], r["data"], r["settings"], r["splits"],
-                      "-" if r["top1"] is None else f"{r['top1']:.2f}", "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
-                      (r["created"] or "-")[:16].replace("T", " "))
+                          title=f"{len(records)} under {folder}", whole=("kind", "method", "top-1", "seconds", "when"))
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 
-@app.command()
+@app.command(short_help="Classify new images with a trained run.")
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
     run: Path = typer.Option(..., help="A run directory written by `sidetune train`."),
@@ -294,7 +318,7 @@ def predict(
     console.print(table)
 
 
-@app.command()
+@app.command(short_help="Train many configurations from a cache at once, select, report.")
 @with_method_options("sweep")
 def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
@@ -411,7 +435,7 @@ def _print_sweep(report) -> None:
 
     records = [row.record() for row in report.rows]
     varying = varying_settings(records)
-    table = folding_table("#", "phase", *varying, "split", "top-1", "status", "seconds",
+    table = folding_table("#", "phase", *varying, "split", "top-1", "status", "seconds", whole=("#", "phase", "split", "top-1"),
                           title=f"{report.out} (protocol {report.protocol.name}: {report.protocol.describe()})")
     for row in sorted(report.rows, key=lambda r: (r.phase != "final", -(r.top1 if r.top1 is not None else -1))):
         record = row.record()
@@ -430,7 +454,8 @@ def print_summary(suite) -> None:
     """Per task the best config's top-1 (beside the published number), then the VTAB-1k means."""
     published = suite.summary["published"]
     columns = ["task", "group", "best config", "top-1"] + (["published", "difference"] if published else [])
-    table = folding_table(*columns, title=f"{suite.out}: {suite.summary['method']}, top-1 of the best config per task")
+    table = folding_table(*columns, title=f"{suite.out}: {suite.summary['method']}, top-1 of the best config per task",
+                          whole=("top-1", "published", "difference"))
     for score in suite.scores:
         cells = [score.task, score.group or "-", str(score.config_id), f"{score.top1:.2f}"]
         if published:
@@ -485,7 +510,7 @@ def _number(text: str):
     return text
 
 
-@app.command()
+@app.command(short_help="Offline end to end: digits into a cache, then a LAST run.")
 def demo(
     out: Path = typer.Option(Path("cache/digits"), help="Where to write the demo cache."),
     model: str = typer.Option("test_vit", help="A small timm ViT, randomly initialised."),
@@ -503,13 +528,12 @@ def demo(
     call_with_defaults(train, cache=out, method="last", rank=8, epochs=10, lr=3e-3, out=run)
 
 
-@app.command()
+@app.command(short_help="The side networks and probes: options and default grids.")
 def methods(as_json: bool = typer.Option(False, "--json", help="Print the descriptions as JSON.")) -> None:
     """List the side networks and probes: each one's options (the flags of train and sweep) and the grid a sweep tries by default."""
-    from sidetune.sidenets import describe_methods
-    from sidetune.sweeps.report import option_flag
+    from sidetune.declarations import method_records, option_flag
 
-    described = describe_methods()
+    described = method_records()
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
@@ -523,7 +547,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print the descri
     console.print("Each option's meaning: `sidetune train --help`; the formulations: docs/methods.md.")
 
 
-@app.command()
+@app.command(short_help="The backbone aliases.")
 def models() -> None:
     """List the backbone aliases."""
     from sidetune.backbones import ALIASES
@@ -534,7 +558,7 @@ def models() -> None:
     console.print(table)
 
 
-@app.command()
+@app.command(short_help="The VTAB-1k catalogue and the bundled datasets.")
 def datasets() -> None:
     """List the VTAB-1k catalogue and the bundled datasets."""
     from sidetune.datasets import VTAB_TASKS
@@ -549,8 +573,8 @@ def datasets() -> None:
 def main() -> None:
     """Console-script entry point: user errors print as one paragraph (exit status 2); Ctrl-C
     says what was kept and how to resume (exit status 130)."""
-    from sidetune.compute import keep_freed_memory
     from sidetune.errors import Interrupted
+    from sidetune.malloc import keep_freed_memory
 
     keep_freed_memory()
     try:

@@ -1,5 +1,6 @@
 """The side networks' options as command-line flags, generated from what each side network
-declares (`option_help` in its own file, merged by `sidetune.sidenets.declared_options`): a new
+declares (`option_help` in its own file, merged by `sidetune.declarations.declared_options`, which
+reads them without importing torch): a new
 option of a method is a flag of `train` (one value) and of `sweep` (comma-separated values)
 without an edit here."""
 
@@ -11,7 +12,7 @@ from typing import Callable, Optional
 
 import typer
 
-from sidetune.sidenets import DeclaredOption, declared_options
+from sidetune.declarations import DeclaredOption, declared_options
 
 
 def with_method_options(kind: str) -> Callable[[Callable], Callable]:

@@ -23,13 +23,16 @@ from sidetune.progress import ProgressSink
 console = Console(stderr=True)
 
 
-def folding_table(*headers: str, **options) -> Table:
+def folding_table(*headers: str, whole: tuple[str, ...] = (), **options) -> Table:
     """A rich table whose cells wrap (and a word too long for its column folds) when the terminal
     is narrow, never cut with an ellipsis: train800 and train800val200 stay tell-apart at 80
-    columns. Borders are light (a head rule only), leaving the text the room."""
-    made = Table(*headers, **{"box": box.SIMPLE_HEAD, **options})
+    columns. The columns named in `whole` (short names and numbers) keep their width: the narrowing
+    goes to the others, so a split name is never broken. Borders are light (a head rule only),
+    leaving the text the room."""
+    made = Table(*headers, **{"box": box.SIMPLE_HEAD, "collapse_padding": True, "pad_edge": False, **options})
     for column in made.columns:
         column.overflow = "fold"
+        column.no_wrap = column.header in whole
     return made
 
 
@@ -112,7 +115,7 @@ class TrainProgress(ProgressSink):
         self.progress.update(self.live, advance=images, rate=f"{rate:,.0f}")
 
     def stack_started(self, number: int, total: int, configs: list) -> None:
-        self.add(f"{configs[0].method} stack {number + 1}/{total} ({len(configs)} configs)", configs[0].epochs)
+        self.add(f"{configs[0].method} stack {number + 1}/{total} ({len(configs)} config{'s' if len(configs) > 1 else ''})", configs[0].epochs)
 
     def epoch_done(self, stats) -> None:
         fields = {"loss": _mean(stats.loss, "{:.4f}"), "train": _mean(stats.train_top1, "{:.1f}%"),

@@ -109,7 +109,7 @@ def test_every_declared_method_option_is_a_flag_of_train_and_of_sweep_with_its_d
     import typer.main
 
     from cli.main import app
-    from sidetune.sidenets import declared_options
+    from sidetune.declarations import declared_options
 
     commands = {command.name: command for command in typer.main.get_command(app).commands.values()}
     flags = {name: {param.name: param for param in commands[name].params} for name in ("train", "sweep")}
@@ -148,7 +148,8 @@ def test_a_newly_registered_side_network_gets_its_options_as_flags_without_touch
 def test_a_side_network_option_without_help_is_refused_naming_it(monkeypatch):
     import pytest
 
-    from sidetune.sidenets import SIDENETS, LinearProbe, declared_options
+    from sidetune.declarations import declared_options
+    from sidetune.sidenets import SIDENETS, LinearProbe
 
     class Undocumented(LinearProbe):
         name = "undocumented"
@@ -164,7 +165,7 @@ def test_a_side_network_option_without_help_is_refused_naming_it(monkeypatch):
 def test_docs_cli_names_every_method_option_flag():
     from pathlib import Path
 
-    from sidetune.sidenets import declared_options
+    from sidetune.declarations import declared_options
 
     text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
     missing = [name for name in declared_options() if "--" + name.replace("_", "-") not in text]
@@ -240,13 +241,70 @@ def test_no_progress_bar_is_drawn_before_the_options_are_checked(digits_cache):
     assert "epoch" not in refused.stderr.split("error:")[0]  # nothing drawn before the error
 
 
-def test_tables_at_80_columns_fold_long_names_instead_of_cutting_them(digits_cache, tmp_path):
+def test_tables_at_80_columns_keep_split_names_whole_instead_of_cutting_them(digits_cache, tmp_path):
     narrow = {"COLUMNS": "80"}
     shown = CliRunner().invoke(app, ["info", str(digits_cache.path)], env=narrow)
     assert shown.exit_code == 0, shown.output
     assert "…" not in shown.output, shown.output  # before: train800 and train800val200 both as train8…
+    rows = [line.split() for line in shown.output.splitlines()]
+    assert {"train800", "val200", "test"} <= {row[0] for row in rows if row}, shown.output  # each split's row, unbroken
+    assert max(map(len, shown.output.splitlines())) <= 80
     listed = CliRunner().invoke(app, ["methods"], env=narrow)
     assert "…" not in listed.output
+
+
+def test_runs_at_80_columns_gives_each_record_two_lines_instead_of_a_crushed_table(digits_cache, tmp_path):
+    trained = CliRunner().invoke(app, ["train", "--cache", str(digits_cache.path), "--method", "linear", "--epochs", "1",
+                                       "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "one")])
+    assert trained.exit_code == 0, trained.output
+    listed = CliRunner().invoke(app, ["runs", str(tmp_path)], env={"COLUMNS": "80"}).output
+    assert "one run, linear on digits, top-1" in listed and "train800 -> val200; lr 0.1" in listed, listed
+    assert max(map(len, listed.splitlines())) <= 80
+
+
+def test_every_help_stays_within_80_columns_and_cuts_nothing():
+    for command in ([], ["extract"], ["info"], ["train"], ["evaluate"], ["runs"], ["predict"], ["sweep"], ["demo"],
+                    ["methods"], ["models"], ["datasets"]):
+        shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert shown.exit_code == 0, shown.output
+        assert max(map(len, shown.output.splitlines())) <= 80, (command, shown.output)
+        described = [line for line in shown.output.splitlines() if not line.startswith("Usage:")]  # ARGS... is variadic
+        assert not any("…" in line or line.rstrip().endswith("...") for line in described), shown.output
+
+
+HELP_PATH = """
+import sys
+from typer.testing import CliRunner
+from cli.main import app
+for command in ([], ["train"], ["sweep"], ["extract"], ["methods"]):
+    assert CliRunner().invoke(app, [*command, "--help"]).exit_code == 0
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_the_help_path_imports_no_torch_timm_zarr_or_datasets():
+    done = subprocess.run([sys.executable, "-c", HELP_PATH], capture_output=True, text=True,
+                          env={"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    heavy = {"torch", "timm", "zarr", "datasets", "numpy", "sidetune.sidenets"}
+    assert "typer" in loaded and "cli.main" in loaded and not loaded & heavy, sorted(loaded & heavy)
+
+
+def test_the_declarations_file_is_the_registrys():
+    from sidetune.declarations import DECLARATIONS_FILE
+    from sidetune.sidenets import describe_methods
+
+    assert json.loads(DECLARATIONS_FILE.read_text()) == describe_methods(), (
+        "sidetune/declarations.json is stale: run `python -m sidetune.declarations` and commit it")
+
+
+def test_methods_read_from_the_file_match_those_read_from_the_registry():
+    listed_cold = subprocess.run([sys.executable, "-m", "sidetune", "methods", "--json"], capture_output=True, text=True,
+                                 env={"PYTHONPATH": python_path(), "PATH": "/usr/bin:/bin"})
+    from sidetune.sidenets import describe_methods
+
+    assert json.loads(listed_cold.stdout) == describe_methods()
 
 
 def test_a_default_grid_sweep_estimated_over_an_hour_says_how_to_make_it_shorter(digits_cache, tmp_path):

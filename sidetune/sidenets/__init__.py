@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 from sidetune.errors import SidetuneError
 from sidetune.sidenets.attentive import AttentiveProbe
@@ -20,8 +19,7 @@ from sidetune.sidenets.ridge import RidgeProbe
 SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, Head2Toe, LAST, LoSA, MIST,
                                                             LST, ResTuning)}
 
-__all__ = ["SIDENETS", "DeclaredOption", "FeatureLayout", "SideNet", "create_sidenet", "declared_options", "describe_methods", "method_options",
-           "resolve_options"]
+__all__ = ["SIDENETS", "FeatureLayout", "SideNet", "create_sidenet", "describe_methods", "method_options", "resolve_options"]
 
 
 def method_options(method: str) -> dict[str, object]:
@@ -31,60 +29,23 @@ def method_options(method: str) -> dict[str, object]:
     return {p.name: p.default for p in parameters}
 
 
-@dataclass(frozen=True)
-class DeclaredOption:
-    """One method option as every side network having it declares it: its type, each method's
-    default and help line, and the least value it takes."""
-
-    name: str
-    kind: type
-    defaults: dict[str, object]  # method -> default
-    help: dict[str, str]  # method -> its help line
-    minimum: float | None
-
-    def describe(self) -> str:
-        """One help text: "attentive: ...; last, mist: attention rank r (default attentive 64, ...)."."""
-        by_text: dict[str, list[str]] = {}
-        for method, text in self.help.items():
-            by_text.setdefault(text, []).append(method)
-        if len(self.defaults) == len(SIDENETS) and len(by_text) == 1:
-            lines = next(iter(by_text))  # every method has it, with one meaning
-        else:
-            lines = "; ".join(f"{', '.join(methods)}: {text}" for text, methods in by_text.items())
-        values = set(map(repr, self.defaults.values()))
-        default = (f"default {next(iter(self.defaults.values()))}" if len(values) == 1
-                   else "default " + ", ".join(f"{m} {v}" for m, v in self.defaults.items()))
-        return f"{lines} ({default})."
-
-
-def declared_options() -> dict[str, DeclaredOption]:
-    """Every option of every side network, merged by name: what the command line's method
-    flags are generated from. Each option's type and least value must agree between methods."""
-    merged: dict[str, DeclaredOption] = {}
+def describe_methods() -> list[dict]:
+    """Every registered method as it declares itself: its name, one-line summary, default
+    learning rate, whether it is solved in closed form, its options (type, default, help line,
+    least value) and the grid `sweep` tries when given none. `sidetune.declarations` reads these
+    records without importing torch."""
+    described = []
     for method, cls in SIDENETS.items():
         helps = {k: v for klass in reversed(cls.__mro__) for k, v in vars(klass).get("option_help", {}).items()}
         minimums = {k: v for klass in reversed(cls.__mro__) for k, v in vars(klass).get("option_minimum", {}).items()}
+        options = []
         for name, default in method_options(method).items():
             if name not in helps:
                 raise TypeError(f"{cls.__name__} declares no option_help for its option {name!r}")
             kind = type(default)
             minimum = minimums.get(name, 1 if kind is int else 0.0 if kind is float else None)
-            known = merged.get(name)
-            if known is not None and (known.kind is not kind or known.minimum != minimum):
-                raise TypeError(f"option {name!r} of {method} differs in type or minimum from {', '.join(known.defaults)}")
-            merged[name] = DeclaredOption(name, kind, {**(known.defaults if known else {}), method: default},
-                                          {**(known.help if known else {}), method: helps[name]}, minimum)
-    return merged
-
-
-def describe_methods() -> list[dict]:
-    """Every registered method as it declares itself: its name, one-line summary, default
-    learning rate, options (default and help line) and the grid `sweep` tries when given none."""
-    described = []
-    for method, cls in SIDENETS.items():
-        declared = declared_options()
-        options = [{"name": name, "default": default, "help": declared[name].help[method]}
-                   for name, default in method_options(method).items()]
+            options.append({"name": name, "kind": kind.__name__, "default": default, "help": helps[name],
+                            "minimum": minimum})
         described.append({"method": method, "summary": cls.summary, "default_lr": cls.default_lr,
                           "closed_form": cls.closed_form, "options": options,
                           "default_grid": {name: list(values) for name, values in cls.default_grid.items()}})

@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 from sidetune.errors import SidetuneError
-from sidetune.sidenets import SIDENETS, declared_options, method_options
+from sidetune.declarations import declared_options
+from sidetune.sidenets import SIDENETS, method_options
 from sidetune.training import TrainConfig
 
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,

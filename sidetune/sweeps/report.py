@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from sidetune import runs
 from sidetune.cache.reader import Cache
+from sidetune.declarations import option_flag
 from sidetune.results import plot_sweep
 from sidetune.sweeps.journal import SweepRow, write_rows
 from sidetune.training import TrainConfig
@@ -68,11 +69,3 @@ def train_command(cache_path: str | Path, config: TrainConfig, train_split: str,
     parts += [f"--{name} {value}" for name, value in flags.items()]
     parts += [option_flag(name, value) for name, value in config.options]  # each declared option is a train flag
     return " ".join(parts)
-
-
-def option_flag(name: str, value: object) -> str:
-    """A method option as `sidetune train` takes it: --rank 16, --zero-init-out / --no-zero-init-out."""
-    flag = name.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} {value}"
