@@ -35,6 +35,27 @@ def plot_learning_curve(history: list[dict], path: Path, title: str, eval_split:
     plt.close(figure)
 
 
+def plot_penalty_path(path: list[tuple[float, float]], chosen: float, file: Path, title: str, eval_split: str) -> None:
+    """A closed-form method's eval top-1 against its L2 strength λ (log scale), the run's own λ
+    marked, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    axis.plot(*zip(*sorted(path)), "o-", color="tab:blue", label=f"{eval_split} top-1")
+    axis.axvline(chosen, color="tab:orange", linestyle="--", label=f"this run: λ = {chosen:g}")
+    axis.set_xscale("log")
+    axis.set_xlabel("L2 strength λ (--wd)")
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title(title)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(file)
+    plt.close(figure)
+
+
 RESULT_FIELDS = {"config_id", "phase", "status", "top1", "seconds", "params", "failure", "train_split", "eval_split",
                  "process_rank"}
 

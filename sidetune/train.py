@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -21,7 +22,7 @@ from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.distributed import launched_world_size
 from sidetune.errors import Interrupted, SidetuneError
-from sidetune.results import plot_learning_curve
+from sidetune.results import plot_learning_curve, plot_penalty_path
 from sidetune.sidenets import SIDENETS
 from sidetune.tensorboard_log import TensorBoardLog
 from sidetune.training import EpochStats, GroupState, TrainConfig, TrainResult, train_group
@@ -88,10 +89,12 @@ def train(
     config = config_for_cache(config, cache)  # e.g. pool auto, decided and recorded
     train_split, eval_split = default_splits(cache, train_split, eval_split)
     closed_form = SIDENETS[config.method].closed_form
+    path_configs = penalty_path(config) if closed_form else []
     if closed_form:
         log(f"{config.method} is solved in closed form for its L2 strength (--wd {config.weight_decay}): no epochs, so "
-            "--epochs and the learning rate do not apply and no learning curve is drawn; `sidetune sweep --method "
-            f"{config.method}` solves many strengths at once and plots top-1 against them")
+            f"--epochs and the learning rate do not apply. The same solve gives {len(path_configs)} other strengths, "
+            f"and curve.png plots {eval_split} top-1 against them (to choose λ on a held-out split, `sidetune sweep "
+            f"--method {config.method}` selects on the validation split)")
     seen = cache.shared_images(train_split, eval_split)
     if seen:
         warn(seen_warning(cache, train_split, eval_split, seen))
@@ -124,7 +127,7 @@ def train(
             last_saved, saved_epoch = time.monotonic(), state.epoch
 
     try:
-        [result] = train_group(cache, [config], train_split, eval_split, torch_device, eval_every=eval_every,
+        result, *path_results = train_group(cache, [config, *path_configs], train_split, eval_split, torch_device, eval_every=eval_every,
                                on_start=on_start, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint,
                                compile=compile, fused=fused, cuda_graphs=cuda_graphs,
                                loaded=LoadedSplits(cache, torch_device, memory_budget, progress=live_progress))
@@ -138,9 +141,17 @@ def train(
         board.close()
     if result.status != "ok":
         raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
-    finish_run(out, cache, config, result, train_split, eval_split, torch_device.type)
+    path = [(r.config.weight_decay, r.top1) for r in (result, *path_results) if r.status == "ok"] if closed_form else None
+    finish_run(out, cache, config, result, train_split, eval_split, torch_device.type, penalty_path=path)
     (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
     return out, result
+
+
+def penalty_path(config: TrainConfig) -> list[TrainConfig]:
+    """A closed-form configuration at the other L2 strengths of its method's default grid:
+    solved with it from one decomposition, for the plot of top-1 against λ."""
+    strengths = SIDENETS[config.method].default_grid.get("weight_decay", [])
+    return [replace(config, weight_decay=strength) for strength in strengths if strength != config.weight_decay]
 
 
 def run_record(cache: Cache, config: TrainConfig, train_split: str, eval_split: str, device: str,
@@ -155,18 +166,23 @@ def run_record(cache: Cache, config: TrainConfig, train_split: str, eval_split: 
 
 
 def finish_run(out: Path, cache: Cache, config: TrainConfig, result: TrainResult, train_split: str, eval_split: str,
-               device: str) -> None:
+               device: str, penalty_path: list[tuple[float, float]] | None = None) -> None:
     """A trained configuration's files in its run directory (beside config.json): its state
-    (and best state), its learning curve, and last metrics.json, which marks the run finished
-    (so `evaluate`, `predict` and `runs` read it)."""
+    (and best state), its learning curve (a closed form: `penalty_path`, top-1 against λ, when
+    given), and last metrics.json, which marks the run finished (so `evaluate`, `predict` and
+    `runs` read it)."""
     runs.save_state(out / runs.MODEL_FILE, result.state)
     if result.best_state is not None:
         runs.save_state(out / runs.BEST_FILE, result.best_state)
+    title = f"{cache.info.dataset_name}: {config.method}, {train_split} -> {eval_split}"
     if not SIDENETS[config.method].closed_form:
-        title = f"{cache.info.dataset_name}: {config.method}, {train_split} -> {eval_split}"
         plot_learning_curve(result.history, out / runs.CURVE_FILE, title, eval_split)
+    elif penalty_path:
+        plot_penalty_path(penalty_path, config.weight_decay, out / runs.CURVE_FILE, title, eval_split)
+    extra = {} if penalty_path is None else {"penalty_path": [{"weight_decay": wd, "top1": top1} for wd, top1 in sorted(penalty_path)]}
     runs.write_json(out / runs.METRICS_FILE, {**metrics_record(cache, config, result, train_split, eval_split, device),
-                                             "eval_images_seen_in_training": cache.shared_images(train_split, eval_split)})
+                                             "eval_images_seen_in_training": cache.shared_images(train_split, eval_split),
+                                             **extra})
 
 
 def metrics_record(cache: Cache, config: TrainConfig, result: TrainResult, train_split: str, eval_split: str,

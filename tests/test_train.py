@@ -203,14 +203,18 @@ def test_ctrl_c_on_the_command_line_says_what_was_kept_and_loses_at_most_an_epoc
     assert f"resume from epoch {saved + 1}" in " ".join(stderr.split())
 
 
-def test_a_closed_form_run_says_it_has_no_epochs_and_draws_no_empty_curve(digits_cache, tmp_path):
+def test_a_closed_form_run_says_it_has_no_epochs_and_plots_top1_against_its_penalty(digits_cache, tmp_path):
     done = sidetune_cli("train", "--cache", str(digits_cache.path), "--method", "ridge", "--epochs", "5",
                         "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "runs" / "ridge"))
     assert done.returncode == 0, done.stderr
     assert "solved in closed form" in " ".join(done.stderr.split()) and "epoch 0/" not in done.stderr
     run = tmp_path / "runs" / "ridge"
-    assert not (run / "curve.png").exists() and (run / "log.jsonl").read_text() == ""
+    assert (run / "log.jsonl").read_text() == ""
+    assert_plot_drawn(run / "curve.png")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["closed_form"] and metrics["epochs"] is None and metrics["top1"] > 30.0
+    path = {point["weight_decay"]: point["top1"] for point in metrics["penalty_path"]}
+    assert len(path) == 17 and path[1e-4] == metrics["top1"]  # the default grid's 16 strengths and the run's own
+    assert len(set(path.values())) > 1  # the strengths differ in what they score
     listed = sidetune_cli("runs", str(tmp_path / "runs"), "--json")
     assert json.loads(listed.stdout)[0]["settings"] == "closed form, wd 0.0001"
