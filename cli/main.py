@@ -101,17 +101,19 @@ def show_plan(plan) -> None:
 def info(
     cache: str = typer.Argument(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     as_json: bool = typer.Option(False, "--json", help="Print the full manifest as JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Read every shard back and check it against what was written (as long as loading the cache); without it, only the files' presence and sizes are checked."),
 ) -> None:
-    """Describe a cache: backbone, preprocessing, splits with sizes, shapes, bytes and completion."""
+    """Describe a cache: backbone, preprocessing, splits with sizes, shapes, bytes and completion;
+    damage (missing, truncated or altered shards and labels) is named with its repair (exit status 2)."""
     if as_json:
         import sidetune
 
         typer.echo(json.dumps(sidetune.open_cache(cache).manifest, indent=2))
         return
-    show_info(cache)
+    show_info(cache, verify=verify)
 
 
-def show_info(path: str | Path) -> None:
+def show_info(path: str | Path, verify: bool = False) -> None:
     from rich.table import Table
 
     import sidetune
@@ -146,20 +148,28 @@ def show_info(path: str | Path) -> None:
     axes = "(N, S, T, D)" if shapes.uniform else "(N, E)"
     table = folding_table("split", "images", "kept as", f"shape {axes}", "on disk", "max |x|", "state",
                           whole=("split", "images", "on disk", "max |x|", "state"))
+    damage = cache.damage(read=verify)
     for split in cache.splits.values():
+        if split.name in damage:
+            state = "[red]damaged"
+        elif split.kind == "stored":
+            state = ("[green]complete" + (", verified" if verify else "") if split.complete else
+                     f"[yellow]{split.shards_done}/{split.record['num_shards']} shards")
+        else:
+            state = "[green]complete" if split.complete else "[yellow]incomplete"
         if split.kind == "stored":
             absmax = split.record.get("absmax")
-            state = ("[green]complete" if split.complete else
-                     f"[yellow]{split.shards_done}/{split.record['num_shards']} shards")
             table.add_row(split.name, f"{split.num_images:,}", "stored", str(tuple(split.tokens.shape)),
                           human_bytes(split.nbytes_stored), f"{max(absmax):.4g}" if absmax else "-", state)
         elif split.kind == "view":
-            state = "[green]complete" if split.complete else "[yellow]incomplete"
             table.add_row(split.name, f"{split.num_images:,}", f"rows of {split.parent.name}", "-",
                           human_bytes(split.nbytes_stored), "-", state)
         else:
-            table.add_row(split.name, f"{split.num_images:,}", "live (through the backbone)", "-", "-", "-", "-")
+            table.add_row(split.name, f"{split.num_images:,}", "live (through the backbone)", "-", "-", "-",
+                          state if split.name in damage else "-")
     console.print(table)
+    if damage:
+        raise SidetuneError(" ".join(damage.values()))
 
 
 @app.command(short_help="Stage two: train one side network from a cache.")
@@ -167,9 +177,9 @@ def show_info(path: str | Path) -> None:
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     method: str = typer.Option("last", help="Side network: last, losa, mist, lst (ladder side-tuning), linear, ridge (closed form: --wd is its L2 strength), attentive, head2toe or restuning (Res-Tuning-Bypass)."),
-    epochs: int = typer.Option(100, min=1, help="Training epochs."),
-    lr: Optional[float] = typer.Option(None, min=0, help="Peak learning rate (default: 1e-3; linear 0.1)."),
-    wd: float = typer.Option(1e-4, min=0, help="AdamW weight decay (never on norms and biases)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs. Default: the method's (`sidetune methods`)."),
+    lr: Optional[float] = typer.Option(None, min=0, help="Peak learning rate. Default: the method's (`sidetune methods`)."),
+    wd: Optional[float] = typer.Option(None, min=0, help="AdamW weight decay (never on norms and biases); ridge's L2 strength. Default: the method's (`sidetune methods`)."),
     warmup_epochs: Optional[int] = typer.Option(None, min=0, help="Linear warmup epochs before the cosine decay. Default: a tenth of --epochs."),
     batch_size: int = typer.Option(64, min=1, help="Images per step."),
     label_smoothing: float = typer.Option(0.0, min=0, max=1, help="Label smoothing."),
@@ -197,9 +207,10 @@ def train(
     from sidetune.train import train as train_run
     from sidetune.training import TrainConfig
 
-    fields = dict(epochs=epochs, weight_decay=wd, batch_size=batch_size, label_smoothing=label_smoothing,
-                  seed=seed, data_seed=data_seed, augment=augment, augment_magnitude=augment_magnitude)
-    fields.update({name: value for name, value in (("lr", lr), ("warmup_epochs", warmup_epochs)) if value is not None})
+    fields = dict(batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, data_seed=data_seed, augment=augment,
+                  augment_magnitude=augment_magnitude)
+    fields.update({name: value for name, value in (("lr", lr), ("epochs", epochs), ("weight_decay", wd),
+                                                   ("warmup_epochs", warmup_epochs)) if value is not None})
     config = TrainConfig.create(method, options, **fields)
     budget = None if memory_budget is None else int(memory_budget * 2**30)
     import sidetune
@@ -332,7 +343,7 @@ def sweep(
     label_smoothing: Optional[str] = typer.Option(None, help="Label smoothings, comma-separated."),
     augment: Optional[str] = typer.Option(None, help="Feature-space augmentations (none, frofa-brightness), comma-separated."),
     augment_magnitude: Optional[str] = typer.Option(None, help="frofa-brightness magnitudes (default 0.5), comma-separated."),
-    epochs: Optional[str] = typer.Option(None, help="Epochs (default 100), comma-separated."),
+    epochs: Optional[str] = typer.Option(None, help="Epochs (default: the method's), comma-separated."),
     warmup_epochs: Optional[str] = typer.Option(None, help="Warmup epochs (default: a tenth of the epochs)."),
     batch_size: Optional[str] = typer.Option(None, help="Batch sizes (default 64), comma-separated."),
     protocol: str = typer.Option("auto", help="val (VTAB-1k's protocol on any dataset: select on the validation split, retrain on train + validation, report test; vtab is its old name), none (rank on --eval-split, default test, said when it is test), or auto (val where the cache has those splits)."),
@@ -541,7 +552,9 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print the descri
     for entry in described:
         options = "\n".join(option_flag(o["name"], o["default"]) for o in entry["options"])
         grid = "\n".join(f"{name}: {', '.join(f'{v:g}' for v in values)}" for name, values in entry["default_grid"].items())
-        what = entry["summary"] + ("" if entry["closed_form"] else f" (default lr {entry['default_lr']})")
+        what = entry["summary"] + (f" (default λ {entry['default_weight_decay']:g})" if entry["closed_form"] else
+                                   f" (default lr {entry['default_lr']:g}, {entry['default_epochs']} epochs, wd "
+                                   f"{entry['default_weight_decay']:g})")
         table.add_row(entry["method"], what, options, grid)
     console.print(table)
     console.print("Each option's meaning: `sidetune train --help`; the formulations: docs/methods.md.")

@@ -213,15 +213,16 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                 world.barrier()
                 reports.append(SplitReport(name, len(split), 0, 0, 0.0, True, planned.kind))
                 continue
-            if writer.is_complete(name):
-                log(f"{name}: already complete, skipped")
-                reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
-                continue
             arrays = (name, split.labels, token_shape, cache_spec.codec().stored_dtype, cache_spec.chunk_images,
                       cache_spec.shard_images, cache_spec.compressor, cache_spec.codec().scale_shape(token_shape),
                       len(stages))
+            complete = False
             if world.is_main:
-                split_writer = writer.split(*arrays)  # creates the split's arrays
+                split_writer = writer.split(*arrays)  # creates the split's arrays, or reopens them
+                complete = _check_written_shards(name, split_writer, writer, log)
+            if world.broadcast(complete):
+                reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
+                continue
             world.barrier()
             if not world.is_main:
                 split_writer = writer.open_split(name, len(split), cache_spec.shard_images)
@@ -236,6 +237,24 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                                   f"shards are written and kept in {out}; rerun the same command to compute only "
                                   "the rest.") from None
     return reports
+
+
+def _check_written_shards(name: str, split_writer: SplitWriter, writer: CacheWriter, log: Callable[[str], None]) -> bool:
+    """Read back every shard marked written and mark the damaged ones (missing, truncated,
+    holding other values: sidetune/cache/integrity.py) for computing again. Returns whether the
+    split is complete and sound, so that nothing is left to compute."""
+    damaged = split_writer.damaged_shards(read=True)
+    split_writer.recompute(sorted(set(damaged) | set(split_writer.pending_shards())))  # what a killed write left goes too
+    if damaged:
+        listed = ", ".join(f"{shard} ({what})" for shard, what in sorted(damaged.items()))
+        log(f"{name}: {len(damaged)} damaged shard{'s' if len(damaged) > 1 else ''}, computed again: {listed}")
+        if writer.is_complete(name):
+            writer.reopen(name)
+        return False
+    if writer.is_complete(name):
+        log(f"{name}: already complete, every shard checked, skipped")
+        return True
+    return False
 
 
 def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writer: CacheWriter,

@@ -12,6 +12,7 @@ from test_resume import CountImages, assert_same_store, small_shard_spec
 
 import sidetune
 from conftest import extract_tiny, python_path, write_vtab_folder
+from sidetune.cache.location import Location
 from sidetune.cache.store import SplitWriter
 from sidetune.extract import ShardMonitor
 
@@ -80,7 +81,7 @@ def test_rank0s_progress_counts_the_shards_any_rank_has_written(tmp_path):
     group = zarr.open_group(str(tmp_path / "cache" / "val200"), mode="r+")
     tokens, absmax = group["tokens"][:], group["shard_absmax"][:]
     group["shard_complete"][:] = 0  # as if no rank had written anything yet
-    split = SplitWriter("val200", group, 16, 4)
+    split = SplitWriter("val200", group, 16, 4, Location(str(tmp_path / "cache")))
     counted = CountImages()
     with ShardMonitor(split, [0, 1, 2, 3], counted, every=0.01):
         for shard in (0, 3):  # written by "other ranks": the monitor only sees the store

@@ -95,6 +95,20 @@ class Location:
     def is_local(self) -> bool:
         return "file" in self.fs.protocol
 
+    def object_size(self, key: str) -> int | None:
+        """Bytes of the object `key` (a path below the location); None when there is none."""
+        try:
+            return int(self.fs.size(self._child(key)))
+        except FileNotFoundError:
+            return None
+
+    def remove_object(self, key: str) -> None:
+        """Delete the object `key` (a path below the location), if there is one."""
+        try:
+            self.fs.rm_file(self._child(key))
+        except FileNotFoundError:
+            pass
+
     def read_bytes(self, name: str) -> bytes | None:
         """The object `name`, or None when there is none."""
         try:

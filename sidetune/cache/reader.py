@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from sidetune.cache.codec import Codec, codec_for
+from sidetune.cache.integrity import damaged_error, find_damaged, labels_checksum, mismatched_shards
 from sidetune.cache.layout import TokenLayout
 from sidetune.cache.location import Location
 from sidetune.cache.manifest import (
@@ -30,15 +31,34 @@ from sidetune.cache.manifest import (
 from sidetune.errors import SidetuneError
 
 
+def checked_labels(split: "CachedSplit | ViewSplit | LiveSplit", array: str = "labels") -> np.ndarray:
+    """A split's labels (or a view's rows), checked against the checksum the manifest recorded
+    when they were written (caches written before have none)."""
+    recorded = split.record.get(f"{array}_checksum")
+    try:
+        values = split.group[array][:]
+    except Exception as error:  # missing or unreadable
+        if recorded is None:
+            raise
+        values, recorded = None, f"unreadable ({type(error).__name__})"
+    if recorded is not None and (values is None or labels_checksum(values) != recorded):
+        raise SidetuneError(
+            f"The {array} of split {split.name} ({split.group.store}) are damaged: they differ from what was written. "
+            "Rerun the `sidetune extract` command that made the cache: it rewrites them from the dataset.")
+    return values
+
+
 @dataclass
 class CachedSplit:
-    """A stored split: its tokens (and int8 scales) are in the cache."""
+    """A stored split: its tokens (and int8 scales) are in the cache. Every read of whole shards
+    is checked against the records written with them (sidetune/cache/integrity.py)."""
 
     name: str
     group: zarr.Group
     record: dict
     layout: TokenLayout
     codec: Codec
+    location: Location
     kind = "stored"
 
     @property
@@ -57,7 +77,7 @@ class CachedSplit:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][:]
+        return checked_labels(self)
 
     @property
     def num_images(self) -> int:
@@ -66,6 +86,27 @@ class CachedSplit:
     @property
     def complete(self) -> bool:
         return bool(self.record["complete"])
+
+    def damaged_shards(self, read: bool = False) -> dict[int, str]:
+        """Shard -> what is wrong with it: objects missing or of another size than recorded
+        (cheap); with `read`, also unreadable or holding other values than were written."""
+        done = [int(i) for i in np.flatnonzero(self.group["shard_complete"][:] == 1)]
+        return find_damaged(self.group, self.location, done, self.shard_size, self.num_images, read)
+
+    def _read(self, rows: slice) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens and int8 scales as stored, every whole shard among `rows` checked."""
+        try:
+            tokens, scales = self.tokens[rows], None if self.scales is None else self.scales[rows]
+        except Exception as error:  # a shard zarr cannot decode: find which
+            first, last = rows.start // self.shard_size, -(-(rows.stop or self.num_images) // self.shard_size)
+            damaged = find_damaged(self.group, self.location, range(first, last), self.shard_size, self.num_images, True)
+            raise damaged_error(str(self.location), self.name, damaged or {first: f"cannot be read ({error})"},
+                                self.shard_size, self.num_images) from None
+        damaged = mismatched_shards(self.group, rows.start or 0, [tokens, scales], self.shard_size, self.num_images)
+        if damaged:  # a missing or cut object says so more plainly than its values
+            damaged.update(find_damaged(self.group, self.location, damaged, self.shard_size, self.num_images, False))
+            raise damaged_error(str(self.location), self.name, damaged, self.shard_size, self.num_images)
+        return tokens, scales
 
     @property
     def shards_done(self) -> int:
@@ -103,7 +144,7 @@ class CachedSplit:
         positions = self.stage_positions(stages)
         every = positions == list(range(len(self.stages)))
         # a chunk holds every stage; scales exist for uniform layouts only
-        tokens, scales = self.tokens[rows], None if self.scales is None else self.scales[rows]
+        tokens, scales = self._read(rows)
         return self.layout.select(tokens, positions), scales if scales is None or every else scales[:, positions]
 
     def read_rows(self, rows: slice, stages: Sequence[int] | None = None) -> np.ndarray:
@@ -116,7 +157,7 @@ class CachedSplit:
         positions = self.stage_positions(stages)
         self.require_complete()
         if positions == list(range(len(self.stages))):  # one read: zarr decodes every chunk concurrently (1.7x faster than by shard)
-            return self.tokens[:], None if self.scales is None else self.scales[:]
+            return self._read(slice(0, self.num_images))
         outputs = [np.empty((self.num_images, *self.layout.image_shape(stages)), dtype=self.tokens.dtype)]
         if self.scales is not None:
             outputs.append(np.empty((self.num_images, len(positions), *self.scales.shape[2:]), dtype=self.scales.dtype))
@@ -156,7 +197,7 @@ class ViewSplit:
 
     @property
     def rows(self) -> np.ndarray:
-        return self.group["rows"][:]
+        return checked_labels(self, "rows")
 
     @property
     def layout(self) -> TokenLayout:
@@ -168,7 +209,7 @@ class ViewSplit:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][:]
+        return checked_labels(self)
 
     @property
     def num_images(self) -> int:
@@ -212,7 +253,7 @@ class LiveSplit:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][:]
+        return checked_labels(self)
 
     @property
     def num_images(self) -> int:
@@ -265,7 +306,7 @@ class Cache:
     @property
     def splits(self) -> dict[str, Split]:
         layout = self.token_layout
-        stored = {name: CachedSplit(name, self.root[name], record, layout, self.codec)
+        stored = {name: CachedSplit(name, self.root[name], record, layout, self.codec, Location(self.path))
                   for name, record in self.manifest["splits"].items() if record.get("kind", "stored") == "stored"}
         splits: dict[str, Split] = {}
         for name, record in self.manifest["splits"].items():
@@ -302,6 +343,23 @@ class Cache:
             return 0
         rows = lambda split: np.arange(split.num_images) if split.kind == "stored" else split.rows  # noqa: E731
         return int(np.isin(rows(b), rows(a)).sum())
+
+    def damage(self, read: bool = False) -> dict[str, str]:
+        """Split -> what is damaged in it and the repair (one paragraph), for the splits with
+        damage: labels or rows that differ from their record, and stored shards whose objects
+        are missing or of another size than recorded; with `read` (every shard read back: as
+        long as a load), also shards that cannot be read or hold other values than were written."""
+        found = {}
+        for split in self.splits.values():
+            try:
+                split.labels
+                if split.kind == "view":
+                    split.rows
+                if split.kind == "stored" and (damaged := split.damaged_shards(read)):
+                    raise damaged_error(self.path, split.name, damaged, split.shard_size, split.num_images)
+            except SidetuneError as error:
+                found[split.name] = str(error)
+        return found
 
     def final_norm(self) -> dict[str, np.ndarray] | None:
         """The backbone's frozen final LayerNorm (weight, bias, eps), or None."""

@@ -7,6 +7,9 @@ A stored split's group holds:
   labels          (N,) int64
   shard_complete  (num_shards,) uint8, one chunk per shard: 1 once that shard's tokens are written
   shard_absmax    (num_shards, S) float32, one chunk per shard: max |x| per stage before casting
+  shard_checksum  (num_shards,) uint32 and shard_nbytes (num_shards,) int64, one chunk per
+                  shard: the CRC-32 of the shard's stored values and its bytes on disk, recorded
+                  when it is written (sidetune/cache/integrity.py)
 A view (a split whose images all lie in a stored split) holds `rows` (N,) int64 into that
 split and its `labels`; a live split (evaluated through the backbone when needed) is only a
 manifest record. Every shard has its own chunks in every array, so different processes can own
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from sidetune.cache.integrity import create_records, find_damaged, labels_checksum, record_shard, shard_keys
 from sidetune.cache.location import Location
 from sidetune.cache.manifest import (
     FORMAT_VERSION,
@@ -43,6 +47,7 @@ class SplitWriter:
     group: zarr.Group
     num_images: int
     shard_images: int
+    location: Location
 
     @property
     def num_shards(self) -> int:
@@ -57,7 +62,8 @@ class SplitWriter:
         return [int(i) for i in np.flatnonzero(done == 0)]
 
     def write_shard(self, shard: int, tokens: np.ndarray, absmax: np.ndarray, scales: np.ndarray | None = None) -> None:
-        """Write one shard's tokens (and int8 scales), then its statistics, then its completion mark."""
+        """Write one shard's tokens (and int8 scales), then its statistics and its record
+        (checksum, bytes), then its completion mark."""
         start, stop = self.shard_bounds(shard)
         if tokens.shape[0] != stop - start:
             raise ValueError(f"shard {shard} of {self.name} needs {stop - start} images, got {tokens.shape[0]}")
@@ -65,7 +71,22 @@ class SplitWriter:
         if scales is not None:
             self.group["scales"][start:stop] = scales
         self.group["shard_absmax"][shard] = absmax
+        record_shard(self.group, self.location, shard, tokens, scales)
         self.group["shard_complete"][shard] = 1
+
+    def damaged_shards(self, read: bool = True) -> dict[int, str]:
+        """Of the shards marked written, those whose objects are missing, of another size than
+        recorded, or (with `read`) unreadable or holding other values (sidetune/cache/integrity.py)."""
+        done = [int(i) for i in np.flatnonzero(self.group["shard_complete"][:] == 1)]
+        return find_damaged(self.group, self.location, done, self.shard_images, self.num_images, read)
+
+    def recompute(self, shards: list[int]) -> None:
+        """Mark shards as not written and delete what is left of them (zarr would read a damaged
+        shard's index to write over it), so that extraction computes them again."""
+        for shard in shards:
+            self.group["shard_complete"][shard] = 0
+            for key in shard_keys(self.group, shard):
+                self.location.remove_object(key)
 
 
 def _ignored(name: str) -> bool:
@@ -155,6 +176,7 @@ class CacheWriter:
         how many); `scale_shape`: the per-image shape of int8 scales, None for a float dtype."""
         num_stages = token_shape[0] if num_stages is None else num_stages
         num_images = len(labels)
+        num_shards = -(-num_images // shard_images)
         if name in self.manifest["splits"]:
             group = self.root[name]
             if group["tokens"].shape != (num_images, *token_shape):
@@ -162,9 +184,10 @@ class CacheWriter:
                     f"Split {name} in {self.root.store} has shape {group['tokens'].shape}, expected "
                     f"{(num_images, *token_shape)}. Pass --overwrite to rebuild the cache."
                 )
-            return SplitWriter(name, group, num_images, shard_images)
+            create_records(group, num_shards)
+            self._repair_labels(name, group, labels=labels)
+            return SplitWriter(name, group, num_images, shard_images, self.location)
         group = self._fresh_group(name)
-        num_shards = -(-num_images // shard_images)
         group.create_array(
             "tokens", shape=(num_images, *token_shape), dtype=dtype,
             chunks=(chunk_images, *token_shape), shards=(shard_images, *token_shape),
@@ -179,37 +202,64 @@ class CacheWriter:
         group.create_array("shard_complete", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0)
         group.create_array("shard_absmax", shape=(num_shards, num_stages), dtype="float32",
                            chunks=(1, num_stages), fill_value=0)
+        create_records(group, num_shards)
         self.manifest["splits"][name] = {
             "kind": "stored", "num_images": num_images, "num_shards": num_shards, "complete": False, "absmax": None,
+            "labels_checksum": labels_checksum(labels),
         }
         self._save_manifest()
-        return SplitWriter(name, group, num_images, shard_images)
+        return SplitWriter(name, group, num_images, shard_images, self.location)
 
     def open_split(self, name: str, num_images: int, shard_images: int) -> SplitWriter:
         """A stored split's arrays that another process (torchrun's rank 0) created, to write
         shards into; never touches the manifest."""
-        return SplitWriter(name, self.root[name], num_images, shard_images)
+        return SplitWriter(name, self.root[name], num_images, shard_images, self.location)
+
+    def reopen(self, name: str) -> None:
+        """Mark a complete split incomplete again (some of its shards are to be recomputed)."""
+        self.manifest["splits"][name]["complete"] = False
+        self._save_manifest()
 
     def view(self, name: str, parent: str, rows: np.ndarray, labels: np.ndarray) -> None:
         """Record `name` as rows of the stored split `parent` (its images are all there)."""
         if name in self.manifest["splits"]:
+            self._repair_labels(name, self.root[name], labels=labels, rows=rows)
             return
         group = self._fresh_group(name)
         group.create_array("rows", data=np.asarray(rows, dtype=np.int64), chunks=(max(len(rows), 1),))
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),))
-        self.manifest["splits"][name] = {"kind": "view", "view_of": parent, "num_images": len(rows), "complete": True}
+        self.manifest["splits"][name] = {"kind": "view", "view_of": parent, "num_images": len(rows), "complete": True,
+                                         "labels_checksum": labels_checksum(labels), "rows_checksum": labels_checksum(rows)}
         self._save_manifest()
 
     def live(self, name: str, labels: np.ndarray, fingerprint: str) -> None:
         """Record `name` as a split evaluated live, through the backbone, from the dataset's
         images (identified by `fingerprint`); only its labels are stored."""
         if name in self.manifest["splits"]:
+            self._repair_labels(name, self.root[name], labels=labels)
             return
         group = self._fresh_group(name)
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),))
         self.manifest["splits"][name] = {"kind": "live", "num_images": len(labels), "fingerprint": fingerprint,
-                                         "complete": True}
+                                         "complete": True, "labels_checksum": labels_checksum(labels)}
         self._save_manifest()
+
+    def _repair_labels(self, name: str, group: zarr.Group, **arrays: np.ndarray) -> None:
+        """Rewrite a split's labels (a view's rows) where they no longer match their record,
+        from the dataset's, which match it (the dataset's identity is checked at open)."""
+        record = self.manifest["splits"][name]
+        for array, values in arrays.items():
+            recorded = record.get(f"{array}_checksum")
+            if recorded is None or recorded != labels_checksum(values):
+                continue  # no record (an older cache), or the dataset's differ: nothing to repair from
+            try:
+                intact = labels_checksum(group[array][:]) == recorded
+            except Exception:  # missing or unreadable
+                intact = False
+            if not intact:
+                if array in group:
+                    del group[array]
+                group.create_array(array, data=np.asarray(values, dtype=np.int64), chunks=(max(len(values), 1),))
 
     def _fresh_group(self, name: str) -> zarr.Group:
         """An empty group for a split the manifest does not know yet (removing what an

@@ -31,7 +31,7 @@ def method_options(method: str) -> dict[str, object]:
 
 def describe_methods() -> list[dict]:
     """Every registered method as it declares itself: its name, one-line summary, default
-    learning rate, whether it is solved in closed form, its options (type, default, help line,
+    learning rate, epochs and weight decay, whether it is solved in closed form, its options (type, default, help line,
     least value) and the grid `sweep` tries when given none. `sidetune.declarations` reads these
     records without importing torch."""
     described = []
@@ -47,6 +47,7 @@ def describe_methods() -> list[dict]:
             options.append({"name": name, "kind": kind.__name__, "default": default, "help": helps[name],
                             "minimum": minimum})
         described.append({"method": method, "summary": cls.summary, "default_lr": cls.default_lr,
+                          "default_epochs": cls.default_epochs, "default_weight_decay": cls.default_weight_decay,
                           "closed_form": cls.closed_form, "options": options,
                           "default_grid": {name: list(values) for name, values in cls.default_grid.items()}})
     return described

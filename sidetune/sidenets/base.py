@@ -126,7 +126,10 @@ class SideNet(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line: what the method is (`sidetune methods`)
     token_selections: ClassVar[tuple[str, ...]] = ("all",)
+    # Training defaults where none is given (benchmarks/defaults.py measures them; docs/methods.md)
     default_lr: ClassVar[float] = 1e-3  # the side-tuning papers' AdamW default
+    default_epochs: ClassVar[int] = 100
+    default_weight_decay: ClassVar[float] = 1e-4
     closed_form: ClassVar[bool] = False  # True: `fit` sets the parameters (no epochs)
     reads_sums: ClassVar[bool] = False  # True: reads a summed cache's sums (MIST)
     # True: without a backbone final norm, a plain LayerNorm stands in for it (`set_final_norm`)

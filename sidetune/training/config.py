@@ -32,11 +32,13 @@ class TrainConfig:
     @classmethod
     def create(cls, method: str, options: dict | None = None, **fields) -> "TrainConfig":
         """A config with every method option resolved (defaults filled in, unknown ones
-        refused), the method's default learning rate unless `lr` is given, and a tenth of the
-        epochs as warmup unless `warmup_epochs` is given."""
+        refused), the method's default learning rate, epochs and weight decay unless given, and
+        a tenth of the epochs as warmup unless `warmup_epochs` is given."""
         options = resolve_options(method, options or {})  # refuses an unknown method first
-        epochs = fields.setdefault("epochs", cls.epochs)
-        fields.setdefault("lr", SIDENETS[method].default_lr)
+        sidenet = SIDENETS[method]
+        epochs = fields.setdefault("epochs", sidenet.default_epochs)
+        fields.setdefault("lr", sidenet.default_lr)
+        fields.setdefault("weight_decay", sidenet.default_weight_decay)
         fields.setdefault("warmup_epochs", epochs // 10)
         if fields["warmup_epochs"] > epochs:
             raise SidetuneError(f"Warmup ({fields['warmup_epochs']} epochs) is longer than training "
