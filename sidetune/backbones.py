@@ -54,6 +54,7 @@ class Backbone:
     weights_sha256: str
     stages: tuple[StageShape, ...]
     path: str = "vit"
+    notes: tuple[str, ...] = ()  # how its weights were read (a wrapper unwrapped, a classifier left out)
 
     @property
     def depth(self) -> int:
@@ -223,10 +224,11 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
     import timm
 
     alias, timm_name = resolve_model_name(name)
+    notes: list[str] = []
     if weights is not None:
         model = _create(timm_name, pretrained=False)
         weights_path = Path(weights).expanduser().resolve()
-        _load_weight_file(model, weights_path)
+        notes = _load_weight_file(model, weights_path)
         source = f"file:{weights_path}"
     elif timm_name.startswith(LOCAL_DIR_PREFIX):
         model = _create(timm_name, pretrained=True)
@@ -252,7 +254,7 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
 
     model.eval().requires_grad_(False)
     if _is_vit(model):
-        return Backbone(model, alias, timm_name, source, state_dict_sha256(model), _vit_stages(model), "vit")
+        return Backbone(model, alias, timm_name, source, state_dict_sha256(model), _vit_stages(model), "vit", tuple(notes))
     if not hasattr(model, "forward_intermediates"):
         raise SidetuneError(
             f"Model {timm_name} is a {type(model).__name__}, which has no forward_intermediates in timm "
@@ -261,7 +263,7 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         )
     del timm  # imported lazily so that stage two never needs it
     return Backbone(model, alias, timm_name, source, state_dict_sha256(model), _intermediate_stages(model),
-                    "intermediates")
+                    "intermediates", tuple(notes))
 
 
 def load_recorded_backbone(record: dict, weights: str | Path | None = None) -> Backbone:
@@ -301,7 +303,9 @@ def _create(timm_name: str, pretrained: bool) -> nn.Module:
         raise
 
 
-def _load_weight_file(model: nn.Module, path: Path) -> None:
+def _load_weight_file(model: nn.Module, path: Path) -> list[str]:
+    """Load a weights file into `model` (built without a classifier); returns notes on what was
+    unwrapped or left out."""
     if not path.is_file():
         raise SidetuneError(f"Weights file {path} does not exist. Pass --weights an existing file.")
     suffix = path.suffix.lower()
@@ -313,7 +317,7 @@ def _load_weight_file(model: nn.Module, path: Path) -> None:
                 f"Could not load the original-format weights {path} into {type(model).__name__}: "
                 f"{error}. The .npz must come from the same architecture (big_vision/jax ViT layout)."
             ) from error
-        return
+        return []
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -321,16 +325,19 @@ def _load_weight_file(model: nn.Module, path: Path) -> None:
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model", "module"):
-                if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                    state = state[key]
     except Exception as error:
         raise SidetuneError(
             f"Could not read weights file {path} ({type(error).__name__}: {error}). Use a "
             ".safetensors file, a torch state dict (.pth/.pt/.bin) or the original .npz."
         ) from error
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("head.")}
+    notes = []
+    state = unwrapped_state_dict(state, path, notes)
     expected = model.state_dict()
+    dropped = sorted(key for key in state if key not in expected and key.startswith(classifier_prefixes(model)))
+    if dropped:
+        notes.append(f"--weights: left out the checkpoint's classifier, which the frozen backbone does not use "
+                     f"({', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''})")
+        state = {key: value for key, value in state.items() if key not in dropped}
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     misshapen = [key for key in expected if key in state and state[key].shape != expected[key].shape]
@@ -341,6 +348,41 @@ def _load_weight_file(model: nn.Module, path: Path) -> None:
             f"{len(misshapen)} (e.g. {misshapen[:3]}). Pass the --model these weights were trained as."
         )
     model.load_state_dict(state)
+    return notes
+
+
+CHECKPOINT_WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
+KEY_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def unwrapped_state_dict(checkpoint: object, path: Path, notes: list[str]) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint as training code saves it: nested under `state_dict`,
+    `model`, `state_dict_ema` ... (the first of those that holds tensors), with the prefixes
+    DataParallel and torch.compile add removed; what was unwrapped is said in `notes`."""
+    state = checkpoint
+    while isinstance(state, dict) and not any(isinstance(value, torch.Tensor) for value in state.values()):
+        key = next((key for key in CHECKPOINT_WRAPPERS if isinstance(state.get(key), dict)), None)
+        if key is None:
+            break
+        notes.append(f"--weights: read the state dict under '{key}' in {path.name}")
+        state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SidetuneError(f"Weights file {path} holds no state dict of tensors (found {type(state).__name__}"
+                            f"{' with keys ' + ', '.join(map(str, list(state)[:5])) if isinstance(state, dict) else ''}). "
+                            "Save the model's state_dict() (torch.save or safetensors) and pass that file.")
+    for prefix in KEY_PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The key prefixes of the classifier (and distillation head, pre-logits) a timm model of this
+    architecture has when built with classes, from its pretrained_cfg: what a checkpoint saved
+    with its classifier holds beyond the frozen backbone's (num_classes=0) keys."""
+    names = (model.pretrained_cfg or {}).get("classifier") or "head"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{name}." for name in (*names, "head", "head_dist", "pre_logits", "fc", "classifier"))
 
 
 def state_dict_sha256(model: nn.Module) -> str:

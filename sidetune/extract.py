@@ -24,7 +24,7 @@ from sidetune.cache.location import Location
 from sidetune.cache.manifest import LOCK_FILE, build_manifest
 from sidetune.cache.plan import CachePlan, disk_is_full, plan_cache, refuse_if_too_big, split_layout
 from sidetune.cache.spec import CacheSpec, available_specs, load_spec
-from sidetune.cache.store import CacheWriter, SplitWriter
+from sidetune.cache.store import CacheWriter, SplitWriter, holds_cache
 from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import VTAB_SPLITS, ImageSource, ImageSplit, load_source
 from sidetune.distributed import World, current_world, launched_rank
@@ -39,6 +39,7 @@ from sidetune.features import (
     stored_tokens,
 )
 from sidetune.progress import ProgressSink
+from sidetune.replacing import recover, staging_path, swap_in
 
 LIVE_BY_DEFAULT = ("test",)  # read once per reported configuration: cheaper through the backbone than on disk
 
@@ -122,10 +123,14 @@ def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, 
     return _plan(out, cache_spec, source, backbone, splits)
 
 
-def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backbone, requested: list[str] | None) -> CachePlan:
+def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backbone, requested: list[str] | None,
+          building: str | Path | None = None) -> CachePlan:
+    """The plan for `out`; the bytes already written where the cache is being built (`out`, or
+    the replacement built beside it) count as free."""
     layout = split_layout({name: split.keys() for name, split in source.splits.items()},
                           default_live_splits(list(source.splits), requested))
-    plan = plan_cache(out, spec, layout, _token_shape(spec, backbone), existing_bytes=Location(out).local_bytes())
+    plan = plan_cache(out, spec, layout, _token_shape(spec, backbone),
+                      existing_bytes=Location(building or out).local_bytes())
     return replace(plan, notes=list(source.notes))
 
 
@@ -157,8 +162,15 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
              data_root: str | Path | None, weights: str | Path | None, pretrained: bool, preprocess: str,
              device: str, precision: str, batch_size: int, workers: int | None, limit: int | None, overwrite: bool,
              progress: ProgressSink | None, log: Callable[[str], None]) -> list[SplitReport]:
+    target = Location(out)
     if launched_rank() == 0:  # under torchrun rank 0 alone touches the folder before the store exists
-        Location(out).check_writable()
+        target.check_writable()
+        if target.is_local:
+            recover(target.text)  # a replacement's swap that a crash cut short
+    # --overwrite of a cache on a local disk builds the new one beside it and swaps it in when it
+    # is complete: the old cache stays whole until then (on an object store it is deleted first)
+    staged = overwrite and target.is_local and holds_cache(target)
+    building = str(staging_path(target.text)) if staged else out
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
     torch_device, autocast_dtype = resolve_compute(device, precision)
     source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
@@ -166,7 +178,7 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
     preprocessing = resolve_preprocessing(preprocess, backbone)
     token_layout = stored_layout(cache_spec, backbone)
     stages, token_shape = token_layout.stages, token_layout.image_shape()
-    plan = _plan(out, cache_spec, source, backbone, splits)
+    plan = _plan(out, cache_spec, source, backbone, splits, building)
     if launched_rank() == 0:
         _refuse_unless_it_fits(plan, cache_spec, source, backbone)
 
@@ -181,22 +193,24 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
     )
     world = current_world(torch_device)
     torch_device = world.device(torch_device)
-    lock = Location(out).exclusive(LOCK_FILE, "sidetune extract") if world.is_main else contextlib.nullcontext()
-    with lock:
+    with contextlib.ExitStack() as locks:
+        if world.is_main:  # the cache, and the replacement being built beside it
+            for place in dict.fromkeys([out, building]):
+                locks.enter_context(Location(place).exclusive(LOCK_FILE, "sidetune extract"))
         if world.is_main:  # rank 0 creates (or verifies) the store, the manifest and every split's arrays
-            writer = CacheWriter.open(out, manifest, overwrite=overwrite)
+            writer = CacheWriter.open(building, manifest, overwrite=overwrite and not staged, replace_other=staged)
             norm = backbone.final_norm()
             if norm is not None:
                 writer.write_backbone_params({
                     "final_norm_weight": norm.weight.detach().cpu().numpy(),
                     "final_norm_bias": norm.bias.detach().cpu().numpy(),
                 })
-            for note in source.notes:
+            for note in (*backbone.notes, *source.notes):
                 log(f"note: {note}")
             log(plan.describe())
         world.barrier()
         if not world.is_main:
-            writer = CacheWriter.attach(out, manifest)
+            writer = CacheWriter.attach(building, manifest)
 
         backbone.model.to(torch_device)
         workers = default_workers(torch_device) if workers is None else workers
@@ -233,9 +247,14 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                 ))
             except KeyboardInterrupt:
                 done = split_writer.num_shards - len(split_writer.pending_shards())
+                kept = f"{building} (the cache at {out} stays as it was until the new one is complete)" if staged else out
                 raise Interrupted(f"Extraction interrupted in split {name}: {done} of its {split_writer.num_shards} "
-                                  f"shards are written and kept in {out}; rerun the same command to compute only "
+                                  f"shards are written and kept in {kept}; rerun the same command to compute only "
                                   "the rest.") from None
+        world.barrier()
+        if staged and world.is_main and all(report.complete for report in reports):
+            swap_in(target.text)
+            log(f"the new cache replaced the old one at {out}")
     return reports
 
 

@@ -17,7 +17,8 @@ USUAL = {"gap": 1, "depth": 1, "heads": 1, "pool": "cls"}  # shown when they are
 
 def list_runs(root: str | Path = "runs") -> list[dict]:
     """One record per finished run, sweep and suite under `root` (any depth; a suite's own
-    sweeps and a sweep's kept models are listed inside it, not again), newest first."""
+    sweeps and a sweep's kept models are listed inside it, not again), newest first. A folder
+    whose files cannot be read is listed as kind "damaged", saying why, and the rest still are."""
     root = Path(root)
     if not root.is_dir():
         raise SidetuneError(f"No folder {root}: `sidetune train` and `sidetune sweep` write their runs to ./runs; "
@@ -28,7 +29,12 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
     for folder in sorted(path for path in root.rglob("*") if path.is_dir()):
         if any(parent in containers for parent in folder.parents):
             continue
-        record = _read(folder)
+        try:
+            record = _read(folder)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, SidetuneError) as error:
+            problem = str(error) if isinstance(error, SidetuneError) else f"{type(error).__name__}: {error}"
+            record = _record("damaged", folder, "-", "-", f"cannot be read: {problem}", "-", None, None,
+                             _modified(folder))
         if record is not None:
             records.append(record)
     return sorted(records, key=lambda r: r["created"] or "", reverse=True)

@@ -6,6 +6,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from sidetune.runs import write_atomically
+
+
+def save_figure(figure, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically (a full disk leaves the old file and no
+    temporary one), and close it."""
+    from matplotlib import pyplot as plt
+
+    try:
+        write_atomically(Path(path), lambda target: figure.savefig(target, format="png"))
+    finally:
+        plt.close(figure)
+
 
 def plot_learning_curve(history: list[dict], path: Path, title: str, eval_split: str = "eval") -> None:
     """Training loss (left axis) and accuracy (right axis: training, and the eval split where
@@ -31,8 +44,7 @@ def plot_learning_curve(history: list[dict], path: Path, title: str, eval_split:
     figure.legend(handles, [h.get_label() for h in handles], loc="lower center", ncols=len(handles), frameon=False)
     loss_axis.set_title(title)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_penalty_path(path: list[tuple[float, float]], chosen: float, file: Path, title: str, eval_split: str) -> None:
@@ -52,8 +64,7 @@ def plot_penalty_path(path: list[tuple[float, float]], chosen: float, file: Path
     axis.set_title(title)
     axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(file)
-    plt.close(figure)
+    save_figure(figure, file)
 
 
 RESULT_FIELDS = {"config_id", "phase", "status", "top1", "seconds", "params", "failure", "train_split", "eval_split",
@@ -94,8 +105,7 @@ def plot_sweep(records: list[dict], path: Path, title: str) -> None:
     if any(key for key in lines if key):
         axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_task_scores(rows: list[dict], path: Path, title: str) -> None:
@@ -118,5 +128,4 @@ def plot_task_scores(rows: list[dict], path: Path, title: str) -> None:
     axis.set_ylim(0, 100)
     axis.set_title(title)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)

@@ -9,6 +9,7 @@ two it never imports timm or the backbone."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -22,6 +23,7 @@ from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
 from sidetune.distributed import launched_world_size
 from sidetune.errors import Interrupted, SidetuneError
+from sidetune.replacing import recover, staging_path, swap_in
 from sidetune.results import plot_learning_curve, plot_penalty_path
 from sidetune.sidenets import SIDENETS
 from sidetune.tensorboard_log import TensorBoardLog
@@ -100,50 +102,66 @@ def train(
         warn(seen_warning(cache, train_split, eval_split, seen))
     torch_device = resolve_device(device)
     out = Path(out) if out is not None else runs.default_run_dir(cache.path, config.method)
-    record = run_record(cache, config, train_split, eval_split, torch_device.type, eval_every)
-    resume = None
-    if runs.prepare_run_dir(out, record, overwrite):
-        resume = GroupState.from_record(runs.load_checkpoint(out / runs.CHECKPOINT_FILE))
-        log(f"resuming {out} from epoch {resume.epoch} of {config.epochs}")
-    _rewrite_log(out, resume)
+    recover(out)  # a replacement's swap that a crash cut short
+    # --overwrite of a run builds the new one beside it and swaps it in when it is finished
+    staged = overwrite and (out / runs.CONFIG_FILE).is_file()
+    run_dir = staging_path(out) if staged else out
+    with contextlib.ExitStack() as locks:  # one writer per run folder (and per replacement)
+        locks.enter_context(runs.disk_full_said(out, "The checkpoint of the last finished epoch is kept."))
+        for folder in dict.fromkeys([out, run_dir]):
+            locks.enter_context(runs.writing(folder, "sidetune train"))
+        record = run_record(cache, config, train_split, eval_split, torch_device.type, eval_every)
+        resume = None
+        if runs.prepare_run_dir(run_dir, record, replace_other=staged):
+            checkpoint_path = run_dir / runs.CHECKPOINT_FILE
+            try:
+                resume = GroupState.from_record(runs.load_checkpoint(checkpoint_path))
+            except (KeyError, TypeError, ValueError, AttributeError) as error:  # read, but not a checkpoint's record
+                raise runs.damaged_checkpoint(checkpoint_path, error) from None
+            log(f"resuming {run_dir} from epoch {resume.epoch} of {config.epochs}")
+        _rewrite_log(run_dir, resume)
 
-    board = TensorBoardLog(out / "tensorboard") if tensorboard else None
-    num_images = cache.split(train_split).num_images
+        board = TensorBoardLog(run_dir / "tensorboard") if tensorboard else None
+        num_images = cache.split(train_split).num_images
 
-    def epoch_done(stats: EpochStats) -> None:
-        with open(out / runs.LOG_FILE, "a") as handle:
-            handle.write(json.dumps(stats.row(0)) + "\n")
+        def epoch_done(stats: EpochStats) -> None:
+            with open(run_dir / runs.LOG_FILE, "a") as handle:
+                handle.write(json.dumps(stats.row(0)) + "\n")
+            if board is not None:
+                board.epoch(["."], [config], stats, num_images)
+            if on_epoch is not None:
+                on_epoch(stats)
+
+        last_saved, saved_epoch = time.monotonic(), resume.epoch if resume is not None else 0
+
+        def checkpoint(state: GroupState) -> None:
+            nonlocal last_saved, saved_epoch
+            if state.epoch < config.epochs and time.monotonic() - last_saved >= (checkpoint_seconds or 0.0):
+                runs.save_checkpoint(run_dir / runs.CHECKPOINT_FILE, state.to_record())
+                last_saved, saved_epoch = time.monotonic(), state.epoch
+
+        try:
+            result, *path_results = train_group(
+                cache, [config, *path_configs], train_split, eval_split, torch_device, eval_every=eval_every,
+                on_start=on_start, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint, compile=compile, fused=fused,
+                cuda_graphs=cuda_graphs, loaded=LoadedSplits(cache, torch_device, memory_budget, progress=live_progress))
+        except KeyboardInterrupt:
+            kept = (f"epochs 1-{saved_epoch} of {config.epochs} are kept in {run_dir / runs.CHECKPOINT_FILE}; rerun the "
+                    f"same command (with --out {out}) to resume from epoch {saved_epoch + 1}") if saved_epoch else (
+                    f"no epoch had finished, so nothing was kept; rerun the same command (with --out {out}) to start again")
+            if staged:
+                kept += f" (the run at {out} stays as it was until the new one is finished)"
+            raise Interrupted(f"Training interrupted: {kept}.") from None
         if board is not None:
-            board.epoch(["."], [config], stats, num_images)
-        if on_epoch is not None:
-            on_epoch(stats)
-
-    last_saved, saved_epoch = time.monotonic(), resume.epoch if resume is not None else 0
-
-    def checkpoint(state: GroupState) -> None:
-        nonlocal last_saved, saved_epoch
-        if state.epoch < config.epochs and time.monotonic() - last_saved >= (checkpoint_seconds or 0.0):
-            runs.save_checkpoint(out / runs.CHECKPOINT_FILE, state.to_record())
-            last_saved, saved_epoch = time.monotonic(), state.epoch
-
-    try:
-        result, *path_results = train_group(cache, [config, *path_configs], train_split, eval_split, torch_device, eval_every=eval_every,
-                               on_start=on_start, on_epoch=epoch_done, resume=resume, checkpoint=checkpoint,
-                               compile=compile, fused=fused, cuda_graphs=cuda_graphs,
-                               loaded=LoadedSplits(cache, torch_device, memory_budget, progress=live_progress))
-    except KeyboardInterrupt:
-        kept = (f"epochs 1-{saved_epoch} of {config.epochs} are kept in {out / runs.CHECKPOINT_FILE}; rerun the same "
-                f"command (with --out {out}) to resume from epoch {saved_epoch + 1}") if saved_epoch else (
-                f"no epoch had finished, so nothing was kept; rerun the same command (with --out {out}) to start again")
-        raise Interrupted(f"Training interrupted: {kept}.") from None
-    if board is not None:
-        board.result(".", config, result.top1, {"train_split": train_split, "eval_split": eval_split})
-        board.close()
-    if result.status != "ok":
-        raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
-    path = [(r.config.weight_decay, r.top1) for r in (result, *path_results) if r.status == "ok"] if closed_form else None
-    finish_run(out, cache, config, result, train_split, eval_split, torch_device.type, penalty_path=path)
-    (out / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
+            board.result(".", config, result.top1, {"train_split": train_split, "eval_split": eval_split})
+            board.close()
+        if result.status != "ok":
+            raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
+        path = [(r.config.weight_decay, r.top1) for r in (result, *path_results) if r.status == "ok"] if closed_form else None
+        finish_run(run_dir, cache, config, result, train_split, eval_split, torch_device.type, penalty_path=path)
+        (run_dir / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
+        if staged:
+            swap_in(out)
     return out, result
 
 

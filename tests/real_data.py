@@ -34,8 +34,9 @@ def lite0_weights_file() -> Path:
 
 
 def convert_lite0_weights(out: Path) -> Path:
-    """The package's state dict renamed to timm's tf_efficientnet_lite0 keys (every shape checked,
-    the ImageNet classifier dropped), saved as safetensors for `--weights`."""
+    """The package's state dict renamed to timm's tf_efficientnet_lite0 keys (every shape checked),
+    its ImageNet classifier kept as a user's checkpoint has it (`--weights` leaves it out), saved
+    as safetensors for `--weights`."""
     import timm
     from safetensors.torch import save_file
 
@@ -47,8 +48,7 @@ def convert_lite0_weights(out: Path) -> Path:
     for (name, tensor), (timm_name, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape:
             raise ValueError(f"{name} {tuple(tensor.shape)} does not fit {timm_name} {tuple(expected.shape)}")
-        if not timm_name.startswith("classifier."):
-            converted[timm_name] = tensor.contiguous()
+        converted[timm_name] = tensor.contiguous()
     save_file(converted, str(out))
     return out
 

@@ -302,3 +302,31 @@ def test_a_cnn_split_streamed_by_shard_gives_the_resident_batches(convnext_digit
     resident = load_features(cache, "train800", [3, 4], torch.device("cpu"))
     assert isinstance(streamed, StreamedFeatures) and streamed.sample_shape == (49 * 48 + 25 * 64,)
     assert torch.equal(torch.cat([t for t, _ in streamed.batches(32)]), torch.cat([t for t, _ in resident.batches(32)]))
+
+
+@pytest.mark.parametrize("family, wrapped", [("test_vit", False), ("test_convnext", True), ("test_resnet", False),
+                                             ("test_efficientnet", True)])
+def test_weights_saved_as_timm_saves_them_classifier_and_all_load_with_a_note(family, wrapped, folder, tmp_path):
+    from sidetune.backbones import state_dict_sha256
+
+    torch.manual_seed(5)
+    full = timm.create_model(family, pretrained=False)  # with its classifier, as a user's checkpoint has it
+    state = full.state_dict()
+    if wrapped:  # as a training script saves it: nested, with DataParallel's prefix
+        state = {"state_dict": {f"module.{key}": value for key, value in state.items()}, "epoch": 3}
+    torch.save(state, tmp_path / "checkpoint.pth")
+    notes = []
+    sidetune.extract(family, str(folder), tmp_path / "cache", spec="final", weights=tmp_path / "checkpoint.pth",
+                     workers=0, log=notes.append)
+    headless = timm.create_model(family, pretrained=False, num_classes=0)
+    headless.load_state_dict(full.state_dict(), strict=False)  # every key but the classifier's
+    assert sidetune.open_cache(tmp_path / "cache").manifest["backbone"]["weights_sha256"] == state_dict_sha256(headless)
+    classifier = timm.create_model(family, pretrained=False).pretrained_cfg["classifier"]
+    assert any("left out the checkpoint's classifier" in note and f"{classifier}." in note for note in notes), notes
+    assert any("under 'state_dict'" in note for note in notes) == wrapped
+
+
+def test_a_weights_file_holding_no_state_dict_is_refused_in_one_paragraph(tmp_path):
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "odd.pth")
+    with pytest.raises(sidetune.SidetuneError, match="holds no state dict of tensors.*Save the model's state_dict"):
+        sidetune.extract("test_vit", "digits", tmp_path / "cache", weights=tmp_path / "odd.pth", limit=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sidetune
-from conftest import extract_tiny, python_path, tiny_vit
+from conftest import extract_tiny, python_path, tiny_vit, write_image
 from sidetune import SidetuneError
 
 
@@ -73,7 +73,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_cache(tmp_path):
     precious = tmp_path / "thesis"
     precious.mkdir()
     (precious / "chapter1.tex").write_text("years of work")
-    with pytest.raises(SidetuneError, match="refuses to delete .*thesis.*not a sidetune cache"):
+    with pytest.raises(SidetuneError, match="refuses to replace .*thesis.*not a sidetune cache"):
         extract_tiny("digits", precious, splits=["test"], limit=2, spec="cls", overwrite=True)
     assert (precious / "chapter1.tex").read_text() == "years of work"
 
@@ -160,3 +160,29 @@ def test_fused_kernels_on_the_cpu_are_refused_with_the_fix(tmp_path):
     assert result.returncode == 2
     assert "--fused runs Triton kernels on a CUDA GPU" in result.stderr and "without --fused" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_overwrite_keeps_the_old_cache_whole_until_the_new_one_is_complete(class_folder, tmp_path):
+    out = tmp_path / "cache"
+    extract_tiny(class_folder, out, spec="cls")
+    before = sidetune.open_cache(out).manifest
+    (class_folder / "square" / "3.png").write_bytes(b"this is not a png")
+    with pytest.raises(SidetuneError, match=r"Could not read image .*square/3\.png"):
+        extract_tiny(class_folder, out, spec="mean", overwrite=True)
+    kept = sidetune.open_cache(out)
+    assert kept.manifest == before and kept.split("trainval").load().shape[0] == 12  # the old cache, whole
+    assert (tmp_path / "cache.sidetune-new").is_dir()  # the new one's finished shards, kept for the rerun
+    write_image(class_folder / "square" / "3.png", seed=13)
+    extract_tiny(class_folder, out, spec="mean", overwrite=True)
+    assert sidetune.open_cache(out).manifest["spec"]["name"] == "mean"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "shapes"]  # nothing beside it left
+    assert not (out / "extract.lock").exists()
+
+
+def test_a_swap_cut_short_between_its_renames_is_undone_on_the_next_run(tmp_path):
+    from sidetune.replacing import recover
+
+    (tmp_path / "cache.sidetune-old").mkdir()
+    (tmp_path / "cache.sidetune-old" / "zarr.json").write_text("{}")
+    recover(tmp_path / "cache")
+    assert (tmp_path / "cache" / "zarr.json").is_file() and not (tmp_path / "cache.sidetune-old").exists()

@@ -28,7 +28,8 @@ def run(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """Both caches (pretrained and random weights) and each method's test top-1 on each."""
+    """Both caches (pretrained and random weights) and each method's test top-1 on each; what
+    the pretrained extract said under ("pretrained", "extract")."""
     root = tmp_path_factory.mktemp("real")
     try:
         weights = convert_lite0_weights(root / "lite0.safetensors")
@@ -39,8 +40,9 @@ def real(tmp_path_factory):
     top1 = {}
     for name, source in (("pretrained", ["--weights", str(weights)]), ("random", ["--no-pretrained"])):
         cache = root / f"cache-{name}"
-        run("extract", "--model", TIMM_NAME, *source, "--dataset", str(folder), "--spec", str(root / "spec.yaml"),
-            "--preprocess", "inception", "--splits", "train800,val200,train800val200,test", "--out", str(cache))
+        top1[name, "extract"] = run("extract", "--model", TIMM_NAME, *source, "--dataset", str(folder), "--spec",
+                                    str(root / "spec.yaml"), "--preprocess", "inception", "--splits",
+                                    "train800,val200,train800val200,test", "--out", str(cache))
         for method, options in METHODS.items():
             if name == "random" and method in ("last", "losa"):
                 continue  # the margin over random is asserted on the fast methods; these are held to linear
@@ -68,6 +70,11 @@ def test_the_converted_weights_see_a_daisy_in_sklearns_flower_photo_under_their_
         with torch.no_grad():
             predicted = model(transform(flower)[None]).argmax(-1).item()
         assert (predicted == daisy) == is_daisy
+
+
+def test_the_checkpoint_with_its_imagenet_classifier_loads_and_says_the_classifier_was_left_out(real):
+    said = " ".join(real["pretrained", "extract"].split())
+    assert "left out the checkpoint's classifier" in said and "classifier.weight" in said
 
 
 def test_pretrained_weights_beat_random_weights_by_a_clear_margin(real):

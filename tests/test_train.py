@@ -93,6 +93,45 @@ def test_a_finished_run_is_refused_unless_overwritten(digits_cache, tmp_path):
     train(digits_cache, settings, out=tmp_path / "run", train_split="train800", eval_split="val200", overwrite=True)
 
 
+def test_overwriting_a_run_keeps_it_whole_until_the_new_one_has_finished(digits_cache, tmp_path):
+    splits = dict(train_split="train800", eval_split="val200")
+    train(digits_cache, config("linear", epochs=1), out=tmp_path / "run", **splits)
+    before = (tmp_path / "run" / "metrics.json").read_text()
+    with pytest.raises(Interrupted, match="stays as it was until the new one is finished"):
+        train(digits_cache, config("linear", epochs=3), out=tmp_path / "run", overwrite=True, on_epoch=interrupt_after(2),
+              checkpoint_seconds=0, **splits)
+    assert (tmp_path / "run" / "metrics.json").read_text() == before  # the old run, untouched
+    resumed = []
+    train(digits_cache, config("linear", epochs=3), out=tmp_path / "run", overwrite=True,
+          on_epoch=lambda stats: resumed.append(stats.epoch), **splits)
+    assert resumed == [3]  # the replacement resumed where it was cut
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_and_a_stale_lock_is_taken_over(digits_cache, tmp_path):
+    from sidetune.runs import LOCK_FILE, writing
+
+    splits = dict(train_split="train800", eval_split="val200")
+    with writing(tmp_path / "run", "sidetune train"):  # a train still writing it
+        with pytest.raises(sidetune.SidetuneError, match="is being written by sidetune train.*Two writers"):
+            train(digits_cache, config("linear", epochs=1), out=tmp_path / "run", **splits)
+    (tmp_path / "run" / LOCK_FILE).write_text("sidetune train (pid 1 on a machine that crashed)")  # held by nobody
+    train(digits_cache, config("linear", epochs=1), out=tmp_path / "run", **splits)
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused(digits_cache, tmp_path):
+    from sidetune.runs import writing
+    from sidetune.sweeps import expand_grid, sweep
+
+    configs = expand_grid("linear", {"lr": [0.1]}, {"epochs": 1})
+    with writing(tmp_path / "sweep", "sidetune sweep"):
+        with pytest.raises(sidetune.SidetuneError, match="is being written by sidetune sweep"):
+            sweep(digits_cache, configs, out=tmp_path / "sweep", protocol="none", train_split="train800",
+                  eval_split="val200")
+
+
 def test_the_best_state_is_the_best_evaluated_epoch(digits_cache, tmp_path):
     run_dir, result = train(digits_cache, config("linear", epochs=6, lr=1.0), out=tmp_path / "run",
                             train_split="train800", eval_split="val200", eval_every=2)

@@ -100,16 +100,59 @@ def write_manifest(location: Location, manifest: dict) -> None:
     location.write_atomically(MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
+# what every manifest holds, and the type of each: a manifest without them is damaged
+REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "backbone": dict, "preprocessing": dict, "dataset": dict, "spec": dict, "layout": dict, "compute": dict,
+    "splits": dict, "created": str}
+REQUIRED_IN = {"backbone": ("timm_name", "weights_sha256", "depth"), "dataset": ("name", "class_names"),
+               "layout": ("stages", "num_tokens", "width"), "spec": ("dtype",)}
+
+
 def read_manifest(location: Location, root_attributes: dict) -> dict | None:
     """The manifest of the cache at `location` whose root group has `root_attributes`; None when
-    this is not a sidetune cache, or one whose creation stopped before its manifest was written."""
+    this is not a sidetune cache, or one whose creation stopped before its manifest was written.
+    A manifest that is not JSON, or lacks what every manifest holds, is refused as damaged."""
     marker = root_attributes.get(MANIFEST_KEY)
     if marker is None:
         return None
     if marker.get("format_version") == 1:
         return dict(marker)
     data = location.read_bytes(MANIFEST_FILE)
-    return None if data is None else json.loads(data)
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged_manifest(location, f"it is not JSON ({error})") from None
+    problems = manifest_problems(record)
+    if problems:
+        raise damaged_manifest(location, "; ".join(problems))
+    return record
+
+
+def manifest_problems(record: object) -> list[str]:
+    """What a manifest lacks or holds of the wrong type, as phrases (none: sound)."""
+    if not isinstance(record, dict):
+        return [f"it holds a {type(record).__name__}, not an object"]
+    version = record.get("format_version")
+    if type(version) is not int:
+        return [f"its format_version is {version!r} (a {type(version).__name__}), not an integer"]
+    if version not in READABLE_VERSIONS:
+        return []  # another format (a newer sidetune's): the reader says so
+    problems = [f"its {key} is missing" if key not in record else f"its {key} is a {type(record[key]).__name__}"
+                for key, kind in REQUIRED.items() if not isinstance(record.get(key), kind)]
+    problems += [f"its {section} lacks {key}" for section, keys in REQUIRED_IN.items()
+                 if isinstance(record.get(section), dict) for key in keys if key not in record[section]]
+    return problems
+
+
+def damaged_manifest(location: Location, problem: str) -> "SidetuneError":
+    from sidetune.errors import SidetuneError
+
+    return SidetuneError(
+        f"The manifest of cache {location} ({MANIFEST_FILE}) is damaged: {problem}. A cache cannot be read without "
+        f"it: rebuild it with the `sidetune extract` command that made it and --overwrite (or restore {MANIFEST_FILE} "
+        "from a backup).")
 
 
 @dataclass(frozen=True)

@@ -93,15 +93,23 @@ def _ignored(name: str) -> bool:
     return name.startswith(IGNORED_ENTRIES)
 
 
-def _remove_cache(location: Location) -> None:
-    """Delete a sidetune cache (keeping the lock file its writer holds), and never anything else."""
-    is_cache = location.has("zarr.json") and MANIFEST_KEY in zarr.open_group(str(location), mode="r").attrs
-    if not (is_cache or all(_ignored(name) for name in location.entries())):
+def holds_cache(location: Location) -> bool:
+    """Whether `location` holds anything but a lock (a cache, or other files); refuses other files:
+    --overwrite never replaces what is not a sidetune cache."""
+    if all(_ignored(name) for name in location.entries()):
+        return False
+    if not (location.has("zarr.json") and MANIFEST_KEY in zarr.open_group(str(location), mode="r").attrs):
         raise SidetuneError(
-            f"--overwrite refuses to delete {location}: it is not a sidetune cache. Point --out at a "
+            f"--overwrite refuses to replace {location}: it is not a sidetune cache. Point --out at a "
             "cache folder or a new folder."
         )
-    location.remove(keep=(LOCK_FILE,))
+    return True
+
+
+def _remove_cache(location: Location) -> None:
+    """Delete a sidetune cache (keeping the lock file its writer holds), and never anything else."""
+    if holds_cache(location):
+        location.remove(keep=(LOCK_FILE,))
 
 
 class CacheWriter:
@@ -113,14 +121,25 @@ class CacheWriter:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | Path, manifest: dict, overwrite: bool = False) -> "CacheWriter":
+    def open(cls, path: str | Path, manifest: dict, overwrite: bool = False, replace_other: bool = False
+             ) -> "CacheWriter":
         """Create the cache at `path`, or reopen an existing one built with the same identity.
 
         An existing cache from another backbone, weights, preprocessing, spec or dataset is
-        refused unless `overwrite`, which deletes it first."""
+        refused unless `overwrite`, which deletes it first, or `replace_other`, which deletes
+        it only when it differs (a replacement being built beside a cache: resumed if it is
+        this one)."""
         location = Location(path)
         if overwrite and not all(_ignored(name) for name in location.entries()):
             _remove_cache(location)
+        if replace_other and location.has("zarr.json"):
+            root = zarr.open_group(str(location), mode="r")
+            try:
+                earlier = read_manifest(location, dict(root.attrs)) if MANIFEST_KEY in root.attrs else None
+            except SidetuneError:  # a damaged replacement: start it again
+                earlier = None
+            if earlier is None or earlier.get("format_version") != FORMAT_VERSION or identity_differences(earlier, manifest):
+                location.remove(keep=(LOCK_FILE,))
         existing = None
         if location.has("zarr.json"):
             root = zarr.open_group(str(location), mode="r+")

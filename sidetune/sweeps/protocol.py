@@ -14,6 +14,7 @@ and the report says so."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,49 +270,53 @@ def sweep(
     torch_device = world.device(torch_device)
     out = sweep_dir(out, cache.path, world)
     out.mkdir(parents=True, exist_ok=True)
-    # one load of each split for every stack and phase; a live split's pass heard by live_progress
-    loaded = LoadedSplits(cache, torch_device, memory_budget, progress=live_progress)
-    board = TensorBoardLog(out / "tensorboard") if tensorboard else None
-    common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile, fused=fused,
-                  cuda_graphs=cuda_graphs, loaded=loaded, board=board, halving=halving, on_stack=on_stack, on_epoch=on_epoch)
-    train_split, select_split = chosen_protocol.train, chosen_protocol.select
-    seen = cache.shared_images(train_split, select_split)  # 0 under the val protocol unless the splits were made so
+    with contextlib.ExitStack() as held:
+        held.enter_context(runs.disk_full_said(out, "Every finished stack's results are journaled in ranks/."))
+        if world.is_main:  # one sweep per folder
+            held.enter_context(runs.writing(out, "sidetune sweep"))
+        # one load of each split for every stack and phase; a live split's pass heard by live_progress
+        loaded = LoadedSplits(cache, torch_device, memory_budget, progress=live_progress)
+        board = TensorBoardLog(out / "tensorboard") if tensorboard else None
+        common = dict(out=out, world=world, device=torch_device, max_stack=max_stack, memory_budget=memory_budget, compile=compile, fused=fused,
+                      cuda_graphs=cuda_graphs, loaded=loaded, board=board, halving=halving, on_stack=on_stack, on_epoch=on_epoch)
+        train_split, select_split = chosen_protocol.train, chosen_protocol.select
+        seen = cache.shared_images(train_split, select_split)  # 0 under the val protocol unless the splits were made so
 
-    try:
-        if chosen_protocol.name == "val":
-            rows = run_configs(cache, dict(enumerate(configs)), "select", train_split, select_split, **common)
-            ranked = sorted((row for row in rows if row.status == "ok"), key=lambda row: -row.top1)
-            if not ranked:
-                raise SidetuneError("Every configuration diverged during selection; lower the learning rates.")
-            chosen = {row.config_id: configs[row.config_id] for row in ranked[:top_k]}
-            final_rows = run_configs(cache, chosen, "final", chosen_protocol.final_train, chosen_protocol.report,
-                                     keep_models=True, **common)
-            rows += final_rows
-            best = max((row for row in final_rows if row.status == "ok"), key=lambda row: row.top1, default=final_rows[0])
-            world.barrier()
-            models = kept_models(out, list(chosen))
-        else:
-            trained: dict[int, TrainResult] = {}
-            rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, select_split, kept=trained, **common)
-            ok = [row for row in rows if row.status == "ok"]
-            if not ok:
-                raise SidetuneError("Every configuration diverged; lower the learning rates.")
-            best = max(ok, key=lambda row: row.top1)
-            top = [row.config_id for row in sorted(ok, key=lambda row: -row.top1)[:top_k]]
-            for config_id in top:  # each rank keeps those it trained; one trained by an earlier, interrupted run is not kept
-                if config_id in trained:
-                    keep_model(out, cache, config_id, trained[config_id], train_split, select_split, torch_device)
-            world.barrier()
-            models = kept_models(out, top)
-    except KeyboardInterrupt:
-        journaled = sum(len(path.read_text().splitlines()) for path in (out / "ranks").glob("rank-*.jsonl"))
-        raise Interrupted(f"Sweep interrupted: {journaled} finished configuration rows are journaled in {out}/ranks; "
-                          f"rerun the same command with --out {out} to train only the rest.") from None
+        try:
+            if chosen_protocol.name == "val":
+                rows = run_configs(cache, dict(enumerate(configs)), "select", train_split, select_split, **common)
+                ranked = sorted((row for row in rows if row.status == "ok"), key=lambda row: -row.top1)
+                if not ranked:
+                    raise SidetuneError("Every configuration diverged during selection; lower the learning rates.")
+                chosen = {row.config_id: configs[row.config_id] for row in ranked[:top_k]}
+                final_rows = run_configs(cache, chosen, "final", chosen_protocol.final_train, chosen_protocol.report,
+                                         keep_models=True, **common)
+                rows += final_rows
+                best = max((row for row in final_rows if row.status == "ok"), key=lambda row: row.top1, default=final_rows[0])
+                world.barrier()
+                models = kept_models(out, list(chosen))
+            else:
+                trained: dict[int, TrainResult] = {}
+                rows = run_configs(cache, dict(enumerate(configs)), "single", train_split, select_split, kept=trained, **common)
+                ok = [row for row in rows if row.status == "ok"]
+                if not ok:
+                    raise SidetuneError("Every configuration diverged; lower the learning rates.")
+                best = max(ok, key=lambda row: row.top1)
+                top = [row.config_id for row in sorted(ok, key=lambda row: -row.top1)[:top_k]]
+                for config_id in top:  # each rank keeps those it trained; one trained by an earlier, interrupted run is not kept
+                    if config_id in trained:
+                        keep_model(out, cache, config_id, trained[config_id], train_split, select_split, torch_device)
+                world.barrier()
+                models = kept_models(out, top)
+        except KeyboardInterrupt:
+            journaled = sum(len(path.read_text().splitlines()) for path in (out / "ranks").glob("rank-*.jsonl"))
+            raise Interrupted(f"Sweep interrupted: {journaled} finished configuration rows are journaled in {out}/ranks; "
+                              f"rerun the same command with --out {out} to train only the rest.") from None
 
-    if board is not None:
-        board.close()
-    report = SweepReport(out, rows, best, chosen_protocol, time.perf_counter() - started, seen, models)
-    if world.is_main:
-        write_results(report, cache, configs[0].method, top_k, world.size)
-    world.barrier()
-    return report
+        if board is not None:
+            board.close()
+        report = SweepReport(out, rows, best, chosen_protocol, time.perf_counter() - started, seen, models)
+        if world.is_main:
+            write_results(report, cache, configs[0].method, top_k, world.size)
+        world.barrier()
+        return report
