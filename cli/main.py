@@ -63,7 +63,7 @@ def extract(
             model, dataset, out, spec=spec, splits=_split_list(splits), data_root=data_root,
             weights=weights, pretrained=pretrained, preprocess=preprocess, device=device,
             precision=precision, batch_size=batch_size, workers=workers, limit=limit,
-            overwrite=overwrite, progress=progress, log=lambda message: console.print(f"[dim]{message}"),
+            overwrite=overwrite, progress=progress, log=lambda message: console.print(f"[dim]{message}"), warn=_warn,
         )
     if not main_rank:
         return
@@ -92,6 +92,8 @@ def show_plan(plan) -> None:
     console.print(table)
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
+    for warning in plan.warnings:
+        _warn(warning)
     free = "unknown (object store)" if plan.free_bytes is None else human_bytes(plan.free_bytes)
     verdict = "[green]fits" if plan.fits else "[red]does not fit"
     console.print(f"free at {plan.out}: {free}: {verdict}")
@@ -144,6 +146,8 @@ def show_info(path: str | Path, verify: bool = False) -> None:
                   f" ({info.roles.val} carved from {info.carved_validation['carved_from']})"))
     for note in data.get("notes", []):
         about.add_row("[yellow]note", note)
+    for warning in data.get("warnings", []):
+        about.add_row("[bold yellow]warning", warning)
     console.print(about)
     axes = "(N, S, T, D)" if shapes.uniform else "(N, E)"
     table = folding_table("split", "images", "kept as", f"shape {axes}", "on disk", "max |x|", "state",

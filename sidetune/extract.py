@@ -82,6 +82,7 @@ def extract(
     overwrite: bool = False,
     progress: ProgressSink | None = None,
     log: Callable[[str], None] = lambda message: None,
+    warn: Callable[[str], None] = lambda message: None,
 ) -> list[SplitReport]:
     """Run the frozen backbone over a dataset once and write (or resume) its feature cache at
     `out`: a folder, or an fsspec URL (s3://bucket/caches/dtd, gs://..., file://..., memory://...).
@@ -93,13 +94,14 @@ def extract(
     the free space at `out` (`plan_extraction`); a cache that cannot fit is refused.
 
     Returns one report per split. Raises SidetuneError for any problem with the inputs,
-    before any compute where it can be known in advance."""
+    before any compute where it can be known in advance; `warn` hears what can be extracted but
+    is likely a mistake (an empty class, an image listed twice: also recorded in the manifest)."""
     out = out if out is not None else default_cache_path(dataset)
     try:
         return _extract(model, dataset, out, spec=spec, splits=splits, data_root=data_root, weights=weights,
                         pretrained=pretrained, preprocess=preprocess, device=device, precision=precision,
                         batch_size=batch_size, workers=workers, limit=limit, overwrite=overwrite,
-                        progress=progress, log=log)
+                        progress=progress, log=log, warn=warn)
     except Exception as error:
         if disk_is_full(error):
             raise SidetuneError(
@@ -131,7 +133,7 @@ def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backb
                           default_live_splits(list(source.splits), requested))
     plan = plan_cache(out, spec, layout, _token_shape(spec, backbone),
                       existing_bytes=Location(building or out).local_bytes())
-    return replace(plan, notes=list(source.notes))
+    return replace(plan, notes=list(source.notes), warnings=list(source.warnings))
 
 
 def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, ...]:
@@ -161,7 +163,7 @@ def _refuse_unless_it_fits(plan: CachePlan, spec: CacheSpec, source: ImageSource
 def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec, splits: list[str] | None,
              data_root: str | Path | None, weights: str | Path | None, pretrained: bool, preprocess: str,
              device: str, precision: str, batch_size: int, workers: int | None, limit: int | None, overwrite: bool,
-             progress: ProgressSink | None, log: Callable[[str], None]) -> list[SplitReport]:
+             progress: ProgressSink | None, log: Callable[[str], None], warn: Callable[[str], None]) -> list[SplitReport]:
     target = Location(out)
     if launched_rank() == 0:  # under torchrun rank 0 alone touches the folder before the store exists
         target.check_writable()
@@ -207,6 +209,8 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                 })
             for note in (*backbone.notes, *source.notes):
                 log(f"note: {note}")
+            for warning in source.warnings:
+                warn(warning)
             log(plan.describe())
         world.barrier()
         if not world.is_main:
@@ -219,13 +223,16 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
         for planned in plan.splits:
             name, split = planned.name, source.splits[planned.name]
             if planned.kind != "stored":
+                kept = None
                 if world.is_main:
                     if planned.kind == "view":
-                        writer.view(name, planned.parent, planned.rows, split.labels)
+                        kept = writer.view(name, planned.parent, planned.rows, split.labels)
                     else:
-                        writer.live(name, split.labels, split.fingerprint())
-                world.barrier()
-                reports.append(SplitReport(name, len(split), 0, 0, 0.0, True, planned.kind))
+                        kept = writer.live(name, split.labels, split.fingerprint())
+                    if kept != planned.kind:
+                        log(f"{name}: already {kept} in the cache, kept so")
+                kept = world.broadcast(kept)
+                reports.append(SplitReport(name, len(split), 0, 0, 0.0, True, kept))
                 continue
             arrays = (name, split.labels, token_shape, cache_spec.codec().stored_dtype, cache_spec.chunk_images,
                       cache_spec.shard_images, cache_spec.compressor, cache_spec.codec().scale_shape(token_shape),

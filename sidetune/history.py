@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from sidetune.errors import SidetuneError
-from sidetune.runs import CONFIG_FILE, METRICS_FILE
+from sidetune.runs import CONFIG_FILE, METRICS_FILE, read_record
 
 SETTINGS = ("lr", "weight_decay", "epochs", "rank", "token_rank", "channel_rank")  # shown always
 USUAL = {"gap": 1, "depth": 1, "heads": 1, "pool": "cls"}  # shown when they are not these
@@ -42,14 +42,14 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
 
 def _read(folder: Path) -> dict | None:
     if (folder / METRICS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
-        metrics, config = (json.loads((folder / name).read_text()) for name in (METRICS_FILE, CONFIG_FILE))
+        metrics, config = (read_record(folder / name) for name in (METRICS_FILE, CONFIG_FILE))
         settings = (f"closed form, wd {metrics['weight_decay']}" if metrics.get("closed_form")
                     else _settings(metrics["hyperparameters"]))
         return _record("run", folder, metrics["method"], metrics["dataset"], settings,
                        f"{metrics['train_split']} -> {metrics['eval_split']}", metrics["top1"], metrics["seconds"],
                        config.get("created"))
     if (folder / "sweep.json").is_file():
-        sweep = json.loads((folder / "sweep.json").read_text())
+        sweep = read_record(folder / "sweep.json")
         best = sweep["best"]
         count = sweep.get("configurations") or len({json.loads(line)["config_id"] for line in
                                                     (folder / "results.jsonl").read_text().splitlines() if line})
@@ -60,7 +60,7 @@ def _read(folder: Path) -> dict | None:
                        f"{best['train_split']} -> {best['eval_split']}", best["top1"], sweep.get("seconds"),
                        sweep.get("created"))
     if (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = read_record(folder / "summary.json")
         tasks = summary["tasks"]
         return _record("suite", folder, summary["method"], f"{len(tasks)} tasks", f"{len(tasks)} sweeps",
                        f"{'/'.join(summary.get('protocols', ['val']))} protocol"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import json
 import os
 import pickle
@@ -101,9 +102,10 @@ def _jsonable(value):
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    write_atomically(path, lambda target: save_file({n: t.contiguous() for n, t in state.items()}, str(target)))
+    data = save({name: tensor.contiguous() for name, tensor in state.items()})  # in memory: a full disk is an OSError
+    write_atomically(path, lambda target: target.write_bytes(data))
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +122,9 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, record: dict) -> None:
     """Write a checkpoint: plain data (GroupState.to_record), replaced atomically."""
-    write_atomically(path, lambda target: torch.save(record, target))
+    buffer = io.BytesIO()
+    torch.save(record, buffer)  # in memory: writing it is then Python's, so a full disk is an OSError (ENOSPC)
+    write_atomically(path, lambda target: target.write_bytes(buffer.getvalue()))
 
 
 def load_checkpoint(path: Path):

@@ -100,6 +100,10 @@ def train(
     seen = cache.shared_images(train_split, eval_split)
     if seen:
         warn(seen_warning(cache, train_split, eval_split, seen))
+    num_images = cache.split(train_split).num_images
+    if config.batch_size > num_images:
+        warn(f"--batch-size {config.batch_size} is larger than the training split {train_split} ({num_images} images): "
+             "each step takes the whole split, once per epoch.")
     torch_device = resolve_device(device)
     out = Path(out) if out is not None else runs.default_run_dir(cache.path, config.method)
     recover(out)  # a replacement's swap that a crash cut short
@@ -122,7 +126,6 @@ def train(
         _rewrite_log(run_dir, resume)
 
         board = TensorBoardLog(run_dir / "tensorboard") if tensorboard else None
-        num_images = cache.split(train_split).num_images
 
         def epoch_done(stats: EpochStats) -> None:
             with open(run_dir / runs.LOG_FILE, "a") as handle:

@@ -37,6 +37,7 @@ class CachePlan:
     splits: list[SplitPlan]
     free_bytes: int | None  # None: not known (an object store)
     notes: list[str] = field(default_factory=list)  # what the dataset's reading decided (a carved validation split)
+    warnings: list[str] = field(default_factory=list)  # what is likely a mistake in the data (sidetune.datasets.check_data)
 
     @property
     def nbytes(self) -> int:

@@ -217,6 +217,10 @@ def specs_serving(depth: int, stages: list[int], token_modes: tuple[str, ...], f
 def load_spec(name_or_path: str) -> CacheSpec:
     """A spec by name (cache_specs/NAME.yaml) or by path to a YAML file."""
     path = Path(name_or_path).expanduser()
+    looks_like_a_path = "/" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
+    if looks_like_a_path and not path.is_file():
+        raise SidetuneError(f"Cache spec file {path} does not exist. Pass the path of an existing YAML spec, or a "
+                            f"shipped spec by name ({', '.join(available_specs())}).")
     if not path.is_file():
         path = SPECS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():

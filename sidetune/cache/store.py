@@ -196,6 +196,8 @@ class CacheWriter:
         num_stages = token_shape[0] if num_stages is None else num_stages
         num_images = len(labels)
         num_shards = -(-num_images // shard_images)
+        if self.manifest["splits"].get(name, {}).get("kind", "stored") != "stored":
+            del self.manifest["splits"][name]  # a live split (or a view) to be cached in full now: made again below
         if name in self.manifest["splits"]:
             group = self.root[name]
             if group["tokens"].shape != (num_images, *token_shape):
@@ -239,29 +241,33 @@ class CacheWriter:
         self.manifest["splits"][name]["complete"] = False
         self._save_manifest()
 
-    def view(self, name: str, parent: str, rows: np.ndarray, labels: np.ndarray) -> None:
-        """Record `name` as rows of the stored split `parent` (its images are all there)."""
+    def view(self, name: str, parent: str, rows: np.ndarray, labels: np.ndarray) -> str:
+        """Record `name` as rows of the stored split `parent` (its images are all there). A split
+        the cache holds already stays as it is; returns how the split is kept."""
         if name in self.manifest["splits"]:
             self._repair_labels(name, self.root[name], labels=labels, rows=rows)
-            return
+            return self.manifest["splits"][name].get("kind", "stored")
         group = self._fresh_group(name)
         group.create_array("rows", data=np.asarray(rows, dtype=np.int64), chunks=(max(len(rows), 1),))
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),))
         self.manifest["splits"][name] = {"kind": "view", "view_of": parent, "num_images": len(rows), "complete": True,
                                          "labels_checksum": labels_checksum(labels), "rows_checksum": labels_checksum(rows)}
         self._save_manifest()
+        return "view"
 
-    def live(self, name: str, labels: np.ndarray, fingerprint: str) -> None:
+    def live(self, name: str, labels: np.ndarray, fingerprint: str) -> str:
         """Record `name` as a split evaluated live, through the backbone, from the dataset's
-        images (identified by `fingerprint`); only its labels are stored."""
+        images (identified by `fingerprint`); only its labels are stored. A split the cache holds
+        already (cached, say) stays as it is; returns how the split is kept."""
         if name in self.manifest["splits"]:
             self._repair_labels(name, self.root[name], labels=labels)
-            return
+            return self.manifest["splits"][name].get("kind", "stored")
         group = self._fresh_group(name)
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(len(labels), 1),))
         self.manifest["splits"][name] = {"kind": "live", "num_images": len(labels), "fingerprint": fingerprint,
                                          "complete": True, "labels_checksum": labels_checksum(labels)}
         self._save_manifest()
+        return "live"
 
     def _repair_labels(self, name: str, group: zarr.Group, **arrays: np.ndarray) -> None:
         """Rewrite a split's labels (a view's rows) where they no longer match their record,

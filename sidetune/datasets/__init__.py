@@ -9,7 +9,7 @@ from sidetune.datasets.catalogue import FOLDER_ALIASES, GROUPS, VTAB_SPLITS, VTA
 from sidetune.datasets.digits import load_digits_source
 from sidetune.datasets.folders import is_class_folder, is_list_folder, load_class_folder, load_list_folder
 from sidetune.datasets.hub import is_saved_dataset, load_hub_dataset, load_saved_dataset, load_vtab_from_hub
-from sidetune.datasets.sources import ImageSource, ImageSplit, check_labels
+from sidetune.datasets.sources import ImageSource, ImageSplit, check_data
 from sidetune.datasets.validation import with_validation
 from sidetune.errors import SidetuneError
 
@@ -34,7 +34,7 @@ def load_source(
     """
     source = with_validation(_resolve(dataset, data_root))
     source = source.select_splits(splits).first(limit)
-    check_labels(source)
+    check_data(source)
     return source
 
 

@@ -50,19 +50,23 @@ def _read_list_file(list_file: Path, root: Path) -> FileSplit:
         if not line.strip():
             continue
         relative, _, label = line.strip().rpartition(" ")
-        if not relative or not label.lstrip("-").isdigit():
+        try:
+            value = int(label)  # any Unicode decimal digits; "²" or "1.0" are refused
+        except ValueError:
+            value = None
+        if not relative or value is None:
             raise SidetuneError(
                 f"Line {number} of {list_file} is '{line.strip()}'; each line must be "
                 "'relative/path label' with an integer label. Fix the list file."
             )
-        path = root / relative
+        path = root / relative  # an absolute path stays as it is
         if not path.is_file():
             raise SidetuneError(
                 f"Image {path} (line {number} of {list_file}) does not exist. Restore the file or "
                 "remove its line from the list file."
             )
         paths.append(path)
-        labels.append(int(label))
+        labels.append(value)
     return FileSplit(paths, np.asarray(labels, dtype=np.int64), root)
 
 

@@ -52,7 +52,8 @@ class FileSplit:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"{path.relative_to(self.root)}|{label}|{path.stat().st_size}\n".encode())
+            named = path.relative_to(self.root) if path.is_relative_to(self.root) else path  # a list file's absolute path
+            digest.update(f"{named}|{label}|{path.stat().st_size}\n".encode())
         return digest.hexdigest()
 
     def keys(self) -> list[str]:
@@ -187,6 +188,7 @@ class ImageSource:
     limit: int | None = None
     roles: SplitRoles | None = None  # None: read from the split names
     validation: dict | None = None  # how a carved validation split was drawn (sidetune/datasets/validation.py)
+    warnings: list[str] = field(default_factory=list)  # what can be trained on but is likely a mistake (`check_data`)
 
     @property
     def split_roles(self) -> SplitRoles:
@@ -212,6 +214,7 @@ class ImageSource:
             "roles": self.split_roles.record(),
             "validation": self.validation,
             "notes": self.notes,
+            "warnings": self.warnings,
             "fingerprint": self.fingerprint(),
         }
 
@@ -248,12 +251,49 @@ def _replace_splits(source: ImageSource, splits: dict[str, ImageSplit]) -> Image
     return replace(source, splits=splits, notes=list(source.notes))
 
 
-def check_labels(source: ImageSource) -> None:
-    """Every label must index a class name."""
+def check_data(source: ImageSource) -> None:
+    """Refuse, in one paragraph, data no classifier can be trained or scored on: labels outside
+    the classes, an empty split, fewer than two classes, one image listed under two labels. Add
+    to `source.warnings` what can be trained on but is likely a mistake: classes without training
+    images (an empty class folder, a gap in the labels), a split with fewer images than classes,
+    an image listed twice in a split."""
+    classes = len(source.class_names)
+    if classes < 2:
+        raise SidetuneError(f"{source.name} has {classes} class{'' if classes == 1 else 'es'} "
+                            f"({', '.join(source.class_names) or 'none'}): a classifier needs at least two. Add the "
+                            "other classes' images (a class folder or label each).")
     for name, split in source.splits.items():
-        if len(split) and (split.labels.min() < 0 or split.labels.max() >= len(source.class_names)):
+        if not len(split):
+            raise SidetuneError(f"Split {name} of {source.name} has no images. Fill it, or leave it out with --splits.")
+        labels = split.labels
+        if labels.min() < 0 or labels.max() >= classes:
             raise SidetuneError(
-                f"Split {name} of {source.name} has labels from {split.labels.min()} to "
-                f"{split.labels.max()}, outside the {len(source.class_names)} classes. Fix the "
-                "label column or list file; labels are integers 0..classes-1."
-            )
+                f"Split {name} of {source.name} has labels from {labels.min()} to {labels.max()}, outside the "
+                f"{classes} classes. Fix the label column or list file; labels are integers 0..classes-1.")
+        images: dict[str, int] = {}
+        repeated = []
+        for index, key in enumerate(split.keys()):
+            image = key.rsplit("|", 1)[0]  # a key is the image's identity, then its label
+            if image in images:
+                if labels[images[image]] != labels[index]:
+                    raise SidetuneError(
+                        f"Split {name} of {source.name} lists {split.describe(index)} under two labels "
+                        f"({source.class_names[labels[images[image]]]} and {source.class_names[labels[index]]}). "
+                        "Keep the right one (fix the list file or move the image).")
+                repeated.append(split.describe(index))
+            images.setdefault(image, index)
+        if repeated:
+            source.warnings.append(f"split {name} lists {len(repeated)} image{'s' if len(repeated) > 1 else ''} twice "
+                                   f"(e.g. {repeated[0]}): each counts twice in training and scoring")
+        if len(split) < classes:
+            source.warnings.append(f"split {name} has {len(split)} images for {classes} classes: some classes have none "
+                                   "there, and its top-1 moves by whole images")
+    training = source.split_roles.final_training
+    if training is not None:
+        counts = np.bincount(source.splits[training].labels, minlength=classes)
+        empty = [source.class_names[c] for c in np.flatnonzero(counts == 0)]
+        if empty:
+            source.warnings.append(f"{len(empty)} of the {classes} classes {'has' if len(empty) == 1 else 'have'} no "
+                                   f"training images in {training} "
+                                   f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}: an empty class "
+                                   "folder, or a gap in the labels); a model can never learn them")

@@ -62,6 +62,10 @@ class LowRankAttentionSide(SideNet):
         module named lsa{i}_{j} did when each was a parameter of its own (same generators)."""
         if rank % heads:
             raise SidetuneError(f"{self.name.upper()} heads ({heads}) must divide the rank ({rank}).")
+        if rank > self.layout.width:
+            raise SidetuneError(f"{self.name.upper()} --rank {rank} is wider than the backbone's tokens ({self.layout.width}): "
+                                f"a low-rank side network's rank is at most their width. Choose --rank {self.layout.width} "
+                                "or less.")
         self.rank, self.depth, self.heads, self.groups = rank, depth, heads, groups
         d, names = self.layout.width, [f"lsa{i}_{j}" for i in range(groups) for j in range(depth)]
         modules = len(names)

@@ -5,6 +5,7 @@ method's default grid, and YAML grid files."""
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import yaml
@@ -34,6 +35,8 @@ def checked_value(name: str, value: object, kind: type) -> object:
     except (TypeError, ValueError):
         raise SidetuneError(f"{flag} got {value!r}, which is not {'an integer' if kind is int else 'a number'}; "
                             f"give comma-separated values, e.g. {flag} {'8,16' if kind is int else '1e-3,3e-3'}.") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise SidetuneError(f"{flag} got {value!r}; give finite numbers, e.g. {flag} 1e-3,3e-3.")
     lowest = LOWEST.get(name) if name in FIELD_TYPES or name in LOWEST else declared_options()[name].minimum
     if lowest is not None and (number < lowest or (name == "lr" and number <= lowest)):
         bound = "above 0" if name == "lr" else f"at least {lowest}"

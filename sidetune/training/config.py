@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,6 +45,11 @@ class TrainConfig:
             raise SidetuneError(f"Warmup ({fields['warmup_epochs']} epochs) is longer than training "
                                 f"({epochs} epochs); lower --warmup-epochs.")
         check_augmentation(fields.get("augment", cls.augment), fields.get("augment_magnitude", cls.augment_magnitude))
+        for name in ("lr", "weight_decay", "label_smoothing", "augment_magnitude"):
+            value = fields.get(name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = "--" + {"weight_decay": "wd"}.get(name, name).replace("_", "-")
+                raise SidetuneError(f"{flag} got {value}; it must be a finite number.")
         return cls(method=method, options=options, **fields)
 
     def group_key(self) -> tuple:

@@ -112,8 +112,10 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     if resume is not None:
         state = restore_group(net, optimizer, state, resume)
     use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-    step = StackedStep(net, optimizer, torch.tensor([c.label_smoothing for c in configs]), first.batch_size,
-                       train_data.sample_shape, train_data.dtype, compile=compile, cuda_graphs=use_graphs)
+    # a batch never holds more than the split: buffers for a --batch-size beyond it would be wasted (or unallocatable)
+    step = StackedStep(net, optimizer, torch.tensor([c.label_smoothing for c in configs]),
+                       min(first.batch_size, train_data.num_images), train_data.sample_shape, train_data.dtype,
+                       compile=compile, cuda_graphs=use_graphs)
     step.active.copy_(state.active)
 
     if net.closed_form:  # e.g. ridge: every configuration solved at once, no epochs
