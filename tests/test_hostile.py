@@ -241,3 +241,25 @@ def test_a_disk_that_fills_during_training_says_what_was_kept_and_the_run_resume
     (small_disk / "other-process.bin").unlink()
     _, resumed = sidetune.train(small / "cache", settings, out=small_disk / "run", **splits)
     assert resumed.top1 == straight.top1
+
+
+def test_a_disk_that_fills_during_a_sweep_keeps_its_journal_and_the_sweep_resumes(small, small_disk, tmp_path):
+    from sidetune.sweeps import expand_grid, sweep
+
+    configs = expand_grid("linear", {"lr": [0.03, 0.3]}, {"epochs": 2, "warmup_epochs": 1})
+    splits = dict(protocol="none", train_split="train800", eval_split="val200", max_stack=1)
+    straight = sweep(small / "cache", configs, out=tmp_path / "straight", **splits)
+    stacks = []
+
+    def fill_in_the_second_stack(number, total, stack) -> None:
+        stacks.append(number)
+        if number == 1:
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            (small_disk / "other-process.bin").write_bytes(b"\0" * max(free - 1024, 0))
+
+    with pytest.raises(sidetune.SidetuneError, match="is full. Every finished stack's results are journaled"):
+        sweep(small / "cache", configs, out=small_disk / "sweep", on_stack=fill_in_the_second_stack, **splits)
+    (small_disk / "other-process.bin").unlink()
+    resumed = sweep(small / "cache", configs, out=small_disk / "sweep", **splits)
+    assert [row.top1 for row in resumed.rows] == [row.top1 for row in straight.rows]
+    assert not list(small_disk.rglob("*.tmp"))

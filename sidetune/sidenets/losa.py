@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sidetune.errors import SidetuneError
 from sidetune.sidenets.base import FeatureLayout, SideNet, layer_norm_stacked, ones, uniform_fan_in, zeros
 
 
@@ -19,11 +20,9 @@ class LoSA(SideNet):
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto",
                  token_rank: int = 16, channel_rank: int = 16, standardize: bool = False):
         super().__init__(layout, num_configs, pool, standardize)
-        for flag, rank, limit, what in (("--channel-rank", channel_rank, layout.width, "channels"),
-                                        ("--token-rank", token_rank, layout.num_tokens, "tokens")):
-            if rank > limit:
-                raise SidetuneError(f"LoSA {flag} {rank} exceeds the backbone's {limit} {what}: a low-rank mixing's rank "
-                                    f"is at most that. Choose {flag} {limit} or less.")
+        if channel_rank > layout.width:  # (a token rank above the tokens is merely generous: caches of few tokens)
+            raise SidetuneError(f"LoSA --channel-rank {channel_rank} exceeds the backbone's {layout.width} channels: a "
+                                f"low-rank mixing's rank is at most that. Choose --channel-rank {layout.width} or less.")
         self.token_rank, self.channel_rank = token_rank, channel_rank
         self.build_stage_embeddings()
         d, t = layout.width, layout.num_tokens
