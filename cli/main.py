@@ -180,7 +180,7 @@ def show_info(path: str | Path, verify: bool = False) -> None:
 @with_method_options("train")
 def train(
     cache: str = typer.Option(..., help="A cache (folder or fsspec URL) written by `sidetune extract`."),
-    method: str = typer.Option("last", help="Side network: last, losa, mist, lst (ladder side-tuning), linear, ridge (closed form: --wd is its L2 strength), attentive, head2toe or restuning (Res-Tuning-Bypass)."),
+    method: str = typer.Option("last", help="Side network: last, losa, mist, lst (ladder side-tuning), linear, ridge (closed form: --wd is its L2 strength), knn (weighted k-NN, no training), attentive, head2toe or restuning (Res-Tuning-Bypass)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs. Default: the method's (`sidetune methods`)."),
     lr: Optional[float] = typer.Option(None, min=0, help="Peak learning rate. Default: the method's (`sidetune methods`)."),
     wd: Optional[float] = typer.Option(None, min=0, help="AdamW weight decay (never on norms and biases); ridge's L2 strength. Default: the method's (`sidetune methods`)."),
@@ -339,7 +339,7 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="A cache (folder or fsspec URL) written by `sidetune extract`."),
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
-    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, mist, lst, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), attentive, head2toe or restuning."),
+    method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, mist, lst, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), knn (its --neighbors and --temperature values all scored from one similarity computation), attentive, head2toe or restuning."),
     grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
     wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),

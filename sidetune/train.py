@@ -92,11 +92,13 @@ def train(
     train_split, eval_split = default_splits(cache, train_split, eval_split)
     closed_form = SIDENETS[config.method].closed_form
     path_configs = penalty_path(config) if closed_form else []
-    if closed_form:
+    if path_configs:
         log(f"{config.method} is solved in closed form for its L2 strength (--wd {config.weight_decay}): no epochs, so "
             f"--epochs and the learning rate do not apply. The same solve gives {len(path_configs)} other strengths, "
             f"and curve.png plots {eval_split} top-1 against them (to choose λ on a held-out split, `sidetune sweep "
             f"--method {config.method}` selects on the validation split)")
+    elif closed_form:
+        log(f"{config.method} takes no training steps, so --epochs, the learning rate and the weight decay do not apply")
     seen = cache.shared_images(train_split, eval_split)
     if seen:
         warn(seen_warning(cache, train_split, eval_split, seen))
@@ -160,7 +162,7 @@ def train(
             board.close()
         if result.status != "ok":
             raise SidetuneError(f"Training diverged: {result.failure}. Lower --lr (now {config.lr}) and rerun with --overwrite.")
-        path = [(r.config.weight_decay, r.top1) for r in (result, *path_results) if r.status == "ok"] if closed_form else None
+        path = [(r.config.weight_decay, r.top1) for r in (result, *path_results) if r.status == "ok"] if path_configs else None
         finish_run(run_dir, cache, config, result, train_split, eval_split, torch_device.type, penalty_path=path)
         (run_dir / runs.CHECKPOINT_FILE).unlink(missing_ok=True)
         if staged:

@@ -132,6 +132,51 @@ def test_ridge_solves_every_stacked_lambda_as_scikit_learns_ridge(digits_cache, 
     assert max(r.top1 for r in results) > 70.0  # chance is 10%
 
 
+def final_normed_cls(cache, split: str) -> np.ndarray:
+    """The last stage's CLS token through the frozen final norm, L2-normalised, from the zarr
+    arrays: independent of the side networks."""
+    norm = cache.final_norm()
+    x = cache.split(split).load()[:, -1, 0].astype(np.float64)
+    x = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + norm["eps"]) * norm["weight"] + norm["bias"]
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_knn_votes_as_scikit_learns_cosine_neighbours_for_every_stacked_k_and_temperature(digits_cache, device):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    train, test = final_normed_cls(digits_cache, "train800"), final_normed_cls(digits_cache, "val200")
+    train_y, test_y = digits_cache.split("train800").labels, digits_cache.split("val200").labels
+    settings = [(1, 0.07), (5, 0.07), (20, 0.5), (20, 1e6)]  # 1e6: every neighbour's vote weighs the same
+    configs = [config("knn", neighbors=k, temperature=t) for k, t in settings]
+    assert len({c.group_key() for c in configs}) == 1  # one stack: one similarity computation for all four
+    results = train_group(digits_cache, configs, "train800", "val200", device)
+    for (k, temperature), result in zip(settings, results):
+        weights = (lambda distance, t=temperature: np.exp((1 - distance) / t)) if temperature < 1e6 else "uniform"
+        reference = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute", weights=weights).fit(train, train_y)
+        predicted = reference.predict(test)
+        if weights == "uniform":  # scikit-learn breaks a tie of counts by the smaller label; we by similarity
+            counts = np.stack([np.bincount(train_y[row], minlength=10) for row in reference.kneighbors(test)[1]])
+            untied = (counts == counts.max(1, keepdims=True)).sum(1) == 1
+            net = sidenet_blueprint(digits_cache, "knn", {"neighbors": k, "temperature": temperature}).build(1)
+            net.load_config_state(result.state)
+            tokens = load_features(digits_cache, "val200", [6], torch.device("cpu")).tokens
+            with torch.no_grad():
+                ours = net(tokens)[0].argmax(-1).numpy()
+            assert np.array_equal(ours[untied], predicted[untied]), k
+            continue
+        assert result.top1 == pytest.approx(100 * (predicted == test_y).mean()), (k, temperature)
+    assert results[1].top1 > 40.0 and results[0].params == 0  # chance is 10%; nothing trained
+
+
+def test_knn_compares_the_bank_a_chunk_at_a_time_with_the_same_neighbours(digits_cache, monkeypatch):
+    import sidetune.sidenets.knn as knn
+
+    [whole] = train_group(digits_cache, [config("knn", neighbors=20)], "train800", "val200", "cpu")
+    monkeypatch.setattr(knn, "BANK_CHUNK", 64)  # 800 training images in 13 chunks
+    [chunked] = train_group(digits_cache, [config("knn", neighbors=20)], "train800", "val200", "cpu")
+    assert whole.top1 == chunked.top1 and torch.equal(whole.state["bank_features"], chunked.state["bank_features"])
+
+
 def test_pool_both_concatenates_cls_and_the_patch_mean(digits_cache, device):
     tokens = load_features(digits_cache, "val200", list(range(7)), device).tokens[:8]
     both, cls, mean = (sidenet_blueprint(digits_cache, method, {"pool": pool}).build(1).to(device)

@@ -8,6 +8,7 @@ from sidetune.errors import SidetuneError
 from sidetune.sidenets.attentive import AttentiveProbe
 from sidetune.sidenets.base import FeatureLayout, SideNet
 from sidetune.sidenets.head2toe import Head2Toe
+from sidetune.sidenets.knn import KNNProbe
 from sidetune.sidenets.last import LAST
 from sidetune.sidenets.linear import LinearProbe
 from sidetune.sidenets.losa import LoSA
@@ -16,8 +17,8 @@ from sidetune.sidenets.mist import MIST
 from sidetune.sidenets.restuning import ResTuning
 from sidetune.sidenets.ridge import RidgeProbe
 
-SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, AttentiveProbe, Head2Toe, LAST, LoSA, MIST,
-                                                            LST, ResTuning)}
+SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, KNNProbe, AttentiveProbe, Head2Toe,
+                                                            LAST, LoSA, MIST, LST, ResTuning)}
 
 __all__ = ["SIDENETS", "FeatureLayout", "SideNet", "create_sidenet", "describe_methods", "method_options", "resolve_options"]
 

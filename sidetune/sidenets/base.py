@@ -131,6 +131,9 @@ class SideNet(nn.Module):
     default_epochs: ClassVar[int] = 100
     default_weight_decay: ClassVar[float] = 1e-4
     closed_form: ClassVar[bool] = False  # True: `fit` sets the parameters (no epochs)
+    # options whose values may differ within a stack (they shape nothing; `set_stacked_options`
+    # sets each configuration's): k-NN's neighbours and temperature, all scored from one pass
+    stacked_options: ClassVar[tuple[str, ...]] = ()
     reads_sums: ClassVar[bool] = False  # True: reads a summed cache's sums (MIST)
     # True: without a backbone final norm, a plain LayerNorm stands in for it (`set_final_norm`)
     norm_without_final_norm: ClassVar[bool] = False
@@ -161,6 +164,7 @@ class SideNet(nn.Module):
         self.standardize = standardize
         self.initialisers: dict[str, Callable] = {}
         self.no_decay: set[str] = set()
+        self.config_buffers: set[str] = set()  # buffers with a leading config axis, saved per configuration
         # the head's input: the backbone's width (twice that for pool both), or the subclass's own
         d, c = feature_width or layout.width * (2 if pool == "both" else 1), layout.num_classes
         # Per-feature statistics of the frozen pooled features on the training split, applied
@@ -169,6 +173,12 @@ class SideNet(nn.Module):
         self.register_buffer("feature_scale", torch.ones(d))
         self.stacked("head.weight", (d, c), uniform_fan_in(d))
         self.stacked("head.bias", (c,), uniform_fan_in(d), decay=False)
+
+    def set_stacked_options(self, values: list[dict[str, object]]) -> None:
+        """Each configuration's values of `stacked_options`, in stack order (the network was built
+        with the first's)."""
+        if self.stacked_options:
+            raise NotImplementedError(f"{type(self).__name__} declares stacked_options but does not set them")
 
     def stacked(self, name: str, shape: tuple[int, ...], init: Callable | Parts, decay: bool = True) -> nn.Parameter:
         key = name.replace(".", "_")  # module attribute names cannot contain dots
@@ -292,7 +302,8 @@ class SideNet(nn.Module):
         """The trained state of one configuration: its slice of every parameter, plus the
         frozen final norm and the feature statistics; `load_config_state` restores it."""
         state = {name: p[index] for name, p in self.named_parameters()}
-        state.update((name, buffer) for name, buffer in self.named_buffers() if buffer is not None)
+        state.update((name, buffer[index] if name in self.config_buffers else buffer)
+                     for name, buffer in self.named_buffers() if buffer is not None)
         return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
 
     def upgrade_state(self, state: dict[str, torch.Tensor], stacked: bool) -> dict[str, torch.Tensor]:
@@ -314,7 +325,7 @@ class SideNet(nn.Module):
             parameter.copy_(state[name].unsqueeze(0).expand_as(parameter))
         for name, buffer in self.named_buffers():
             if buffer is not None:
-                buffer.copy_(state[name])
+                buffer.copy_(state[name].expand_as(buffer) if name in self.config_buffers else state[name])
 
     def pool_tokens(self, y: torch.Tensor) -> torch.Tensor:
         """(K, B, T, D) -> (K, B, D)."""

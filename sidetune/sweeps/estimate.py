@@ -55,7 +55,8 @@ def estimate_seconds(cache: Cache, configs: list[TrainConfig], device: str | tor
 def step_seconds(cache: Cache, blueprint: SideNetBlueprint, configs: list[TrainConfig], split: str,
                  device: torch.device) -> float:
     """Seconds of one training step of `configs` stacked (those of the first one's group; their
-    network: `blueprint`) on a batch of `split`, after the step that warms up and captures it."""
+    network: `blueprint`) on a batch of `split`, after the step that warms up and captures it; a
+    closed form's forward pass over the batch (it takes no steps)."""
     first = configs[0]
     if len({c.group_key() for c in configs}) > 1:
         configs = [c for c in configs if c.group_key() == first.group_key()]
@@ -63,6 +64,12 @@ def step_seconds(cache: Cache, blueprint: SideNetBlueprint, configs: list[TrainC
     net.reset_parameters([c.seed for c in configs])
     net.to(device)
     tokens, labels = sample_batch(cache, split, blueprint.stages, first.batch_size, device)
+    if net.closed_form:
+        with torch.no_grad():
+            started = time.perf_counter()
+            net(tokens)
+            synchronize(device)
+        return time.perf_counter() - started
     optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]), torch.tensor([c.weight_decay for c in configs]))
     step = StackedStep(net, optimizer, torch.zeros(len(configs)), len(labels), tuple(tokens.shape[1:]), tokens.dtype,
                        cuda_graphs=device.type == "cuda")

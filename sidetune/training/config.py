@@ -53,7 +53,11 @@ class TrainConfig:
         return cls(method=method, options=options, **fields)
 
     def group_key(self) -> tuple:
-        return (self.method, self.options, self.epochs, self.warmup_epochs, self.batch_size, self.data_seed,
+        """What configurations stacked together share: all but lr, weight decay, label smoothing,
+        seed and the method's stacked options (k-NN's neighbours and temperature)."""
+        stacked = SIDENETS[self.method].stacked_options
+        shaping = tuple((name, value) for name, value in self.options if name not in stacked)
+        return (self.method, shaping, self.epochs, self.warmup_epochs, self.batch_size, self.data_seed,
                 self.augment, self.augment_magnitude)
 
     def describe(self) -> dict:

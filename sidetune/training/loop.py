@@ -89,6 +89,7 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     started = time.perf_counter()
     blueprint = blueprint or sidenet_blueprint(cache, first.method, dict(first.options))
     net = blueprint.build(len(configs))
+    net.set_stacked_options([dict(c.options) for c in configs])
     net.fused = fused
     net.reset_parameters([c.seed for c in configs])
     net.to(device)
@@ -106,21 +107,21 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
 
     k = len(configs)
     fingerprint = [c.describe() for c in configs]
-    optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]), torch.tensor([c.weight_decay for c in configs]),
-                             fused=fused)
     state = GroupState(0, {}, {}, torch.ones(k, dtype=torch.bool), {}, [], [None] * k, fingerprint)
-    if resume is not None:
-        state = restore_group(net, optimizer, state, resume)
-    use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-    # a batch never holds more than the split: buffers for a --batch-size beyond it would be wasted (or unallocatable)
-    step = StackedStep(net, optimizer, torch.tensor([c.label_smoothing for c in configs]),
-                       min(first.batch_size, train_data.num_images), train_data.sample_shape, train_data.dtype,
-                       compile=compile, cuda_graphs=use_graphs)
-    step.active.copy_(state.active)
-
-    if net.closed_form:  # e.g. ridge: every configuration solved at once, no epochs
+    if net.closed_form:  # ridge, k-NN: every configuration solved at once; no optimizer, no epochs
         net.fit(train_data.batches(256), torch.tensor([c.weight_decay for c in configs]))
         state.epoch = first.epochs
+    else:
+        optimizer = StackedAdamW(net, torch.tensor([c.lr for c in configs]),
+                                 torch.tensor([c.weight_decay for c in configs]), fused=fused)
+        if resume is not None:
+            state = restore_group(net, optimizer, state, resume)
+        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # a batch never holds more than the split: buffers for a --batch-size beyond it would be wasted (or unallocatable)
+        step = StackedStep(net, optimizer, torch.tensor([c.label_smoothing for c in configs]),
+                           min(first.batch_size, train_data.num_images), train_data.sample_shape, train_data.dtype,
+                           compile=compile, cuda_graphs=use_graphs)
+        step.active.copy_(state.active)
     num_images = train_data.num_images
     steps_per_epoch = math.ceil(num_images / first.batch_size)
     total_steps = steps_per_epoch * first.epochs
