@@ -340,7 +340,7 @@ def sweep(
     caches: Optional[Path] = typer.Option(None, help="Several tasks: a folder holding one cache per task (instead of --cache). With neither, the caches under ./cache."),
     tasks: str = typer.Option("all", help="With --caches: all, or comma-separated task names."),
     method: Optional[str] = typer.Option(None, help="Side network: last (default), losa, mist, lst, linear, ridge (its --wd values are L2 strengths, all solved from one eigendecomposition), knn (its --neighbors and --temperature values all scored from one similarity computation), attentive, head2toe or restuning."),
-    grid: Optional[Path] = typer.Option(None, help="YAML grid: method, fixed settings, and lists under 'grid'."),
+    grid: Optional[str] = typer.Option(None, help="YAML grid (method, fixed settings, and lists under 'grid'), or a shipped grid by name: dinov2-linear (DINOv2's linear protocol: 13 lrs x last 1 or 4 blocks x cls or both)."),
     lr: Optional[str] = typer.Option(None, help="Learning rates, comma-separated (e.g. 3e-4,1e-3,3e-3)."),
     wd: Optional[str] = typer.Option(None, help="Weight decays, comma-separated."),
     seed: Optional[str] = typer.Option(None, help="Initialisation seeds, comma-separated."),

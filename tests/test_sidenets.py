@@ -177,6 +177,25 @@ def test_knn_compares_the_bank_a_chunk_at_a_time_with_the_same_neighbours(digits
     assert whole.top1 == chunked.top1 and torch.equal(whole.state["bank_features"], chunked.state["bank_features"])
 
 
+@pytest.mark.parametrize("pool", ["cls", "both"])
+def test_linear_with_blocks_reads_dinov2s_input_from_the_last_blocks(digits_cache, device, pool):
+    """The CLS tokens of the last 4 blocks, each through the frozen final norm, concatenated (and
+    with pool both the last block's patch mean after them): computed here from the zarr arrays."""
+    norm = digits_cache.final_norm()
+    stored = digits_cache.split("val200").stored
+    tokens = stored.tokens[:8].astype(np.float64)  # (8, 7 stages, 101 tokens, 64)
+    normed = (tokens - tokens.mean(-1, keepdims=True)) / np.sqrt(tokens.var(-1, keepdims=True) + norm["eps"])
+    normed = normed * norm["weight"] + norm["bias"]
+    expected = np.concatenate([normed[:, stage, 0] for stage in (3, 4, 5, 6)]
+                              + ([normed[:, 6, 1:].mean(1)] if pool == "both" else []), -1)
+    net = sidenet_blueprint(digits_cache, "linear", {"blocks": 4, "pool": pool}).build(1)
+    assert net.stages_needed() == [3, 4, 5, 6] and net.head_weight.shape[1] == 64 * (5 if pool == "both" else 4)
+    features = load_features(digits_cache, stored.name, [3, 4, 5, 6], device).tokens[:8]
+    with torch.no_grad():
+        ours = net.to(device).pooled_features(features)[0].double().cpu().numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_pool_both_concatenates_cls_and_the_patch_mean(digits_cache, device):
     tokens = load_features(digits_cache, "val200", list(range(7)), device).tokens[:8]
     both, cls, mean = (sidenet_blueprint(digits_cache, method, {"pool": pool}).build(1).to(device)

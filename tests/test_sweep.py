@@ -302,3 +302,32 @@ def test_a_single_split_sweep_keeps_the_model_of_its_best(small_vtab_cache, tmp_
                    eval_split="val200")
     assert list(report.models) == [report.best.config_id]
     assert sidetune.evaluate(report.models[report.best.config_id], "val200", device="cpu")["top1"] == report.best.top1
+
+
+def test_a_sweep_over_blocks_and_pooling_loads_each_split_once_and_scores_as_separate_runs(small_vtab_cache, tmp_path,
+                                                                                             monkeypatch):
+    from sidetune.cache.reader import CachedSplit
+    from sidetune.training import train_group
+
+    configs = expand_grid("linear", {"blocks": [1, 4], "pool": ["cls", "both"]}, {"epochs": 2, "lr": 0.1})
+    loads = []
+    original = CachedSplit.load_stored
+    monkeypatch.setattr(CachedSplit, "load_stored", lambda self, stages=None: loads.append(self.name) or original(self, stages))
+    report = sweep(small_vtab_cache, configs, out=tmp_path / "sweep", protocol="none", train_split="train800",
+                   eval_split="val200")
+    assert loads == ["train800val200"]  # the stored split of train800 and val200, once for four groups
+    monkeypatch.setattr(CachedSplit, "load_stored", original)
+    for row, settings in zip(report.rows, configs):
+        [alone] = train_group(small_vtab_cache, [settings], "train800", "val200", "cpu")
+        assert row.top1 == alone.top1, dict(settings.options)
+
+
+def test_the_dinov2_preset_grid_sweeps_its_52_heads_from_the_command_line(small_vtab_cache, tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--cache", str(small_vtab_cache.path), "--grid", "dinov2-linear",
+                                      "--epochs", "1", "--protocol", "none", "--train-split", "train800",
+                                      "--eval-split", "val200", "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 52 and {(row["blocks"], row["pool"]) for row in rows} == {(1, "cls"), (1, "both"), (4, "cls"),
+                                                                                   (4, "both")}
+    assert {row["weight_decay"] for row in rows} == {0.0} and len({row["lr"] for row in rows}) == 13

@@ -327,16 +327,17 @@ class SideNet(nn.Module):
             if buffer is not None:
                 buffer.copy_(state[name].expand_as(buffer) if name in self.config_buffers else state[name])
 
-    def pool_tokens(self, y: torch.Tensor) -> torch.Tensor:
-        """(K, B, T, D) -> (K, B, D)."""
+    def pool_tokens(self, y: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """(K, B, T, D) -> (K, B, D) by the network's pooling (or `pool`)."""
+        pool = pool or self.pool
         if self.layout.token_selection != "all" or y.shape[2] == 1:
             return y[:, :, 0]
-        if self.pool in ("cls", "both") and self.layout.num_prefix_tokens < 1:
-            raise SidetuneError(f"pool '{self.pool}' needs a CLS token, but the backbone has none; use --pool mean.")
-        if self.pool == "cls":
+        if pool in ("cls", "both") and self.layout.num_prefix_tokens < 1:
+            raise SidetuneError(f"pool '{pool}' needs a CLS token, but the backbone has none; use --pool mean.")
+        if pool == "cls":
             return y[:, :, 0]
         mean = y[:, :, self.layout.num_prefix_tokens:].mean(dim=2)
-        return mean if self.pool == "mean" else torch.cat([y[:, :, 0], mean], -1)
+        return mean if pool == "mean" else torch.cat([y[:, :, 0], mean], -1)
 
     def decay_mask(self, name: str) -> bool:
         return name not in self.no_decay

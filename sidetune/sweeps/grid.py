@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from sidetune.errors import SidetuneError
+import sweep_grids
 from sidetune.declarations import declared_options
+from sidetune.errors import SidetuneError
 from sidetune.sidenets import SIDENETS, method_options
 from sidetune.training import TrainConfig
 
@@ -95,6 +96,14 @@ def sweep_configs(method: str, values: dict[str, list], fixed: dict[str, object]
     return expand_grid(method, values, fixed), defaulted
 
 
+GRIDS_DIR = Path(sweep_grids.__file__).parent  # package data, as cache_specs
+
+
+def shipped_grids() -> list[str]:
+    """The names of the grids that ship with sidetune (`--grid NAME`)."""
+    return sorted(path.stem for path in GRIDS_DIR.glob("*.yaml"))
+
+
 def load_grid(path: str | Path) -> tuple[str | None, dict[str, list], dict[str, object]]:
     """A YAML grid file: `method`, fixed settings at the top level, lists under `grid`.
 
@@ -103,6 +112,11 @@ def load_grid(path: str | Path) -> tuple[str | None, dict[str, list], dict[str, 
         grid: {lr: [3.0e-4, 1.0e-3], rank: [8, 16]}
     """
     path = Path(path)
+    if not path.is_file() and (GRIDS_DIR / f"{path}.yaml").is_file():
+        path = GRIDS_DIR / f"{path}.yaml"
+    if not path.is_file():
+        raise SidetuneError(f"No sweep grid {path}: pass a YAML file, or a shipped grid by name "
+                            f"({', '.join(shipped_grids())}).")
     try:
         record = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:

@@ -70,6 +70,8 @@ def run_configs(cache: Cache, configs: dict[int, TrainConfig], phase: str, train
         blueprints[key] = sidenet_blueprint(cache, first.method, dict(first.options))
         fit = stack_capacity(cache, blueprints[key], first, train_split, eval_split, device, memory_budget=memory_budget)
         capacity[key] = min(fit, limit) if limit else fit
+    # every group's stages held at once: groups reading different stages (linear --blocks 1 and 4) share one load
+    loaded.hold(sorted({stage for blueprint in blueprints.values() for stage in blueprint.stages}))
     ordered = [configs[config_id] for config_id in mine]
     live = cache.split(eval_split).kind == "live"  # scored once for every stack, below: one backbone pass
     rows, pending = [], []

@@ -42,10 +42,13 @@ class ResidentFeatures:
     gathered and decoded on the device. A view holds its parent's tensors and its own rows."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor | None, labels: torch.Tensor, codec: Codec,
-                 rows: torch.Tensor | None = None):
+                 rows: torch.Tensor | None = None, positions: torch.Tensor | None = None):
         self.codes, self.scales, self.labels, self.codec, self.rows = codes, scales, labels, codec, rows
+        self.positions = positions  # the stages read, as positions on the held stage axis (None: all)
         self.num_images = len(labels)
-        self.sample_shape, self.dtype = tuple(codes.shape[1:]), codec.decoded_dtype
+        shape = tuple(codes.shape[1:])
+        self.sample_shape = shape if positions is None else (len(positions), *shape[1:])
+        self.dtype = codec.decoded_dtype
 
     @classmethod
     def load(cls, split: CachedSplit, stages: Sequence[int], device: torch.device) -> "ResidentFeatures":
@@ -56,7 +59,17 @@ class ResidentFeatures:
         """The rows of this (parent) split that make up `split`, sharing its device memory."""
         device = self.codes.device
         return ResidentFeatures(self.codes, self.scales, _on_device(split.labels, device), self.codec,
-                                _on_device(split.rows, device))
+                                _on_device(split.rows, device), self.positions)
+
+    def select_stages(self, positions: list[int]) -> "ResidentFeatures | None":
+        """These features read at some of their stages (positions on the stage axis), sharing
+        the device memory; None where the layout cannot (stages of different shapes, stored flat)."""
+        if self.codes.dim() != 4:
+            return None
+        chosen = torch.tensor(positions, device=self.codes.device)
+        if self.positions is not None:
+            chosen = self.positions[chosen]
+        return ResidentFeatures(self.codes, self.scales, self.labels, self.codec, self.rows, chosen)
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -68,8 +81,14 @@ class ResidentFeatures:
             index = self.rows[index]
         if self.scales is None:  # a float type: decoding reinterprets at most, so gather straight into `out`
             source = self.codec.decode(self.codes, None)
-            return torch.index_select(source, 0, index, out=out) if out is not None else source[index]
-        decoded = self.codec.decode(self.codes[index], self.scales[index])
+            if self.positions is None:
+                return torch.index_select(source, 0, index, out=out) if out is not None else source[index]
+            decoded = source[index][:, self.positions]
+        else:
+            codes, scales = self.codes[index], self.scales[index]
+            if self.positions is not None:
+                codes, scales = codes[:, self.positions], scales[:, self.positions]
+            decoded = self.codec.decode(codes, scales)
         return decoded if out is None else out.copy_(decoded)
 
     def batches(self, batch_size: int, shuffle: torch.Generator | None = None,
@@ -224,12 +243,30 @@ class LoadedSplits:
         self.stages: tuple[int, ...] | None = None
         self.held: dict[str, object] = {}
 
-    def get(self, split: str, stages: Sequence[int]):
-        if tuple(stages) != self.stages:
+    def hold(self, stages: Sequence[int]) -> None:
+        """Hold the features of `stages` from now on (a sweep: the union of its groups'), so that
+        groups reading some of them share one load of each split."""
+        stages = tuple(sorted(set(stages)))
+        if self.stages is None or not set(stages) <= set(self.stages):
             self.held.clear()
-            self.stages = tuple(stages)
+            self.stages = stages
+
+    def get(self, split: str, stages: Sequence[int]):
+        stages = tuple(stages)
+        if self.stages is not None and stages != self.stages and set(stages) <= set(self.stages):
+            positions = [self.stages.index(stage) for stage in stages]
+            held = self._held(split)
+            selected = held.select_stages(positions) if isinstance(held, ResidentFeatures) else None
+            if selected is not None:
+                return selected
+        if stages != self.stages:
+            self.held.clear()
+            self.stages = stages
+        return self._held(split)
+
+    def _held(self, split: str):
         if split not in self.held:
-            self.held[split] = self._load(self.cache.split(split), stages)
+            self.held[split] = self._load(self.cache.split(split), self.stages)
         return self.held[split]
 
     def _load(self, split, stages: Sequence[int]):
@@ -243,6 +280,6 @@ class LoadedSplits:
             stored.require_complete()  # before any thread starts
             return StreamedFeatures(split, stages, self.device, budget)
         if split.kind == "view":
-            parent = self.get(stored.name, stages)
+            parent = self._held(stored.name)
             return parent.view(split)
         return ResidentFeatures.load(split, stages, self.device)

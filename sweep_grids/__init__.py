@@ -1,0 +1,1 @@
+"""Shipped sweep grids (`sidetune sweep --grid NAME`), as YAML files beside this one."""
