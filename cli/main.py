@@ -575,14 +575,16 @@ def models() -> None:
     console.print(table)
 
 
-@app.command(short_help="The VTAB-1k catalogue and the bundled datasets.")
+@app.command(short_help="The VTAB-1k and FGVC catalogues and the bundled datasets.")
 def datasets() -> None:
-    """List the VTAB-1k catalogue and the bundled datasets."""
-    from sidetune.datasets import VTAB_TASKS
+    """List the VTAB-1k and FGVC catalogues and the bundled datasets."""
+    from sidetune.datasets import FGVC_TASKS, VTAB_TASKS
 
-    table = folding_table("task", "group", "classes", "hub copy")
+    table = folding_table("task", "group", "classes", "hub copy / folder under --data-root")
     for task in VTAB_TASKS.values():
         table.add_row(task.name, task.group, str(task.num_classes), task.hub_id or "-")
+    for fgvc in FGVC_TASKS.values():
+        table.add_row(fgvc.name, "fgvc", str(fgvc.num_classes), f"{' or '.join(fgvc.folders[:2])} (VPT's JSON splits)")
     table.add_row("digits", "bundled", "10", "scikit-learn, offline")
     console.print(table)
 

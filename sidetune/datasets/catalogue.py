@@ -1,5 +1,6 @@
-"""The VTAB-1k catalogue: the 19 tasks, their groups, class counts and, where one exists, a
-Hugging Face hub copy used when no local VTAB-1k folder is present."""
+"""The benchmark catalogues: VTAB-1k's 19 tasks (their groups, class counts and, where one
+exists, a Hugging Face hub copy used when no local VTAB-1k folder is present) and the five FGVC
+tasks as VPT distributes them (KMnP/vpt: JSON split files, read by sidetune/datasets/json_splits.py)."""
 
 from __future__ import annotations
 
@@ -72,8 +73,33 @@ FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
     "smallnorb_ele": ("smallnorb_elevation",),
 }
 
-# Published VTAB-1k top-1 with the original ImageNet-21k ViT-B/16 (`vit_b16`), as tabulated by
-# V-PETL Bench's table: the numbers a sweep over all 19 tasks is held against.
+@dataclass(frozen=True)
+class FgvcTask:
+    """An FGVC task in VPT's layout: its folder under the data root (the first of `folders`
+    found), holding train.json, val.json and test.json ({image path: class id}), and the folder
+    its image paths are relative to (`image_dir`, "" for the dataset folder itself), as VPT's
+    JSONDataset subclasses read them."""
+
+    name: str
+    num_classes: int
+    folders: tuple[str, ...]
+    image_dir: str
+
+
+FGVC_GROUP = "fgvc"
+FGVC_TASKS: dict[str, FgvcTask] = {
+    task.name: task
+    for task in [
+        FgvcTask("cub", 200, ("CUB_200_2011", "cub", "CUB"), "images"),
+        FgvcTask("nabirds", 555, ("nabirds", "NABirds"), "images"),
+        FgvcTask("oxford_flowers", 102, ("OxfordFlower", "OxfordFlowers", "oxford_flowers", "flowers"), ""),
+        FgvcTask("stanford_dogs", 120, ("Stanford-dogs", "StanfordDogs", "stanford_dogs", "dogs"), "Images"),
+        FgvcTask("stanford_cars", 196, ("Stanford-cars", "StanfordCars", "stanford_cars", "cars"), ""),
+    ]
+}
+
+# Published top-1 with the original ImageNet-21k ViT-B/16 (`vit_b16`): VTAB-1k as tabulated by
+# V-PETL Bench's table, FGVC from the LAST paper: the numbers a sweep over the tasks is held against.
 PUBLISHED_BACKBONE = "vit_base_patch16_224.orig_in21k"
 PUBLISHED_TOP1: dict[str, dict[str, float]] = {
     "last": {
@@ -81,5 +107,6 @@ PUBLISHED_TOP1: dict[str, dict[str, float]] = {
         "svhn": 86.1, "sun397": 54.3, "patch_camelyon": 86.2, "eurosat": 96.3, "resisc45": 86.8,
         "diabetic_retinopathy": 75.4, "clevr_count": 81.9, "clevr_dist": 65.9, "dmlab": 49.4, "kitti": 82.6,
         "dsprites_loc": 87.9, "dsprites_ori": 46.7, "smallnorb_azi": 32.3, "smallnorb_ele": 51.5,
+        "cub": 88.5, "nabirds": 84.4, "oxford_flowers": 99.7, "stanford_dogs": 86.0, "stanford_cars": 88.9,
     },
 }

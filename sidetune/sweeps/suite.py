@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from sidetune import runs
 from sidetune.cache.reader import Cache, open_cache
 from sidetune.compute import resolve_device
-from sidetune.datasets.catalogue import GROUPS, PUBLISHED_BACKBONE, PUBLISHED_TOP1, VTAB_TASKS
+from sidetune.datasets.catalogue import FGVC_GROUP, FGVC_TASKS, GROUPS, PUBLISHED_BACKBONE, PUBLISHED_TOP1, VTAB_TASKS
 from sidetune.distributed import current_world
 from sidetune.errors import SidetuneError
 from sidetune.results import plot_task_scores
@@ -100,6 +100,8 @@ def find_caches(root: str | Path, tasks: str | list[str] = "all") -> dict[str, C
 
 
 def group_of(task: str) -> str | None:
+    if task in FGVC_TASKS:
+        return FGVC_GROUP
     return VTAB_TASKS[task].group if task in VTAB_TASKS else None
 
 
@@ -154,7 +156,8 @@ def sweep_tasks(root: str | Path, configs: list[TrainConfig], *, tasks: str | li
     summary = {"method": method, "ours": ours, "protocols": sorted({r.protocol.name for r in sweeps.values()}),
                "selected_on_test": sorted(name for name, r in sweeps.items() if r.protocol.selected_on_test),
                "published": summarize(theirs) if len(theirs) == len(scores) else None,
-               "published_source": "V-PETL Bench table of LAST, ViT-B/16 ImageNet-21k" if theirs else None}
+               "published_source": ("LAST, ViT-B/16 ImageNet-21k: V-PETL Bench's VTAB-1k table, the LAST paper's FGVC"
+                                    if theirs else None)}
     report = SuiteReport(out, scores, summary, sweeps)
     if world.is_main:
         write_summary(report)
