@@ -45,7 +45,9 @@ def extract(
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, min=0, help="Image-loading worker processes. Default: by device."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images of each split (a quick trial)."),
-    overwrite: bool = typer.Option(False, help="Delete an existing cache at --out first."),
+    overwrite: bool = typer.Option(False, help="Replace an existing cache at --out (built beside it, swapped in when complete)."),
+    views: int = typer.Option(0, min=0, help="Also store N augmented views of every training image (validation and test stay plain); training draws one per image per epoch."),
+    view_transform: str = typer.Option("vpt", help="How views are made: vpt (resize, random crop, flip: VPT's FGVC training transform) or dinov2 (RandomResizedCrop and flip)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (splits, images, bytes, free space) and exit."),
 ) -> None:
     """Stage one: run the frozen backbone over a dataset once and write its feature cache."""
@@ -55,7 +57,7 @@ def extract(
 
     if dry_run:
         show_plan(plan_extraction(model, dataset, out, spec=spec, splits=_split_list(splits), data_root=data_root,
-                                  limit=limit))
+                                  limit=limit, views=views))
         return
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     with RichProgress(quiet=not main_rank) as progress:
@@ -63,7 +65,8 @@ def extract(
             model, dataset, out, spec=spec, splits=_split_list(splits), data_root=data_root,
             weights=weights, pretrained=pretrained, preprocess=preprocess, device=device,
             precision=precision, batch_size=batch_size, workers=workers, limit=limit,
-            overwrite=overwrite, progress=progress, log=lambda message: console.print(f"[dim]{message}"), warn=_warn,
+            overwrite=overwrite, views=views, view_transform=view_transform, progress=progress,
+            log=lambda message: console.print(f"[dim]{message}"), warn=_warn,
         )
     if not main_rank:
         return
@@ -87,7 +90,8 @@ def show_plan(plan) -> None:
                           whole=("split", "images", "bytes"))
     how = {"stored": "stored", "view": "rows of {parent}", "live": "live: through the backbone when evaluated"}
     for split in plan.splits:
-        table.add_row(split.name, f"{split.num_images:,}", how[split.kind].format(parent=split.parent), human_bytes(split.nbytes))
+        kept = how[split.kind].format(parent=split.parent) + (f", {split.views} augmented views" if split.views else "")
+        table.add_row(split.name, f"{split.num_images:,}", kept, human_bytes(split.nbytes))
     table.add_row("[bold]total", "", "", f"[bold]{human_bytes(plan.nbytes)}")
     console.print(table)
     for note in plan.notes:
@@ -142,6 +146,11 @@ def show_info(path: str | Path, verify: bool = False) -> None:
         tokens = ", ".join(f"{s.stage}: {s.num_tokens} x {s.width}" for s in shapes.shapes)
     about.add_row("layout", f"{shapes.describe_stages()}, {tokens} ({info.token_selection}), {info.spec.dtype}, "
                   f"spec '{info.spec.name}', compute {info.precision}")
+    if cache.manifest.get("views"):
+        views = cache.manifest["views"]
+        about.add_row("views", f"{views['count']} augmented views ({views['transform']}) of every image of "
+                      f"{', '.join(views['splits'])}, each seeded by the image and its index; training draws one per "
+                      "image per epoch")
     about.add_row("roles", info.roles.describe() + ("" if info.carved_validation is None else
                   f" ({info.roles.val} carved from {info.carved_validation['carved_from']})"))
     for note in data.get("notes", []):
@@ -163,7 +172,8 @@ def show_info(path: str | Path, verify: bool = False) -> None:
             state = "[green]complete" if split.complete else "[yellow]incomplete"
         if split.kind == "stored":
             absmax = split.record.get("absmax")
-            table.add_row(split.name, f"{split.num_images:,}", "stored", str(tuple(split.tokens.shape)),
+            kept = "stored" + (f", {split.view_count} augmented views" if split.view_count else "")
+            table.add_row(split.name, f"{split.num_images:,}", kept, str(tuple(split.tokens.shape)),
                           human_bytes(split.nbytes_stored), f"{max(absmax):.4g}" if absmax else "-", state)
         elif split.kind == "view":
             table.add_row(split.name, f"{split.num_images:,}", f"rows of {split.parent.name}", "-",
@@ -191,6 +201,7 @@ def train(
     data_seed: int = typer.Option(0, help="Batch-order seed (and augmentation draws)."),
     augment: str = typer.Option("none", help="Feature-space augmentation of training batches: none, or frofa-brightness (c²FroFA: per-channel brightness on min-max-mapped patch tokens; docs/methods.md)."),
     augment_magnitude: float = typer.Option(0.5, help="frofa-brightness: factors 1 + v, v uniform in [-m, m]."),
+    views: Optional[int] = typer.Option(None, min=0, help="Draw each training image's view per epoch from the first N augmented views the cache stores (extract --views). Default: all it stores; 0: the images as they are."),
     train_split: Optional[str] = typer.Option(None, help="Default: train and validation together (train800val200, trainval), else train."),
     eval_split: Optional[str] = typer.Option(None, help="Default: test (without one, the validation split)."),
     eval_every: int = typer.Option(0, min=0, help="Also evaluate every N epochs and keep the best state (best.safetensors)."),
@@ -212,7 +223,7 @@ def train(
     from sidetune.training import TrainConfig
 
     fields = dict(batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, data_seed=data_seed, augment=augment,
-                  augment_magnitude=augment_magnitude)
+                  augment_magnitude=augment_magnitude, views=views)
     fields.update({name: value for name, value in (("lr", lr), ("epochs", epochs), ("weight_decay", wd),
                                                    ("warmup_epochs", warmup_epochs)) if value is not None})
     config = TrainConfig.create(method, options, **fields)
@@ -347,6 +358,7 @@ def sweep(
     label_smoothing: Optional[str] = typer.Option(None, help="Label smoothings, comma-separated."),
     augment: Optional[str] = typer.Option(None, help="Feature-space augmentations (none, frofa-brightness), comma-separated."),
     augment_magnitude: Optional[str] = typer.Option(None, help="frofa-brightness magnitudes (default 0.5), comma-separated."),
+    views: Optional[str] = typer.Option(None, help="Augmented views drawn from (the first N the cache stores; 0: none), comma-separated. Default: all it stores."),
     epochs: Optional[str] = typer.Option(None, help="Epochs (default: the method's), comma-separated."),
     warmup_epochs: Optional[str] = typer.Option(None, help="Warmup epochs (default: a tenth of the epochs)."),
     batch_size: Optional[str] = typer.Option(None, help="Batch sizes (default 64), comma-separated."),
@@ -386,7 +398,8 @@ def sweep(
 
     file_method, values, fixed = load_grid(grid) if grid else (None, {}, {})
     method = method or file_method or "last"
-    listed = {"lr": lr, "weight_decay": wd, **options, "seed": seed, "label_smoothing": label_smoothing, "augment": augment, "augment_magnitude": augment_magnitude,
+    listed = {"lr": lr, "weight_decay": wd, **options, "seed": seed, "label_smoothing": label_smoothing, "augment": augment,
+              "augment_magnitude": augment_magnitude, "views": views,
               "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     for name, text in listed.items():
         if text is not None:

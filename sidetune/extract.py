@@ -40,6 +40,7 @@ from sidetune.features import (
 )
 from sidetune.progress import ProgressSink
 from sidetune.replacing import recover, staging_path, swap_in
+from sidetune.views import VIEW_TRANSFORMS, ViewTransform, view_seed
 
 LIVE_BY_DEFAULT = ("test",)  # read once per reported configuration: cheaper through the backbone than on disk
 
@@ -80,6 +81,8 @@ def extract(
     workers: int | None = None,
     limit: int | None = None,
     overwrite: bool = False,
+    views: int = 0,
+    view_transform: str = "vpt",
     progress: ProgressSink | None = None,
     log: Callable[[str], None] = lambda message: None,
     warn: Callable[[str], None] = lambda message: None,
@@ -93,6 +96,10 @@ def extract(
     the backbone when they report it. Before any compute the bytes are planned and compared with
     the free space at `out` (`plan_extraction`); a cache that cannot fit is refused.
 
+    `views` N stores N augmented views of every training image beside it (`view_transform`: vpt
+    or dinov2, sidetune/views.py), each seeded by the image and the view's index; validation and
+    test stay as they are. Stage two draws one view per image per epoch.
+
     Returns one report per split. Raises SidetuneError for any problem with the inputs,
     before any compute where it can be known in advance; `warn` hears what can be extracted but
     is likely a mistake (an empty class, an image listed twice: also recorded in the manifest)."""
@@ -100,8 +107,8 @@ def extract(
     try:
         return _extract(model, dataset, out, spec=spec, splits=splits, data_root=data_root, weights=weights,
                         pretrained=pretrained, preprocess=preprocess, device=device, precision=precision,
-                        batch_size=batch_size, workers=workers, limit=limit, overwrite=overwrite,
-                        progress=progress, log=log, warn=warn)
+                        batch_size=batch_size, workers=workers, limit=limit, overwrite=overwrite, views=views,
+                        view_transform=view_transform, progress=progress, log=log, warn=warn)
     except Exception as error:
         if disk_is_full(error):
             raise SidetuneError(
@@ -114,7 +121,7 @@ def extract(
 
 def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, spec: str | CacheSpec = "default",
                     splits: list[str] | None = None, data_root: str | Path | None = None,
-                    limit: int | None = None) -> CachePlan:
+                    limit: int | None = None, views: int = 0) -> CachePlan:
     """What `extract` would write, without computing anything: per split whether it is stored,
     a view or live, its bytes, and the free space at `out` (the backbone's shapes come from a
     randomly initialised copy: no weights are read)."""
@@ -122,15 +129,21 @@ def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, 
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
     source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
     backbone = load_backbone(model, pretrained=False)
-    return _plan(out, cache_spec, source, backbone, splits)
+    return _plan(out, cache_spec, source, backbone, splits, views=views)
 
 
 def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backbone, requested: list[str] | None,
-          building: str | Path | None = None) -> CachePlan:
+          building: str | Path | None = None, views: int = 0) -> CachePlan:
     """The plan for `out`; the bytes already written where the cache is being built (`out`, or
-    the replacement built beside it) count as free."""
+    the replacement built beside it) count as free. With `views`, the stored splits holding the
+    training images (of the train and train-and-validation roles) keep that many views of each."""
     layout = split_layout({name: split.keys() for name, split in source.splits.items()},
                           default_live_splits(list(source.splits), requested))
+    if views:
+        roles = source.split_roles
+        viewed = {layout[name].parent or name for name in (roles.train, roles.final_training)
+                  if name is not None and layout[name].kind != "live"}
+        layout = {name: replace(split, views=views) if name in viewed else split for name, split in layout.items()}
     plan = plan_cache(out, spec, layout, _token_shape(spec, backbone),
                       existing_bytes=Location(building or out).local_bytes())
     return replace(plan, notes=list(source.notes), warnings=list(source.warnings))
@@ -163,7 +176,7 @@ def _refuse_unless_it_fits(plan: CachePlan, spec: CacheSpec, source: ImageSource
 def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec, splits: list[str] | None,
              data_root: str | Path | None, weights: str | Path | None, pretrained: bool, preprocess: str,
              device: str, precision: str, batch_size: int, workers: int | None, limit: int | None, overwrite: bool,
-             progress: ProgressSink | None, log: Callable[[str], None], warn: Callable[[str], None]) -> list[SplitReport]:
+             views: int, view_transform: str, progress: ProgressSink | None, log: Callable[[str], None], warn: Callable[[str], None]) -> list[SplitReport]:
     target = Location(out)
     if launched_rank() == 0:  # under torchrun rank 0 alone touches the folder before the store exists
         target.check_writable()
@@ -174,13 +187,16 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
     staged = overwrite and target.is_local and holds_cache(target)
     building = str(staging_path(target.text)) if staged else out
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
+    if views < 0 or view_transform not in VIEW_TRANSFORMS:
+        raise SidetuneError(f"--views takes a count of at least 0 (got {views}) and --view-transform one of "
+                            f"{', '.join(VIEW_TRANSFORMS)} (got {view_transform!r}).")
     torch_device, autocast_dtype = resolve_compute(device, precision)
     source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
     backbone = load_backbone(model, weights=weights, pretrained=pretrained)
     preprocessing = resolve_preprocessing(preprocess, backbone)
     token_layout = stored_layout(cache_spec, backbone)
     stages, token_shape = token_layout.stages, token_layout.image_shape()
-    plan = _plan(out, cache_spec, source, backbone, splits, building)
+    plan = _plan(out, cache_spec, source, backbone, splits, building, views)
     if launched_rank() == 0:
         _refuse_unless_it_fits(plan, cache_spec, source, backbone)
 
@@ -192,6 +208,9 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
         spec=cache_spec.describe(),
         stage_shapes=[shape.describe() for shape in token_layout.shapes],
         compute={"precision": precision_name(autocast_dtype), "device": torch_device.type, "batch_size": batch_size},
+        views=None if not views else {"count": views, **ViewTransform(view_transform, preprocessing.size,
+                                      preprocessing.interpolation, preprocessing.mean, preprocessing.std).describe(),
+                                      "splits": sorted(split.name for split in plan.splits if split.views)},
     )
     world = current_world(torch_device)
     torch_device = world.device(torch_device)
@@ -239,7 +258,7 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
                       len(stages))
             complete = False
             if world.is_main:
-                split_writer = writer.split(*arrays)  # creates the split's arrays, or reopens them
+                split_writer = writer.split(*arrays, views=planned.views)  # creates the split's arrays, or reopens them
                 complete = _check_written_shards(name, split_writer, writer, log)
             if world.broadcast(complete):
                 reports.append(SplitReport(name, len(split), 0, 0, 0.0, True))
@@ -250,7 +269,7 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
             try:
                 reports.append(_extract_split(
                     name, split, split_writer, writer, backbone, preprocessing, cache_spec, token_layout,
-                    torch_device, autocast_dtype, batch_size, workers, progress, world,
+                    torch_device, autocast_dtype, batch_size, workers, progress, world, view_transform,
                 ))
             except KeyboardInterrupt:
                 done = split_writer.num_shards - len(split_writer.pending_shards())
@@ -286,7 +305,7 @@ def _check_written_shards(name: str, split_writer: SplitWriter, writer: CacheWri
 def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writer: CacheWriter,
                    backbone: Backbone, preprocessing: Preprocessing, spec: CacheSpec, token_layout: TokenLayout,
                    device: torch.device, autocast_dtype: torch.dtype | None, batch_size: int,
-                   workers: int, progress: ProgressSink, world: World) -> SplitReport:
+                   workers: int, progress: ProgressSink, world: World, view_transform: str = "vpt") -> SplitReport:
     """This rank's share of the split's pending shards (all of them in one process); then,
     after every rank is done, rank 0 checks every shard and marks the split complete."""
     started = time.perf_counter()
@@ -299,8 +318,14 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
         for shard in pending
         for start, stop in batch_bounds(*split_writer.shard_bounds(shard), batch_size)
     ]
+    view_count = split_writer.group["views"].shape[1] if "views" in split_writer.group else 0
+    views = None
+    if view_count:  # each view seeded by the image's identity and its index: the same bytes however it is run
+        views = ViewTransform(view_transform, preprocessing.size, preprocessing.interpolation, preprocessing.mean,
+                              preprocessing.std)
+        seeds = [[view_seed(key, view) for view in range(view_count)] for key in split.keys()]
     loader = DataLoader(
-        ImageDataset(split, preprocessing.transform()),
+        ImageDataset(split, preprocessing.transform(), views, seeds if views else None),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate_images,
@@ -319,13 +344,26 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
                         f"Could not read image {errors[0]}. Fix or remove it (and its line in the list "
                         "file, if any), then rerun the same command: finished shards are kept."
                     )
+                view_images = None
+                if views is not None:
+                    images, view_images = images
                 with autocast(device, autocast_dtype):  # the forward only: CPU autocast refuses cat of float16
                     stacked = stored_tokens(backbone, spec, token_layout, images.to(device, non_blocking=True))
+                    viewed = None if view_images is None else torch.stack(
+                        [stored_tokens(backbone, spec, token_layout, view_images[:, view].to(device, non_blocking=True))
+                         for view in range(view_count)], 1)  # (B, V, ...): one forward of B images per view
                 absmax = stage_absmax(stacked, token_layout).float().cpu().numpy()
                 _check_range(stacked, absmax, spec, token_layout, name, split, indices)
-                tokens, scales = (None if t is None else t.cpu() for t in spec.codec().encode(stacked))
-                for shard, shard_tokens, shard_absmax, shard_scales in assembler.add(indices, tokens, absmax, scales):
-                    shard_writer.submit(shard, shard_tokens, shard_absmax, shard_scales)
+                arrays = dict(zip(("tokens", "scales"), (None if t is None else t.cpu() for t in spec.codec().encode(stacked))))
+                if viewed is not None:
+                    flat = viewed.flatten(0, 1)
+                    view_absmax = stage_absmax(flat, token_layout).float().cpu().numpy()
+                    _check_range(flat, view_absmax, spec, token_layout, name, split, [i for i in indices for _ in range(view_count)])
+                    absmax = np.maximum(absmax, view_absmax)
+                    encoded = [None if t is None else t.cpu().unflatten(0, viewed.shape[:2]) for t in spec.codec().encode(flat)]
+                    arrays.update(views=encoded[0], view_scales=encoded[1])
+                for shard, shard_absmax, shard_arrays in assembler.add(indices, absmax, **arrays):
+                    shard_writer.submit(shard, shard_absmax, shard_arrays)
                 if world.size == 1:
                     progress.advance(len(indices))
         world.barrier()  # every rank's shards are written (its writer thread has drained)
@@ -394,27 +432,27 @@ class _ShardAssembler:
     def __init__(self, writer: SplitWriter, pending: list[int]):
         self.writer = writer
         self.pending = list(pending)
-        self.buffer: list[torch.Tensor] = []
-        self.scales: list[torch.Tensor] = []
+        self.parts: dict[str, list[torch.Tensor]] = {}
         self.absmax: np.ndarray | None = None
         self.filled = 0
 
-    def add(self, indices: list[int], tokens: torch.Tensor, absmax: np.ndarray, scales: torch.Tensor | None = None
-            ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]]:
+    def add(self, indices: list[int], absmax: np.ndarray, **arrays: torch.Tensor | None
+            ) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+        """A batch's `arrays` (tokens, and scales, views, view_scales where there are any);
+        yields (shard, absmax, its arrays) each time a shard is whole."""
         shard = self.pending[0]
         start, stop = self.writer.shard_bounds(shard)
         if indices[0] != start + self.filled:
             raise RuntimeError(f"batch starting at image {indices[0]} arrived out of order for shard {shard}")
-        self.buffer.append(tokens)
-        if scales is not None:
-            self.scales.append(scales)
+        for name, array in arrays.items():
+            if array is not None:
+                self.parts.setdefault(name, []).append(array)
         self.absmax = absmax if self.absmax is None else np.maximum(self.absmax, absmax)
         self.filled += len(indices)
         if self.filled == stop - start:
-            yield (shard, torch.cat(self.buffer).numpy(), self.absmax,
-                   torch.cat(self.scales).numpy() if self.scales else None)
+            yield shard, self.absmax, {name: torch.cat(parts).numpy() for name, parts in self.parts.items()}
             self.pending.pop(0)
-            self.buffer, self.scales, self.absmax, self.filled = [], [], None, 0
+            self.parts, self.absmax, self.filled = {}, None, 0
 
 
 class _ShardWriterThread:
@@ -426,10 +464,10 @@ class _ShardWriterThread:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidetune-writer")
         self.inflight: list[Future] = []
 
-    def submit(self, shard: int, tokens: np.ndarray, absmax: np.ndarray, scales: np.ndarray | None = None) -> None:
+    def submit(self, shard: int, absmax: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         while len(self.inflight) >= 2:
             self.inflight.pop(0).result()
-        self.inflight.append(self.executor.submit(self.writer.write_shard, shard, tokens, absmax, scales))
+        self.inflight.append(self.executor.submit(self.writer.write_shard, shard, absmax=absmax, **arrays))
 
     def __enter__(self) -> "_ShardWriterThread":
         return self

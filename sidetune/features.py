@@ -6,9 +6,10 @@ the tokens of a batch as stored, and as stage two reads them back."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from sidetune.backbones import Backbone
@@ -72,28 +73,40 @@ def as_read_from_cache(backbone: Backbone, spec: CacheSpec, layout: TokenLayout,
 
 class ImageDataset(Dataset):
     """A split's images through a transform, for a DataLoader: (image, index, None), or (None,
-    index, what went wrong) for an image that cannot be read (named by the main process)."""
+    index, what went wrong) for an image that cannot be read (named by the main process). With
+    `views` (a transform taking a seed) and each image's view seeds, the image is the pair
+    (plain image, its augmented views (V, C, H, W))."""
 
-    def __init__(self, split: ImageSplit, transform):
+    def __init__(self, split: ImageSplit, transform, views: Callable[[Image.Image, int], torch.Tensor] | None = None,
+                 view_seeds: list[list[int]] | None = None):
         self.split = split
         self.transform = transform
+        self.views, self.view_seeds = views, view_seeds
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(self.split.image(index)), index, None
+            image = self.split.image(index)
+            plain = self.transform(image)
+            if self.views is None:
+                return plain, index, None
+            return (plain, torch.stack([self.views(image, seed) for seed in self.view_seeds[index]])), index, None
         except Exception as error:  # reported by the main process with the file's name
             return None, index, f"{self.split.describe(index)} ({type(error).__name__}: {error})"
 
 
 def collate_images(items):
-    """(images (B, C, H, W) or None, indices, the errors of unreadable images)."""
+    """(images (B, C, H, W) or None, indices, the errors of unreadable images); with views, the
+    images are (plain (B, C, H, W), views (B, V, C, H, W))."""
     errors = [error for _, _, error in items if error is not None]
     if errors:
         return None, [index for _, index, _ in items], errors
-    return torch.stack([image for image, _, _ in items]), [index for _, index, _ in items], []
+    indices = [index for _, index, _ in items]
+    if isinstance(items[0][0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*(image for image, _, _ in items))), indices, []
+    return torch.stack([image for image, _, _ in items]), indices, []
 
 
 def batch_bounds(start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:

@@ -1,7 +1,8 @@
 """What was written, recorded so that damage is found, named and repaired.
 
 Every stored shard records, when it is written, the CRC-32 of its stored values (its tokens,
-then its int8 scales) in `shard_checksum` and the bytes of its objects on disk in
+then its int8 scales) in `shard_checksum`, that of its augmented views (and their scales) in
+`view_checksum` where the cache stores views, and the bytes of its objects on disk in
 `shard_nbytes` (-1: a shard written before sidetune kept records). Every split's labels (and a
 view's rows) record their CRC-32 in the manifest. Readers check a shard each time they read it
 whole (a resident load reads each shard once; streaming reads whole shards too), `sidetune info`
@@ -23,6 +24,9 @@ from sidetune.errors import SidetuneError
 
 NO_RECORD = -1
 RECORD_ARRAYS = ("shard_checksum", "shard_nbytes")
+PLAIN_ARRAYS = ("tokens", "scales")  # checked by shard_checksum
+VIEW_ARRAYS = ("views", "view_scales")  # checked by view_checksum
+SHARDED_ARRAYS = (*PLAIN_ARRAYS, *VIEW_ARRAYS)
 
 
 def checksum(*blocks: np.ndarray | None) -> int:
@@ -40,11 +44,13 @@ def create_records(group: zarr.Group, num_shards: int) -> None:
     if "shard_nbytes" not in group:
         group.create_array("shard_checksum", shape=(num_shards,), dtype="uint32", chunks=(1,), fill_value=0)
         group.create_array("shard_nbytes", shape=(num_shards,), dtype="int64", chunks=(1,), fill_value=NO_RECORD)
+    if "views" in group and "view_checksum" not in group:
+        group.create_array("view_checksum", shape=(num_shards,), dtype="uint32", chunks=(1,), fill_value=0)
 
 
 def shard_keys(group: zarr.Group, shard: int) -> list[str]:
-    """The store keys of a shard's objects: one per sharded array (tokens, and int8 scales)."""
-    arrays = [group[name] for name in ("tokens", "scales") if name in group]
+    """The store keys of a shard's objects: one per sharded array (tokens, int8 scales, views)."""
+    arrays = [group[name] for name in SHARDED_ARRAYS if name in group]
     return [f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}" for array in arrays]
 
 
@@ -54,9 +60,11 @@ def stored_bytes(location: Location, group: zarr.Group, shard: int) -> int:
 
 
 def record_shard(group: zarr.Group, location: Location, shard: int, tokens: np.ndarray,
-                 scales: np.ndarray | None) -> None:
-    """Record a shard just written: its values' checksum and its bytes on disk."""
+                 scales: np.ndarray | None, views: np.ndarray | None = None, view_scales: np.ndarray | None = None) -> None:
+    """Record a shard just written: its values' checksums and its bytes on disk."""
     group["shard_checksum"][shard] = checksum(tokens, scales)
+    if views is not None:
+        group["view_checksum"][shard] = checksum(views, view_scales)
     group["shard_nbytes"][shard] = stored_bytes(location, group, shard)
 
 
@@ -70,7 +78,6 @@ def find_damaged(group: zarr.Group, location: Location, shards: Iterable[int], s
     than recorded; with `read`, also unreadable or holding other values than were written."""
     records = all(name in group for name in RECORD_ARRAYS)
     nbytes = group["shard_nbytes"][:] if records else None
-    sums = group["shard_checksum"][:] if records else None
     damaged = {}
     for shard in shards:
         recorded = NO_RECORD if nbytes is None else int(nbytes[shard])
@@ -83,28 +90,32 @@ def find_damaged(group: zarr.Group, location: Location, shards: Iterable[int], s
             damaged[shard] = "is missing" if size == 0 else f"holds {size:,} bytes where {recorded:,} were written"
         elif read:
             rows = shard_rows(shard, shard_images, num_images)
-            try:
-                blocks = [group[name][rows] for name in ("tokens", "scales") if name in group]
-            except Exception as error:  # zarr's codecs refuse a damaged object in many ways
-                damaged[shard] = f"cannot be read ({type(error).__name__})"
-                continue
-            if checksum(*blocks) != int(sums[shard]):
-                damaged[shard] = "holds other values than were written"
+            for names, record in ((PLAIN_ARRAYS, "shard_checksum"), (VIEW_ARRAYS, "view_checksum")):
+                if record not in group:
+                    continue
+                try:
+                    blocks = [group[name][rows] for name in names if name in group]
+                except Exception as error:  # zarr's codecs refuse a damaged object in many ways
+                    damaged[shard] = f"cannot be read ({type(error).__name__})"
+                    break
+                if checksum(*blocks) != int(group[record][shard]):
+                    damaged[shard] = "holds other values than were written"
+                    break
     return damaged
 
 
 def mismatched_shards(group: zarr.Group, start: int, blocks: list[np.ndarray | None], shard_images: int,
-                      num_images: int) -> dict[int, str]:
-    """Of the rows from `start` that `blocks` (tokens, scales) hold, the whole shards whose
-    values differ from their record."""
-    if not all(name in group for name in RECORD_ARRAYS):
+                      num_images: int, record: str = "shard_checksum") -> dict[int, str]:
+    """Of the rows from `start` that `blocks` (tokens and scales; or views and their scales, with
+    `record` "view_checksum") hold, the whole shards whose values differ from their record."""
+    if not all(name in group for name in (*RECORD_ARRAYS, record)):
         return {}
     stop = start + len(blocks[0])
     first, last = -(-start // shard_images), stop // shard_images if stop < num_images else -(-stop // shard_images)
     if first >= last:
         return {}
     nbytes = group["shard_nbytes"][first:last]
-    sums = group["shard_checksum"][first:last]
+    sums = group[record][first:last]
     damaged = {}
     for index, shard in enumerate(range(first, last)):
         if nbytes[index] == NO_RECORD:

@@ -36,12 +36,14 @@ IDENTITY_FIELDS: tuple[tuple[str, str | None], ...] = (
     ("spec", None),
     ("dataset", "fingerprint"),
     ("compute", "precision"),
+    ("views", None),  # absent in a cache without augmented views
 )
 
 
 def build_manifest(*, backbone: dict, preprocessing: dict, dataset: dict, spec: dict,
-                   stage_shapes: list[dict], compute: dict) -> dict:
-    """`stage_shapes`: each stored stage's StageShape record (sidetune/cache/layout.py), in order."""
+                   stage_shapes: list[dict], compute: dict, views: dict | None = None) -> dict:
+    """`stage_shapes`: each stored stage's StageShape record (sidetune/cache/layout.py), in order;
+    `views`: how augmented views of the training images were made (none: no such section)."""
     last = stage_shapes[-1]
     uniform = len({(shape["num_tokens"], shape["width"]) for shape in stage_shapes}) == 1
     return {
@@ -61,6 +63,7 @@ def build_manifest(*, backbone: dict, preprocessing: dict, dataset: dict, spec: 
             "stage_shapes": stage_shapes,
         },
         "compute": compute,
+        **({"views": views} if views else {}),
         "splits": {},
         "versions": environment_versions(),
     }

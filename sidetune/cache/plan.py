@@ -26,6 +26,7 @@ class SplitPlan:
     nbytes: int = 0
     parent: str | None = None  # a view's stored split
     rows: np.ndarray | None = field(default=None, repr=False)  # a view's rows in it
+    views: int = 0  # a stored split's augmented views of each image (`extract --views`)
 
 
 @dataclass
@@ -51,7 +52,8 @@ class CachePlan:
         """One line per split."""
         lines = []
         for split in self.splits:
-            how = {"stored": "stored", "view": f"rows of {split.parent}", "live": "live (through the backbone)"}[split.kind]
+            how = {"stored": "stored" + (f" with {split.views} augmented views" if split.views else ""),
+                   "view": f"rows of {split.parent}", "live": "live (through the backbone)"}[split.kind]
             lines.append(f"{split.name}: {split.num_images:,} images, {how}, {human_bytes(split.nbytes)}")
         return "\n".join(lines)
 
@@ -83,7 +85,7 @@ def split_nbytes(plan: SplitPlan, token_shape: tuple[int, ...], codec: Codec) ->
     for a live split."""
     labels = 8 * plan.num_images
     if plan.kind == "stored":
-        return plan.num_images * codec.image_nbytes(token_shape) + labels
+        return plan.num_images * codec.image_nbytes(token_shape) * (1 + plan.views) + labels
     return labels + (8 * plan.num_images if plan.kind == "view" else 0)
 
 

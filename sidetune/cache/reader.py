@@ -114,8 +114,39 @@ class CachedSplit:
 
     @property
     def nbytes_stored(self) -> int:
-        scales = self.scales
-        return int(self.tokens.nbytes_stored()) + (int(scales.nbytes_stored()) if scales is not None else 0)
+        arrays = [self.group[name] for name in ("tokens", "scales", "views", "view_scales") if name in self.group]
+        return sum(int(array.nbytes_stored()) for array in arrays)
+
+    @property
+    def view_count(self) -> int:
+        """The augmented views stored of each image (0: none; `extract --views`)."""
+        return self.group["views"].shape[1] if "views" in self.group else 0
+
+    def load_views(self, stages: Sequence[int] | None = None, count: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first `count` (default: all) augmented views of every image, as stored: (N, V, S',
+        T, D) (or (N, V, E')) of the requested stages, and their int8 scales (None for a float
+        type); every shard checked against the checksum written with it."""
+        self.require_complete()
+        count = self.view_count if count is None else count
+        positions = self.stage_positions(stages)
+        try:
+            views = self.group["views"][:]
+            scales = self.group["view_scales"][:] if "view_scales" in self.group else None
+        except Exception as error:  # a shard zarr cannot decode: find which
+            damaged = find_damaged(self.group, self.location, range(-(-self.num_images // self.shard_size)),
+                                   self.shard_size, self.num_images, True)
+            raise damaged_error(str(self.location), self.name, damaged or {0: f"cannot be read ({error})"},
+                                self.shard_size, self.num_images) from None
+        damaged = mismatched_shards(self.group, 0, [views, scales], self.shard_size, self.num_images, "view_checksum")
+        if damaged:
+            raise damaged_error(str(self.location), self.name, damaged, self.shard_size, self.num_images)
+        n = len(views)
+        views = self.layout.select(views[:, :count].reshape(n * count, *views.shape[2:]), positions)
+        views = views.reshape(n, count, *views.shape[1:])
+        if scales is not None:
+            scales = scales[:, :count][:, :, positions] if positions != list(range(len(self.stages))) else scales[:, :count]
+        return views, scales
 
     def stage_positions(self, stages: Sequence[int] | None) -> list[int]:
         """Positions on the stage axis of the requested backbone stages (all when None)."""

@@ -10,6 +10,9 @@ A stored split's group holds:
   shard_checksum  (num_shards,) uint32 and shard_nbytes (num_shards,) int64, one chunk per
                   shard: the CRC-32 of the shard's stored values and its bytes on disk, recorded
                   when it is written (sidetune/cache/integrity.py)
+  views           (N, V, S, T, D) (or (N, V, E)), sharded like tokens: V augmented views of each
+                  image, in a cache extracted with --views (sidetune/views.py); view_scales beside
+                  them for int8, and view_checksum (num_shards,) uint32
 A view (a split whose images all lie in a stored split) holds `rows` (N,) int64 into that
 split and its `labels`; a live split (evaluated through the backbone when needed) is only a
 manifest record. Every shard has its own chunks in every array, so different processes can own
@@ -61,17 +64,22 @@ class SplitWriter:
         done = self.group["shard_complete"][:]
         return [int(i) for i in np.flatnonzero(done == 0)]
 
-    def write_shard(self, shard: int, tokens: np.ndarray, absmax: np.ndarray, scales: np.ndarray | None = None) -> None:
-        """Write one shard's tokens (and int8 scales), then its statistics and its record
-        (checksum, bytes), then its completion mark."""
+    def write_shard(self, shard: int, tokens: np.ndarray, absmax: np.ndarray, scales: np.ndarray | None = None,
+                    views: np.ndarray | None = None, view_scales: np.ndarray | None = None) -> None:
+        """Write one shard's tokens (and int8 scales, and augmented views), then its statistics
+        and its record (checksums, bytes), then its completion mark."""
         start, stop = self.shard_bounds(shard)
         if tokens.shape[0] != stop - start:
             raise ValueError(f"shard {shard} of {self.name} needs {stop - start} images, got {tokens.shape[0]}")
         self.group["tokens"][start:stop] = tokens
         if scales is not None:
             self.group["scales"][start:stop] = scales
+        if views is not None:
+            self.group["views"][start:stop] = views
+            if view_scales is not None:
+                self.group["view_scales"][start:stop] = view_scales
         self.group["shard_absmax"][shard] = absmax
-        record_shard(self.group, self.location, shard, tokens, scales)
+        record_shard(self.group, self.location, shard, tokens, scales, views, view_scales)
         self.group["shard_complete"][shard] = 1
 
     def damaged_shards(self, read: bool = True) -> dict[int, str]:
@@ -189,10 +197,12 @@ class CacheWriter:
 
     def split(self, name: str, labels: np.ndarray, token_shape: tuple[int, ...],
               dtype: str, chunk_images: int, shard_images: int, compressor: str,
-              scale_shape: tuple[int, int, int] | None = None, num_stages: int | None = None) -> SplitWriter:
+              scale_shape: tuple[int, int, int] | None = None, num_stages: int | None = None,
+              views: int = 0) -> SplitWriter:
         """Create a stored split's arrays (or reopen them after an interruption). `token_shape`:
         one image's (S, T, D), or (E,) for stages of different shapes (then `num_stages` says
-        how many); `scale_shape`: the per-image shape of int8 scales, None for a float dtype."""
+        how many); `scale_shape`: the per-image shape of int8 scales, None for a float dtype;
+        `views`: how many augmented views of each image it stores beside its tokens."""
         num_stages = token_shape[0] if num_stages is None else num_stages
         num_images = len(labels)
         num_shards = -(-num_images // shard_images)
@@ -200,10 +210,11 @@ class CacheWriter:
             del self.manifest["splits"][name]  # a live split (or a view) to be cached in full now: made again below
         if name in self.manifest["splits"]:
             group = self.root[name]
-            if group["tokens"].shape != (num_images, *token_shape):
+            stored_views = group["views"].shape[1] if "views" in group else 0
+            if group["tokens"].shape != (num_images, *token_shape) or stored_views != views:
                 raise SidetuneError(
-                    f"Split {name} in {self.root.store} has shape {group['tokens'].shape}, expected "
-                    f"{(num_images, *token_shape)}. Pass --overwrite to rebuild the cache."
+                    f"Split {name} in {self.root.store} has shape {group['tokens'].shape} and {stored_views} views, "
+                    f"expected {(num_images, *token_shape)} and {views}. Pass --overwrite to rebuild the cache."
                 )
             create_records(group, num_shards)
             self._repair_labels(name, group, labels=labels)
@@ -219,6 +230,14 @@ class CacheWriter:
             group.create_array("scales", shape=(num_images, *scale_shape), dtype="float32",
                                chunks=(chunk_images, *scale_shape), shards=(shard_images, *scale_shape),
                                compressors=None, fill_value=0, dimension_names=("image", "stage", "token", "channel"))
+        if views:
+            group.create_array("views", shape=(num_images, views, *token_shape), dtype=dtype,
+                               chunks=(chunk_images, views, *token_shape), shards=(shard_images, views, *token_shape),
+                               compressors=None if compressor == "none" else "auto", fill_value=0)
+            if scale_shape is not None:
+                group.create_array("view_scales", shape=(num_images, views, *scale_shape), dtype="float32",
+                                   chunks=(chunk_images, views, *scale_shape), shards=(shard_images, views, *scale_shape),
+                                   compressors=None, fill_value=0)
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(max(num_images, 1),))
         group.create_array("shard_complete", shape=(num_shards,), dtype="uint8", chunks=(1,), fill_value=0)
         group.create_array("shard_absmax", shape=(num_shards, num_stages), dtype="float32",
@@ -226,7 +245,7 @@ class CacheWriter:
         create_records(group, num_shards)
         self.manifest["splits"][name] = {
             "kind": "stored", "num_images": num_images, "num_shards": num_shards, "complete": False, "absmax": None,
-            "labels_checksum": labels_checksum(labels),
+            "labels_checksum": labels_checksum(labels), **({"views": views} if views else {}),
         }
         self._save_manifest()
         return SplitWriter(name, group, num_images, shard_images, self.location)

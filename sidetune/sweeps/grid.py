@@ -17,10 +17,11 @@ from sidetune.sidenets import SIDENETS, method_options
 from sidetune.training import TrainConfig
 
 FIELD_TYPES = {"lr": float, "weight_decay": float, "label_smoothing": float, "seed": int, "epochs": int,
-               "warmup_epochs": int, "batch_size": int, "data_seed": int, "augment": str, "augment_magnitude": float}
+               "warmup_epochs": int, "batch_size": int, "data_seed": int, "augment": str, "augment_magnitude": float,
+               "views": int}
 # The smallest value each numeric training setting takes (lr must be above it).
 LOWEST = {"lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "epochs": 1, "warmup_epochs": 0, "batch_size": 1,
-          "augment_magnitude": 0.0}  # a method option's least value is its own declaration's
+          "augment_magnitude": 0.0, "views": 0}  # a method option's least value is its own declaration's
 FLAGS = {"weight_decay": "wd"}
 
 

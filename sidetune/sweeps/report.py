@@ -64,6 +64,8 @@ def train_command(cache_path: str | Path, config: TrainConfig, train_split: str,
              "label-smoothing": config.label_smoothing, "seed": config.seed, "data-seed": config.data_seed}
     if config.augment != "none":
         flags.update({"augment": config.augment, "augment-magnitude": config.augment_magnitude})
+    if config.views is not None:
+        flags["views"] = config.views
     parts = ["sidetune", "train", "--cache", shlex.quote(str(cache_path)), "--train-split", train_split,
              "--eval-split", eval_split]
     parts += [f"--{name} {value}" for name, value in flags.items()]

@@ -29,6 +29,7 @@ class TrainConfig:
     data_seed: int = 0  # batch order (and augmentation draws); shared by a stacked group
     augment: str = "none"  # feature-space augmentation of training batches (sidetune/training/augment.py)
     augment_magnitude: float = 0.5
+    views: int | None = None  # augmented views drawn from (the first n stored; None: all the cache has; 0: none)
 
     @classmethod
     def create(cls, method: str, options: dict | None = None, **fields) -> "TrainConfig":
@@ -58,7 +59,7 @@ class TrainConfig:
         stacked = SIDENETS[self.method].stacked_options
         shaping = tuple((name, value) for name, value in self.options if name not in stacked)
         return (self.method, shaping, self.epochs, self.warmup_epochs, self.batch_size, self.data_seed,
-                self.augment, self.augment_magnitude)
+                self.augment, self.augment_magnitude, self.views)
 
     def describe(self) -> dict:
         record = asdict(self)

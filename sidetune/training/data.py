@@ -23,6 +23,7 @@ import torch
 from sidetune.cache.codec import Codec
 from sidetune.cache.reader import Cache, CachedSplit, ViewSplit
 from sidetune.compute import free_memory
+from sidetune.errors import SidetuneError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (B, S, T, D) or (B, E) tokens (sidetune/cache/layout.py), (B,) labels
 BUDGET_FRACTION = 0.5  # of the device's free memory, for the features of one split
@@ -42,9 +43,12 @@ class ResidentFeatures:
     gathered and decoded on the device. A view holds its parent's tensors and its own rows."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor | None, labels: torch.Tensor, codec: Codec,
-                 rows: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+                 rows: torch.Tensor | None = None, positions: torch.Tensor | None = None, view_count: int = 0):
         self.codes, self.scales, self.labels, self.codec, self.rows = codes, scales, labels, codec, rows
         self.positions = positions  # the stages read, as positions on the held stage axis (None: all)
+        # augmented views: codes hold `view_count` rows per stored image, and `choose_views` picks
+        # the one each image shows this epoch
+        self.view_count, self.view_choice = view_count, None
         self.num_images = len(labels)
         shape = tuple(codes.shape[1:])
         self.sample_shape = shape if positions is None else (len(positions), *shape[1:])
@@ -55,11 +59,24 @@ class ResidentFeatures:
         codes, scales = split.load_stored(stages)
         return cls(_on_device(codes, device), _on_device(scales, device), _on_device(split.labels, device), split.codec)
 
+    @classmethod
+    def load_views(cls, split: CachedSplit, stages: Sequence[int], count: int, device: torch.device) -> "ResidentFeatures":
+        """The first `count` augmented views of a stored split's images, `count` rows per image."""
+        views, scales = split.load_views(stages, count)
+        flat = lambda array: None if array is None else _on_device(array.reshape(-1, *array.shape[2:]), device)  # noqa: E731
+        return cls(flat(views), flat(scales), _on_device(split.labels, device), split.codec, view_count=count)
+
+    def choose_views(self, generator: torch.Generator) -> None:
+        """Draw the view each stored image shows until the next draw (one per image per epoch)."""
+        stored = len(self.codes) // self.view_count
+        self.view_choice = torch.randint(self.view_count, (stored,), generator=generator).to(self.codes.device)
+
     def view(self, split: ViewSplit) -> "ResidentFeatures":
         """The rows of this (parent) split that make up `split`, sharing its device memory."""
         device = self.codes.device
-        return ResidentFeatures(self.codes, self.scales, _on_device(split.labels, device), self.codec,
-                                _on_device(split.rows, device), self.positions)
+        viewed = ResidentFeatures(self.codes, self.scales, _on_device(split.labels, device), self.codec,
+                                  _on_device(split.rows, device), self.positions, self.view_count)
+        return viewed
 
     def select_stages(self, positions: list[int]) -> "ResidentFeatures | None":
         """These features read at some of their stages (positions on the stage axis), sharing
@@ -69,7 +86,7 @@ class ResidentFeatures:
         chosen = torch.tensor(positions, device=self.codes.device)
         if self.positions is not None:
             chosen = self.positions[chosen]
-        return ResidentFeatures(self.codes, self.scales, self.labels, self.codec, self.rows, chosen)
+        return ResidentFeatures(self.codes, self.scales, self.labels, self.codec, self.rows, chosen, self.view_count)
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -79,6 +96,8 @@ class ResidentFeatures:
     def _gather(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.rows is not None:
             index = self.rows[index]
+        if self.view_count:  # the row of the view each image shows this epoch
+            index = index * self.view_count + self.view_choice[index]
         if self.scales is None:  # a float type: decoding reinterprets at most, so gather straight into `out`
             source = self.codec.decode(self.codes, None)
             if self.positions is None:
@@ -268,6 +287,24 @@ class LoadedSplits:
         if split not in self.held:
             self.held[split] = self._load(self.cache.split(split), self.stages)
         return self.held[split]
+
+    def get_views(self, split: str, stages: Sequence[int], count: int) -> ResidentFeatures:
+        """The first `count` augmented views of `split`'s images (of its stored split, for a
+        view), resident: call `choose_views` before each epoch's batches."""
+        found = self.cache.split(split)
+        stored = found.stored
+        key = f"{stored.name} views {count} {tuple(stages)}"
+        budget = default_memory_budget(self.device) if self.budget_bytes is None else self.budget_bytes
+        if key not in self.held:
+            needed = stored.num_images * count * stored.image_nbytes(stages)
+            if needed > budget:
+                raise SidetuneError(
+                    f"The {count} augmented views of {stored.name} take {needed / 1e9:.1f} GB, more than the "
+                    f"{budget / 1e9:.1f} GB memory budget; views are read from device memory only. Raise "
+                    "--memory-budget, or draw from fewer views (--views).")
+            self.held[key] = ResidentFeatures.load_views(stored, stages, count, self.device)
+        held = self.held[key]
+        return held if found.kind == "stored" else held.view(found)
 
     def _load(self, split, stages: Sequence[int]):
         if split.kind == "live":

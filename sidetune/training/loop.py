@@ -29,6 +29,22 @@ from sidetune.training.state import Checkpointer, EpochStats, GroupState, restor
 from sidetune.training.step import StackedStep
 
 
+VIEW_DRAWS = 7_919  # offsets the seed of each epoch's view draws from its batch order's
+
+
+def views_drawn(cache: Cache, train_split: str, config: TrainConfig) -> int:
+    """How many of the training images' stored augmented views `config` draws from: all the cache
+    has unless its `views` says fewer (0: none, the images as they are)."""
+    split = cache.split(train_split)
+    stored = split.stored.view_count if split.kind != "live" else 0
+    wanted = stored if config.views is None else config.views
+    if wanted > stored:
+        raise SidetuneError(f"--views {wanted}, but the cache stores {stored} augmented views of {train_split}'s images. "
+                            f"Extract them with `sidetune extract ... --views {wanted}` (and --overwrite), or draw "
+                            f"from at most {stored}.")
+    return wanted
+
+
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -96,6 +112,8 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
     stages = net.stages_needed()
     loaded = loaded or LoadedSplits(cache, device, memory_budget)
     train_data = loaded.get(train_split, stages)
+    views = views_drawn(cache, train_split, first)
+    train_views = loaded.get_views(train_split, stages, views) if views and not net.closed_form else None
     eval_data = None
     if net.standardize:
         net.fit_standardizer(train_data.batches(256))
@@ -134,8 +152,11 @@ def train_group(cache: Cache, configs: list[TrainConfig], train_split: str, eval
         step.start_epoch()
         shuffle = torch.Generator().manual_seed(first.data_seed * 100_003 + epoch)
         draws = augmentation_generator(first.data_seed, epoch, device) if augmentation else None
+        if train_views is not None:  # one stored view per image this epoch, the same for every config of the stack
+            train_views.choose_views(torch.Generator().manual_seed(first.data_seed * 100_003 + epoch + VIEW_DRAWS))
         net.train()
-        for tokens, labels in train_data.batches(first.batch_size, shuffle, out=step.inputs):
+        batches_from = train_views if train_views is not None else train_data
+        for tokens, labels in batches_from.batches(first.batch_size, shuffle, out=step.inputs):
             if augmentation is not None:
                 tokens = augmentation(tokens, draws)
             step(tokens, labels, number + 1, lr_multiplier(number, total_steps, warmup_steps))
