@@ -259,7 +259,7 @@ def test_a_method_the_cache_cannot_serve_is_refused_naming_float_specs_and_the_m
 
     sidetune.extract("test_convnext", str(folder), tmp_path / "cache", spec="mean", pretrained=False, workers=0)
     with pytest.raises(sidetune.SidetuneError,
-                       match=r"--spec default \(or cnn-grid7\), or train a method that reads this cache: linear, ridge, head2toe\."):
+                       match=r"--spec default \(or cnn-grid7\), or train a method that reads this cache: linear, ridge, knn, head2toe\."):
         sidenet_blueprint(sidetune.open_cache(tmp_path / "cache"), "last", {"pool": "mean"}).build(1)
 
 

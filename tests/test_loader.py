@@ -53,5 +53,8 @@ def test_stacks_share_a_split_loaded_once_until_other_stages_are_asked_for(digit
     first = loaded.get("val200", [0, 6])
     assert loaded.get("val200", [0, 6]) is first
     assert loaded.get("train800", [0, 6]) is not first and set(loaded.held) == {"val200", "train800"}
-    other = loaded.get("val200", [6])
-    assert other is not first and set(loaded.held) == {"val200"} and other.tokens.shape[1] == 1
+    other = loaded.get("val200", [6])  # some of the stages held: read from the same load
+    assert other is not first and set(loaded.held) == {"val200", "train800"} and other.tokens.shape[1] == 1
+    torch.testing.assert_close(other.tokens, first.tokens[:, [1]])
+    wider = loaded.get("val200", [3, 6])  # stages not held: loaded anew, what was held dropped
+    assert set(loaded.held) == {"val200"} and wider.tokens.shape[1] == 2

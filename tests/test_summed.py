@@ -136,7 +136,7 @@ def test_mist_with_other_groups_than_a_summed_cache_holds_is_refused(exact_cache
 def test_methods_reading_every_stage_refuse_a_summed_cache_and_the_probes_read_its_last_stage(exact_caches):
     _, summed = exact_caches
     with pytest.raises(sidetune.SidetuneError, match=r"stores the sum of stages 0..2, .* stage 6 .*reads this cache: "
-                                                      r"linear, ridge, attentive, head2toe, mist\."):
+                                                      r"linear, ridge, knn, attentive, head2toe, mist\."):
         sidenet_blueprint(summed, "last", {}).build(1)
 
 
