@@ -48,6 +48,8 @@ def extract(
     overwrite: bool = typer.Option(False, help="Replace an existing cache at --out (built beside it, swapped in when complete)."),
     views: int = typer.Option(0, min=0, help="Also store N augmented views of every training image (validation and test stay plain); training draws one per image per epoch."),
     view_transform: str = typer.Option("vpt", help="How views are made: vpt (resize, random crop, flip: VPT's FGVC training transform) or dinov2 (RandomResizedCrop and flip)."),
+    frames: Optional[int] = typer.Option(None, min=1, help="Video datasets: frames read per clip, spread uniformly over it (default 8)."),
+    frame_stride: Optional[int] = typer.Option(None, min=1, help="Video datasets: read every N-th frame from the first instead of spreading them over the clip."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (splits, images, bytes, free space) and exit."),
 ) -> None:
     """Stage one: run the frozen backbone over a dataset once and write its feature cache."""
@@ -57,7 +59,7 @@ def extract(
 
     if dry_run:
         show_plan(plan_extraction(model, dataset, out, spec=spec, splits=_split_list(splits), data_root=data_root,
-                                  limit=limit, views=views))
+                                  limit=limit, views=views, frames=frames, frame_stride=frame_stride))
         return
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     with RichProgress(quiet=not main_rank) as progress:
@@ -65,7 +67,8 @@ def extract(
             model, dataset, out, spec=spec, splits=_split_list(splits), data_root=data_root,
             weights=weights, pretrained=pretrained, preprocess=preprocess, device=device,
             precision=precision, batch_size=batch_size, workers=workers, limit=limit,
-            overwrite=overwrite, views=views, view_transform=view_transform, progress=progress,
+            overwrite=overwrite, views=views, view_transform=view_transform, frames=frames,
+            frame_stride=frame_stride, progress=progress,
             log=lambda message: console.print(f"[dim]{message}"), warn=_warn,
         )
     if not main_rank:

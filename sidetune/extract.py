@@ -27,6 +27,7 @@ from sidetune.cache.spec import CacheSpec, available_specs, load_spec
 from sidetune.cache.store import CacheWriter, SplitWriter, holds_cache
 from sidetune.compute import autocast, precision_name, resolve_compute
 from sidetune.datasets import VTAB_SPLITS, ImageSource, ImageSplit, load_source
+from sidetune.datasets.video import DEFAULT_FRAMES, FrameSampling
 from sidetune.distributed import World, current_world, launched_rank
 from sidetune.errors import Interrupted, SidetuneError
 from sidetune.features import (
@@ -83,6 +84,8 @@ def extract(
     overwrite: bool = False,
     views: int = 0,
     view_transform: str = "vpt",
+    frames: int | None = None,
+    frame_stride: int | None = None,
     progress: ProgressSink | None = None,
     log: Callable[[str], None] = lambda message: None,
     warn: Callable[[str], None] = lambda message: None,
@@ -96,6 +99,10 @@ def extract(
     the backbone when they report it. Before any compute the bytes are planned and compared with
     the free space at `out` (`plan_extraction`); a cache that cannot fit is refused.
 
+    A video dataset (clips: video files or frame folders) is cached clip by clip: `frames` of
+    each (default 8, spread uniformly; or every `frame_stride`-th) through the backbone, each
+    stage's frames one after another along its tokens (sidetune/datasets/video.py).
+
     `views` N stores N augmented views of every training image beside it (`view_transform`: vpt
     or dinov2, sidetune/views.py), each seeded by the image and the view's index; validation and
     test stay as they are. Stage two draws one view per image per epoch.
@@ -108,7 +115,8 @@ def extract(
         return _extract(model, dataset, out, spec=spec, splits=splits, data_root=data_root, weights=weights,
                         pretrained=pretrained, preprocess=preprocess, device=device, precision=precision,
                         batch_size=batch_size, workers=workers, limit=limit, overwrite=overwrite, views=views,
-                        view_transform=view_transform, progress=progress, log=log, warn=warn)
+                        view_transform=view_transform, frames=frames, frame_stride=frame_stride, progress=progress,
+                        log=log, warn=warn)
     except Exception as error:
         if disk_is_full(error):
             raise SidetuneError(
@@ -121,13 +129,15 @@ def extract(
 
 def plan_extraction(model: str, dataset: str, out: str | Path | None = None, *, spec: str | CacheSpec = "default",
                     splits: list[str] | None = None, data_root: str | Path | None = None,
-                    limit: int | None = None, views: int = 0) -> CachePlan:
+                    limit: int | None = None, views: int = 0, frames: int | None = None,
+                    frame_stride: int | None = None) -> CachePlan:
     """What `extract` would write, without computing anything: per split whether it is stored,
     a view or live, its bytes, and the free space at `out` (the backbone's shapes come from a
     randomly initialised copy: no weights are read)."""
     out = out if out is not None else default_cache_path(dataset)
     cache_spec = spec if isinstance(spec, CacheSpec) else load_spec(spec)
-    source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
+    source = load_source(dataset, data_root=data_root, splits=splits, limit=limit,
+                         sampling=frame_sampling(frames, frame_stride))
     backbone = load_backbone(model, pretrained=False)
     return _plan(out, cache_spec, source, backbone, splits, views=views)
 
@@ -144,24 +154,33 @@ def _plan(out: str | Path, spec: CacheSpec, source: ImageSource, backbone: Backb
         viewed = {layout[name].parent or name for name in (roles.train, roles.final_training)
                   if name is not None and layout[name].kind != "live"}
         layout = {name: replace(split, views=views) if name in viewed else split for name, split in layout.items()}
-    plan = plan_cache(out, spec, layout, _token_shape(spec, backbone),
+    frames = source.sampling.frames if source.sampling is not None else 1
+    plan = plan_cache(out, spec, layout, _token_shape(spec, backbone, frames),
                       existing_bytes=Location(building or out).local_bytes())
     return replace(plan, notes=list(source.notes), warnings=list(source.warnings))
 
 
-def _token_shape(spec: CacheSpec, backbone: Backbone) -> tuple[int, ...]:
-    return stored_layout(spec, backbone).image_shape()
+def _token_shape(spec: CacheSpec, backbone: Backbone, frames: int = 1) -> tuple[int, ...]:
+    return stored_layout(spec, backbone).over_frames(frames).image_shape()
+
+
+def frame_sampling(frames: int | None, stride: int | None) -> FrameSampling | None:
+    """How clips are read, when a frame option is given (else a video dataset's default)."""
+    if frames is None and stride is None:
+        return None
+    return FrameSampling(frames or DEFAULT_FRAMES, stride)
 
 
 def _refuse_unless_it_fits(plan: CachePlan, spec: CacheSpec, source: ImageSource, backbone: Backbone) -> None:
     if plan.fits:
         return
     layout = {split.name: split for split in plan.splits}
+    frames = source.sampling.frames if source.sampling is not None else 1
     alternatives = {}
     for name in available_specs():
         other = load_spec(name)
         try:
-            shape = _token_shape(other, backbone)
+            shape = _token_shape(other, backbone, frames)
         except SidetuneError:  # a stage gap that does not divide this backbone's depth
             continue
         if name != spec.name:
@@ -169,14 +188,15 @@ def _refuse_unless_it_fits(plan: CachePlan, spec: CacheSpec, source: ImageSource
     live_option = None
     if any(split.kind == "stored" and split.name in LIVE_BY_DEFAULT for split in plan.splits):
         without = {name: split for name, split in layout.items() if name not in LIVE_BY_DEFAULT}
-        live_option = plan_cache(plan.out, spec, without, _token_shape(spec, backbone)).nbytes
+        live_option = plan_cache(plan.out, spec, without, _token_shape(spec, backbone, frames)).nbytes
     refuse_if_too_big(plan, alternatives, live_option)
 
 
 def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec, splits: list[str] | None,
              data_root: str | Path | None, weights: str | Path | None, pretrained: bool, preprocess: str,
              device: str, precision: str, batch_size: int, workers: int | None, limit: int | None, overwrite: bool,
-             views: int, view_transform: str, progress: ProgressSink | None, log: Callable[[str], None], warn: Callable[[str], None]) -> list[SplitReport]:
+             views: int, view_transform: str, frames: int | None, frame_stride: int | None,
+             progress: ProgressSink | None, log: Callable[[str], None], warn: Callable[[str], None]) -> list[SplitReport]:
     target = Location(out)
     if launched_rank() == 0:  # under torchrun rank 0 alone touches the folder before the store exists
         target.check_writable()
@@ -191,10 +211,15 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
         raise SidetuneError(f"--views takes a count of at least 0 (got {views}) and --view-transform one of "
                             f"{', '.join(VIEW_TRANSFORMS)} (got {view_transform!r}).")
     torch_device, autocast_dtype = resolve_compute(device, precision)
-    source = load_source(dataset, data_root=data_root, splits=splits, limit=limit)
+    source = load_source(dataset, data_root=data_root, splits=splits, limit=limit,
+                         sampling=frame_sampling(frames, frame_stride))
+    if views and source.sampling is not None:
+        raise SidetuneError("--views stores augmented views of images; a video dataset's clips have none. Leave "
+                            "--views out for clips.")
     backbone = load_backbone(model, weights=weights, pretrained=pretrained)
     preprocessing = resolve_preprocessing(preprocess, backbone)
-    token_layout = stored_layout(cache_spec, backbone)
+    clip_frames = source.sampling.frames if source.sampling is not None else 1
+    token_layout = stored_layout(cache_spec, backbone).over_frames(clip_frames)
     stages, token_shape = token_layout.stages, token_layout.image_shape()
     plan = _plan(out, cache_spec, source, backbone, splits, building, views)
     if launched_rank() == 0:
@@ -207,6 +232,7 @@ def _extract(model: str, dataset: str, out: str | Path, *, spec: str | CacheSpec
         dataset=dataset_record,
         spec=cache_spec.describe(),
         stage_shapes=[shape.describe() for shape in token_layout.shapes],
+        frames=clip_frames,
         compute={"precision": precision_name(autocast_dtype), "device": torch_device.type, "batch_size": batch_size},
         views=None if not views else {"count": views, **ViewTransform(view_transform, preprocessing.size,
                                       preprocessing.interpolation, preprocessing.mean, preprocessing.std).describe(),

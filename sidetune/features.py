@@ -37,7 +37,11 @@ def stored_tokens(backbone: Backbone, spec: CacheSpec, layout: TokenLayout, imag
     """(B, S, T, D) (or flat (B, E), sidetune/cache/layout.py) float32 tokens of one batch, as a
     cache of `layout` stores them before the spec's codec encodes them (sums added in float32, in
     stage order). Extraction, live evaluation and `predict` all compute features here. A sum
-    is accumulated as the backbone yields its stages, so a summed cache never holds them all."""
+    is accumulated as the backbone yields its stages, so a summed cache never holds them all.
+    Clips (B, F, C, H, W) go through the backbone frame by frame, batched, and come out with each
+    stage's frames one after another along its tokens (a video cache's layout)."""
+    if images.dim() == 5:
+        return layout.frames_into_tokens(stored_tokens(backbone, spec, layout, images.flatten(0, 1)))
     kept_at = {shape.stage: i for i, shape in enumerate(layout.shapes) if not shape.summed}
     summed_at = {stage: i for i, shape in enumerate(layout.shapes) for stage in shape.summed}
     outputs: list[torch.Tensor | None] = [None] * len(layout.shapes)
@@ -73,7 +77,8 @@ def as_read_from_cache(backbone: Backbone, spec: CacheSpec, layout: TokenLayout,
 
 class ImageDataset(Dataset):
     """A split's images through a transform, for a DataLoader: (image, index, None), or (None,
-    index, what went wrong) for an image that cannot be read (named by the main process). With
+    index, what went wrong) for an image that cannot be read (named by the main process). A clip
+    (a split whose items are frame lists) gives its frames as one (F, C, H, W) tensor. With
     `views` (a transform taking a seed) and each image's view seeds, the image is the pair
     (plain image, its augmented views (V, C, H, W))."""
 
@@ -89,6 +94,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         try:
             image = self.split.image(index)
+            if isinstance(image, list):  # a clip's frames: (F, C, H, W)
+                return torch.stack([self.transform(frame) for frame in image]), index, None
             plain = self.transform(image)
             if self.views is None:
                 return plain, index, None

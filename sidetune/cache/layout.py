@@ -9,11 +9,17 @@ either way: a batch is one gather and a shard one write.
 
 A stored entry may also be a sum of stages (a `summed` cache spec, MIST's cache): its
 `StageShape.summed` lists the backbone stages it adds up, and its stage id is negative
-(`summed_stage_id`), so it never collides with a backbone stage and sorts before them."""
+(`summed_stage_id`), so it never collides with a backbone stage and sorts before them.
+
+A video cache stores clips: every frame through the backbone, each stage's tokens of all
+`frames` frames one frame after another along the token axis (`TokenLayout.frames`; a stage's
+`num_tokens` is then frames x the tokens of one frame, its `grid` and prefix tokens those of
+one frame). Readers and the cache machinery see a clip as an image with more tokens; the side
+networks that look at positions fold the frames out (`frame_tokens`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -57,15 +63,17 @@ class StageShape:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """The stored stages' shapes, in stage order."""
+    """The stored stages' shapes, in stage order; `frames` > 1 for a video cache (each shape's
+    tokens those of every frame)."""
 
     shapes: tuple[StageShape, ...]
+    frames: int = 1
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "TokenLayout":
         layout = manifest["layout"]
         if "stage_shapes" in layout:
-            return cls(tuple(StageShape.from_record(record) for record in layout["stage_shapes"]))
+            return cls(tuple(StageShape.from_record(record) for record in layout["stage_shapes"]), layout.get("frames", 1))
         grid = tuple(manifest["backbone"].get("patch_grid", (0, 0)))  # caches written before stage shapes
         if layout["token_selection"] != "all":
             grid = (1, 1) if layout["token_selection"] == "mean" else (0, 0)
@@ -75,6 +83,22 @@ class TokenLayout:
     @property
     def stages(self) -> list[int]:
         return [shape.stage for shape in self.shapes]
+
+    def over_frames(self, frames: int) -> "TokenLayout":
+        """This (one image's) layout for clips of `frames` frames: every stage's tokens x frames."""
+        if frames == 1:
+            return self
+        return TokenLayout(tuple(replace(shape, num_tokens=shape.num_tokens * frames) for shape in self.shapes), frames)
+
+    def frames_into_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A batch of B x frames packed frames (clip by clip, frame by frame, in this layout's
+        one-frame shapes) -> B packed clips: each stage's frames one after another."""
+        if self.frames == 1:
+            return tokens
+        per_frame = TokenLayout(tuple(replace(s, num_tokens=s.num_tokens // self.frames) for s in self.shapes))
+        stages = per_frame.unpack(tokens, per_frame.stages)  # each (B*F, T_s, D_s)
+        clips = [x.reshape(-1, self.frames * x.shape[1], x.shape[2]) for x in stages]
+        return pack_stages(clips)
 
     @property
     def uniform(self) -> bool:

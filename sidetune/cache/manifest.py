@@ -41,7 +41,7 @@ IDENTITY_FIELDS: tuple[tuple[str, str | None], ...] = (
 
 
 def build_manifest(*, backbone: dict, preprocessing: dict, dataset: dict, spec: dict,
-                   stage_shapes: list[dict], compute: dict, views: dict | None = None) -> dict:
+                   stage_shapes: list[dict], compute: dict, views: dict | None = None, frames: int = 1) -> dict:
     """`stage_shapes`: each stored stage's StageShape record (sidetune/cache/layout.py), in order;
     `views`: how augmented views of the training images were made (none: no such section)."""
     last = stage_shapes[-1]
@@ -59,8 +59,10 @@ def build_manifest(*, backbone: dict, preprocessing: dict, dataset: dict, spec: 
             "num_prefix_tokens": last["num_prefix_tokens"] if spec["tokens"] == "all" else 0,
             "token_selection": spec["tokens"],
             "width": last["width"],
-            "axes": ["image", "stage", "token", "channel"] if uniform else ["image", "stage-major token-channel"],
+            "axes": (["clip" if frames > 1 else "image", "stage", "frame-major token" if frames > 1 else "token",
+                      "channel"] if uniform else ["clip" if frames > 1 else "image", "stage-major token-channel"]),
             "stage_shapes": stage_shapes,
+            **({"frames": frames} if frames > 1 else {}),
         },
         "compute": compute,
         **({"views": views} if views else {}),
@@ -260,7 +262,13 @@ class CacheManifest:
 
     @property
     def num_tokens(self) -> int:
+        """The last stored stage's tokens (of every frame, in a video cache)."""
         return self.record["layout"]["num_tokens"]
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip in a video cache; 1 in an image cache."""
+        return self.record["layout"].get("frames", 1)
 
     @property
     def num_prefix_tokens(self) -> int:

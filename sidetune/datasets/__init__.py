@@ -12,6 +12,7 @@ from sidetune.datasets.hub import is_saved_dataset, load_hub_dataset, load_saved
 from sidetune.datasets.json_splits import is_json_folder, load_json_folder
 from sidetune.datasets.sources import ImageSource, ImageSplit, check_data
 from sidetune.datasets.validation import with_validation
+from sidetune.datasets.video import ClipSplit, FrameSampling, count_frames
 from sidetune.errors import SidetuneError
 
 DATA_ROOT_ENV = "SIDETUNE_DATA"
@@ -26,6 +27,7 @@ def load_source(
     data_root: str | Path | None = None,
     splits: list[str] | None = None,
     limit: int | None = None,
+    sampling: FrameSampling | None = None,
 ) -> ImageSource:
     """Resolve a dataset name or path.
 
@@ -33,22 +35,34 @@ def load_source(
     split folder, `save_to_disk` folder, or class-folder of images); a VTAB-1k task name, read
     from `<data_root or $SIDETUNE_DATA>/<task>/` when present, else from its hub copy; an FGVC
     task name, read from its folder under the data root in VPT's layout. A dataset without a
-    validation split gets one carved from its training split (`with_validation`).
+    validation split gets one carved from its training split (`with_validation`). A folder of
+    clips (video files or frame folders) is a video dataset, its clips read by `sampling`
+    (default: 8 frames spread uniformly; sidetune/datasets/video.py).
     """
-    source = with_validation(_resolve(dataset, data_root))
+    source = with_validation(_resolve(dataset, data_root, sampling))
+    if sampling is not None and source.sampling is None:
+        raise SidetuneError(f"--frames and --frame-stride read clips, but {dataset} holds images. Leave them out, or "
+                            "point --dataset at a folder of video files or frame folders.")
     source = source.select_splits(splits).first(limit)
     check_data(source)
+    if source.sampling is not None:
+        needed = source.sampling.needed() or source.sampling.frames
+        clips = {path for split in source.splits.values() if isinstance(split, ClipSplit) for path in split.paths}
+        short = sum(count_frames(path) < needed for path in clips)
+        if short:
+            source.notes.append(f"{short} clip{'s' if short > 1 else ''} {'have' if short > 1 else 'has'} fewer frames "
+                                "than the sampling reads: padded by repeating the last frame")
     return source
 
 
-def _resolve(dataset: str, data_root: str | Path | None) -> ImageSource:
+def _resolve(dataset: str, data_root: str | Path | None, sampling: FrameSampling | None = None) -> ImageSource:
     if dataset == "digits":
         return load_digits_source()
     if dataset.startswith("hf:"):
         return load_hub_dataset(dataset[3:])
     path = Path(dataset).expanduser()
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, sampling)
     if path.exists():
         raise SidetuneError(f"Dataset path {path} is a file; pass a folder (VTAB-1k list folder, image folder or save_to_disk folder).")
     if dataset in FGVC_TASKS:
@@ -95,15 +109,15 @@ def load_fgvc(task: FgvcTask, data_root: str | Path | None) -> ImageSource:
     )
 
 
-def _load_folder(path: Path) -> ImageSource:
+def _load_folder(path: Path, sampling: FrameSampling | None = None) -> ImageSource:
     if is_list_folder(path):
-        return load_list_folder(path)
+        return load_list_folder(path, sampling=sampling)
     if is_json_folder(path):
         return load_json_folder(path)
     if is_saved_dataset(path):
         return load_saved_dataset(path)
     if is_class_folder(path):
-        return load_class_folder(path)
+        return load_class_folder(path, sampling)
     raise SidetuneError(
         f"Folder {path} is not a dataset sidetune knows: expected VTAB-1k list files "
         f"({', '.join(s + '.txt' for s in VTAB_SPLITS)}), VPT's train.json, val.json and test.json, a "

@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
 
 from sidetune.errors import SidetuneError
 from sidetune.roles import SplitRoles
+
+if TYPE_CHECKING:
+    from sidetune.datasets.video import FrameSampling
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -189,6 +192,7 @@ class ImageSource:
     roles: SplitRoles | None = None  # None: read from the split names
     validation: dict | None = None  # how a carved validation split was drawn (sidetune/datasets/validation.py)
     warnings: list[str] = field(default_factory=list)  # what can be trained on but is likely a mistake (`check_data`)
+    sampling: FrameSampling | None = None  # a video dataset's (sidetune/datasets/video.py); None: images
 
     @property
     def split_roles(self) -> SplitRoles:
@@ -215,6 +219,7 @@ class ImageSource:
             "validation": self.validation,
             "notes": self.notes,
             "warnings": self.warnings,
+            **({"frames": self.sampling.describe()} if self.sampling is not None else {}),
             "fingerprint": self.fingerprint(),
         }
 

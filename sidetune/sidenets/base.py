@@ -51,6 +51,14 @@ class FeatureLayout:
     # the backbone's first stage: 0 for a ViT (the tokens entering block 1), 1 for a model read
     # through forward_intermediates (sidetune/backbones.py)
     first_stage: int = 0
+    # frames per clip in a video cache (1: images): each stage's tokens are its frames' tokens,
+    # frame after frame, so `num_tokens` and the stage shapes count every frame's
+    frames: int = 1
+
+    @property
+    def frame_tokens(self) -> int:
+        """The tokens of one frame of the last stage (of one image when `frames` is 1)."""
+        return self.num_tokens // self.frames
 
     def shape(self, stage: int) -> tuple[int, int]:
         """(tokens, width) of a stored stage."""
@@ -243,10 +251,13 @@ class SideNet(nn.Module):
             return tokens
         stages = self.stages_needed()
         last = self.layout.stage_shape(stages[-1])
+        frames = self.layout.frames
         outputs = []
         for stage, x in zip(stages, self.stage_tokens(tokens)):
             shape = self.layout.stage_shape(stage)
-            x = resample_grid(x.float(), shape.num_prefix_tokens, shape.grid, last.grid)
+            per_frame = x.float().reshape(-1, x.shape[1] // frames, x.shape[2])  # a clip's frames resampled one by one
+            x = resample_grid(per_frame, shape.num_prefix_tokens, shape.grid, last.grid)
+            x = x.reshape(-1, x.shape[1] * frames, x.shape[2])
             matrix = getattr(self, f"stage_embedding_{stage}")
             outputs.append(x if matrix is None else x @ matrix)
         return torch.stack(outputs, 1)
@@ -328,7 +339,17 @@ class SideNet(nn.Module):
                 buffer.copy_(state[name].expand_as(buffer) if name in self.config_buffers else state[name])
 
     def pool_tokens(self, y: torch.Tensor, pool: str | None = None) -> torch.Tensor:
-        """(K, B, T, D) -> (K, B, D) by the network's pooling (or `pool`)."""
+        """(K, B, T, D) -> (K, B, D) by the network's pooling (or `pool`); a clip's frames pooled
+        one by one, then averaged (`frame_features` keeps them apart)."""
+        return self.frame_features(y, pool).mean(2)
+
+    def frame_features(self, y: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """(K, B, F·T, D) -> (K, B, F, D): each frame's tokens pooled (F = 1 for images)."""
+        k, b, tokens, width = y.shape
+        frames = self.layout.frames
+        return self._pool(y.reshape(k, b * frames, tokens // frames, width), pool).reshape(k, b, frames, -1)
+
+    def _pool(self, y: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         pool = pool or self.pool
         if self.layout.token_selection != "all" or y.shape[2] == 1:
             return y[:, :, 0]

@@ -29,6 +29,7 @@ def feature_layout(manifest: CacheManifest) -> FeatureLayout:
         token_selection=manifest.token_selection,
         stage_shapes=manifest.layout.shapes,
         first_stage=backbone_stages[0]["stage"] if backbone_stages else 0,
+        frames=manifest.frames,
     )
 
 
