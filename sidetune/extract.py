@@ -350,10 +350,12 @@ def _extract_split(name: str, split: ImageSplit, split_writer: SplitWriter, writ
         views = ViewTransform(view_transform, preprocessing.size, preprocessing.interpolation, preprocessing.mean,
                               preprocessing.std)
         seeds = [[view_seed(key, view) for view in range(view_count)] for key in split.keys()]
+    dataset = ImageDataset(split, preprocessing.transform(), views, seeds if views else None)
     loader = DataLoader(
-        ImageDataset(split, preprocessing.transform(), views, seeds if views else None),
+        dataset,
         batch_sampler=batches,
         num_workers=workers,
+        multiprocessing_context=dataset.worker_context if workers else None,
         collate_fn=collate_images,
         pin_memory=device.type == "cuda",
         persistent_workers=False,

@@ -17,6 +17,7 @@ from sidetune.cache.layout import TokenLayout, pack_stages
 from sidetune.cache.spec import CacheSpec
 from sidetune.compute import autocast
 from sidetune.datasets import ImageSplit
+from sidetune.datasets.video import ClipSplit
 from sidetune.errors import SidetuneError
 
 
@@ -90,6 +91,13 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.split)
+
+    @property
+    def worker_context(self) -> str | None:
+        """How its DataLoader starts workers: spawned for clips (FFmpeg's threads, which PyAV
+        starts, do not survive a fork: a forked worker can hang), forked (the default) for images."""
+        parts = getattr(self.split, "parts", [self.split])
+        return "spawn" if any(isinstance(part, ClipSplit) for part in parts) else None
 
     def __getitem__(self, index: int):
         try:

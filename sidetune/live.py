@@ -18,6 +18,7 @@ from sidetune.backbones import Preprocessing, load_recorded_backbone
 from sidetune.cache.reader import Cache
 from sidetune.compute import AUTOCAST_DTYPES
 from sidetune.datasets import load_source
+from sidetune.datasets.video import FrameSampling
 from sidetune.errors import SidetuneError
 from sidetune.features import ImageDataset, as_read_from_cache, batch_bounds, collate_images, default_workers
 from sidetune.progress import ProgressSink
@@ -43,7 +44,8 @@ class LiveFeatures:
     def _images(self):
         record = self.cache.info.dataset
         data_root = self.cache.data_root or record.get("data_root")
-        source = load_source(record["argument"], data_root=data_root, splits=[self.name], limit=record.get("limit"))
+        source = load_source(record["argument"], data_root=data_root, splits=[self.name], limit=record.get("limit"),
+                             sampling=FrameSampling.from_record(record.get("frames")))
         images = source.splits[self.name]
         if images.fingerprint() != self.record["fingerprint"]:
             raise SidetuneError(
@@ -68,8 +70,10 @@ class LiveFeatures:
         shard, extract_batch = self.spec.shard_images, manifest.extract_batch_size
         bounds = [list(range(begin, end)) for start in range(0, self.num_images, shard)
                   for begin, end in batch_bounds(start, min(start + shard, self.num_images), extract_batch)]
-        loader = DataLoader(ImageDataset(images, transform), batch_sampler=bounds, collate_fn=collate_images,
-                            num_workers=default_workers(self.device), pin_memory=self.device.type == "cuda")
+        dataset, workers = ImageDataset(images, transform), default_workers(self.device)
+        loader = DataLoader(dataset, batch_sampler=bounds, collate_fn=collate_images, num_workers=workers,
+                            pin_memory=self.device.type == "cuda",
+                            multiprocessing_context=dataset.worker_context if workers else None)
         precision = AUTOCAST_DTYPES[manifest.precision]
         pending: list[torch.Tensor] = []
         done = 0

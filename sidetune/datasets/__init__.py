@@ -48,7 +48,7 @@ def load_source(
     if source.sampling is not None:
         needed = source.sampling.needed() or source.sampling.frames
         clips = {path for split in source.splits.values() if isinstance(split, ClipSplit) for path in split.paths}
-        short = sum(count_frames(path) < needed for path in clips)
+        short = sum(0 < count_frames(path) < needed for path in clips)  # an unreadable clip: named when read
         if short:
             source.notes.append(f"{short} clip{'s' if short > 1 else ''} {'have' if short > 1 else 'has'} fewer frames "
                                 "than the sampling reads: padded by repeating the last frame")

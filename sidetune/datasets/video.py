@@ -59,6 +59,11 @@ class FrameSampling:
         return {**asdict(self), "rule": "stride" if self.stride else "uniform",
                 "short_clips": "the last frame repeated"}
 
+    @classmethod
+    def from_record(cls, record: dict | None) -> "FrameSampling | None":
+        """The sampling a manifest's dataset record describes (None: an image dataset)."""
+        return None if record is None else cls(record["frames"], record.get("stride"))
+
 
 def is_clip(path: Path) -> bool:
     """A video file, or a folder whose files are frames (images only)."""
@@ -74,14 +79,17 @@ def frame_files(folder: Path) -> list[Path]:
 
 def count_frames(path: Path) -> int:
     """The frames a clip has: files in a frame folder; a video's header count (decoding it when
-    the header has none)."""
+    the header has none); 0 for a clip that cannot be read (extraction names it when it reads it)."""
     if path.is_dir():
         return len(frame_files(path))
     import av
 
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return stream.frames or sum(1 for _ in container.decode(stream))
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return stream.frames or sum(1 for _ in container.decode(stream))
+    except (av.FFmpegError, IndexError, OSError):
+        return 0
 
 
 def read_frames(path: Path, sampling: FrameSampling) -> list[Image.Image]:

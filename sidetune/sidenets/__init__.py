@@ -7,6 +7,7 @@ import inspect
 from sidetune.errors import SidetuneError
 from sidetune.sidenets.attentive import AttentiveProbe
 from sidetune.sidenets.base import FeatureLayout, SideNet
+from sidetune.sidenets.evl import EVLProbe
 from sidetune.sidenets.head2toe import Head2Toe
 from sidetune.sidenets.knn import KNNProbe
 from sidetune.sidenets.last import LAST
@@ -18,7 +19,7 @@ from sidetune.sidenets.restuning import ResTuning
 from sidetune.sidenets.ridge import RidgeProbe
 
 SIDENETS: dict[str, type[SideNet]] = {cls.name: cls for cls in (LinearProbe, RidgeProbe, KNNProbe, AttentiveProbe, Head2Toe,
-                                                            LAST, LoSA, MIST, LST, ResTuning)}
+                                                            LAST, LoSA, MIST, LST, ResTuning, EVLProbe)}
 
 __all__ = ["SIDENETS", "FeatureLayout", "SideNet", "create_sidenet", "describe_methods", "method_options", "resolve_options"]
 

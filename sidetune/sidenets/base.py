@@ -25,6 +25,8 @@ from sidetune.errors import SidetuneError
 # exact there, so cuDNN is left out.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 PLAIN_NORM_EPS = 1e-6
+TEMPORAL_KERNEL = 3  # frames a temporal convolution spans
+TEMPORAL_RANK = 4  # the rank of a temporal head's mixing across frames
 STAGE_EMBEDDING_SEED = 1_000_000  # + the stage index: the fixed maps of stages onto one width
 POOLS = ("cls", "mean", "both")  # both: CLS and the mean of the patch tokens, concatenated (2D features)
 
@@ -142,6 +144,11 @@ class SideNet(nn.Module):
     # options whose values may differ within a stack (they shape nothing; `set_stacked_options`
     # sets each configuration's): k-NN's neighbours and temperature, all scored from one pass
     stacked_options: ClassVar[tuple[str, ...]] = ()
+    # True: on a video cache, the frames' pooled features are mixed across frames (a low-rank
+    # residual MLP over the frame axis, zero-initialised, as LoSA's temporal mixer) before they
+    # are averaged: the step that lets a network that mixes every frame's tokens alike (LAST),
+    # blind to their order, tell it
+    temporal_head: ClassVar[bool] = False
     reads_sums: ClassVar[bool] = False  # True: reads a summed cache's sums (MIST)
     # True: without a backbone final norm, a plain LayerNorm stands in for it (`set_final_norm`)
     norm_without_final_norm: ClassVar[bool] = False
@@ -181,6 +188,12 @@ class SideNet(nn.Module):
         self.register_buffer("feature_scale", torch.ones(d))
         self.stacked("head.weight", (d, c), uniform_fan_in(d))
         self.stacked("head.bias", (c,), uniform_fan_in(d), decay=False)
+        if self.temporal_head and layout.frames > 1:
+            frames, rank = layout.frames, min(TEMPORAL_RANK, layout.frames)
+            self.stacked("temporal.w1", (frames, rank), uniform_fan_in(frames))
+            self.stacked("temporal.b1", (rank,), uniform_fan_in(frames), decay=False)
+            self.stacked("temporal.w2", (rank, frames), zeros)
+            self.stacked("temporal.b2", (frames,), zeros, decay=False)
 
     def set_stacked_options(self, values: list[dict[str, object]]) -> None:
         """Each configuration's values of `stacked_options`, in stack order (the network was built
@@ -285,9 +298,15 @@ class SideNet(nn.Module):
         return None
 
     def head_features(self, y: torch.Tensor) -> torch.Tensor:
-        """(K, B, T, D) representation -> (K, B, D): the frozen final norm, then pooling."""
+        """(K, B, T, D) representation -> (K, B, D): the frozen final norm, then pooling (a
+        clip's frames pooled, through the temporal step where the network has one, averaged)."""
         if self.final_norm_weight is not None:
             y = F.layer_norm(y, (y.shape[-1],), self.final_norm_weight, self.final_norm_bias, self.final_norm_eps)
+        if self.temporal_head and self.layout.frames > 1:
+            frames = self.frame_features(y)  # (K, B, F, D)
+            mixed = F.gelu(torch.einsum("kbfd,kfr->kbdr", frames, self.temporal_w1) + self.temporal_b1[:, None, None])
+            mixed = torch.einsum("kbdr,krf->kbfd", mixed, self.temporal_w2) + self.temporal_b2[:, None, :, None]
+            return (frames + mixed).mean(2)
         return self.pool_tokens(y)
 
     @torch.no_grad()
@@ -379,6 +398,17 @@ def resample_grid(x: torch.Tensor, prefix: int, grid: tuple[int, int], target: t
     else:
         patches = F.interpolate(patches, size=tuple(target), mode="bilinear", align_corners=False)
     return torch.cat([x[:, :prefix], patches.flatten(2).transpose(1, 2)], dim=1)
+
+
+def temporal_convolution(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The temporal step's residual: GELU of a depthwise convolution over frames. x (K, B, F, D),
+    per-configuration weights (K, D, k) (k odd), frames zero-padded at both ends:
+    out_f = GELU(sum_j w_j * x_(f + j - k // 2)). (Without the GELU, averaging the frames
+    afterwards would undo the convolution but at the clip's two ends.)"""
+    k = weight.shape[-1]
+    padded = F.pad(x, (0, 0, k // 2, k // 2))
+    frames = x.shape[2]
+    return F.gelu(sum(padded[:, :, j:j + frames] * weight[:, None, None, :, j] for j in range(k)))
 
 
 def layer_norm_stacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

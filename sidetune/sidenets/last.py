@@ -116,7 +116,10 @@ class LowRankAttentionSide(SideNet):
         return self._head(last, a.view(k, b, t, modules * r), flat_out)
 
     def _head(self, last: torch.Tensor, a: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-        """The frozen final norm and pooling of y = x_m + A W_O: (K, B, D), or (K, B, 2D) for both."""
+        """The frozen final norm and pooling of y = x_m + A W_O: (K, B, D), or (K, B, 2D) for both.
+        A clip's y is formed whole and pooled frame by frame, through the temporal step."""
+        if self.layout.frames > 1:
+            return self.head_features(last[None].to(a.dtype) + torch.einsum("kbtj,kjd->kbtd", a, w_out))
         if self.pool in ("cls", "both") and self.layout.num_prefix_tokens < 1:
             raise SidetuneError(f"pool '{self.pool}' needs a CLS token, but the backbone has none; use --pool mean.")
         parts = []
@@ -145,6 +148,7 @@ class LowRankAttentionSide(SideNet):
 
 
 class LAST(LowRankAttentionSide):
+    temporal_head = True  # video: attention over every frame's tokens, then a temporal step over the frames
     name = "last"
     summary = "LAST: low-rank self-attention side network over every (g-th) stage"
     option_help = {"gap": "read every g-th stage"}
