@@ -603,6 +603,9 @@ def datasets() -> None:
         table.add_row(fgvc.name, "fgvc", str(fgvc.num_classes), f"{' or '.join(fgvc.folders[:2])} (VPT's JSON splits)")
     table.add_row("digits", "bundled", "10", "scikit-learn, offline")
     console.print(table)
+    console.print("Any folder is a dataset too: VTAB-1k list files, VPT's train/val/test.json, class folders of images, "
+                  "a datasets.save_to_disk folder; and video: class folders (or list files) of clips, each a video file "
+                  "(mp4, webm, avi, mkv) or a folder of frames, read with --frames T (default 8) or --frame-stride.")
 
 
 def main() -> None:
