@@ -181,7 +181,32 @@ def real_weights(record: dict) -> str:
                      "configurations", "sweep seconds"], rows))
 
 
-RENDERERS = {"real_weights": real_weights, "methods": methods, "ridge": ridge, "halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "sweep_vs_runs": sweep_vs_runs, "extraction": extraction, "loading": loading}
+def views(record: dict) -> str:
+    rows = [[r["task"], r["method"], r["variant"], f"{r['test_top1']:.1f}", r["bytes"], r["seconds"]] for r in record["rows"]]
+    return (f"{describe(record)} {record['views_stored']} stored views of every training image (VPT's transform); each "
+            f"variant at the method's defaults ({record['epochs']} epochs) on train800val200, scored on test.\n\n"
+            + table(["task", "method", "augmentation", "test top-1", "training tokens stored", "seconds"], rows))
+
+
+def defaults(record: dict) -> str:
+    tests = {(t["task"], t["method"], t["setting"]): t["test_top1"] for t in record["tests"]}
+    linear = {task: tests[task, "linear", "chosen"] for task in record["tasks"]}
+
+    def setting(s: dict) -> str:
+        return f"λ {s['weight_decay']:g}" if s["lr"] == 0 else f"lr {s['lr']:g}, {s['epochs']} ep"
+
+    rows = []
+    for method, chosen in record["defaults"].items():
+        rows.append([method, setting(chosen), setting(chosen["before"])]
+                    + [f"{tests[task, method, 'chosen']:.1f} ({tests[task, method, 'before']:.1f})" for task in record["tasks"]]
+                    + [f"{tests['real-weights', method, 'chosen'] - linear['real-weights']:+.1f}"])
+    return (f"{describe(record)} Chosen on val200 (real-weights first, ties within {record.get('tie', 1.0):g} point "
+            f"broken on digits); scored on test after training on train800val200, before the change in brackets.\n\n"
+            + table(["method", "default", "before", *[f"{task} test top-1" for task in record["tasks"]],
+                     "vs linear (real-weights)"], rows))
+
+
+RENDERERS = {"views": views, "defaults": defaults, "real_weights": real_weights, "methods": methods, "ridge": ridge, "halving": halving, "codecs": codecs, "storage": storage, "step_profile": step_profile, "stage_two": stage_two, "sweep_amortisation": sweep_amortisation, "sweep_vs_runs": sweep_vs_runs, "extraction": extraction, "loading": loading}
 
 
 def main() -> None:
