@@ -43,7 +43,7 @@ def list_runs(root: str | Path = "runs") -> list[dict]:
 def _read(folder: Path) -> dict | None:
     if (folder / METRICS_FILE).is_file() and (folder / CONFIG_FILE).is_file():
         metrics, config = (read_record(folder / name) for name in (METRICS_FILE, CONFIG_FILE))
-        settings = (f"closed form, wd {metrics['weight_decay']}" if metrics.get("closed_form")
+        settings = (f"closed form, wd {metrics['weight_decay']:g}" if metrics.get("closed_form")
                     else _settings(metrics["hyperparameters"]))
         return _record("run", folder, metrics["method"], metrics["dataset"], settings,
                        f"{metrics['train_split']} -> {metrics['eval_split']}", metrics["top1"], metrics["seconds"],

@@ -258,7 +258,7 @@ def test_runs_at_80_columns_gives_each_record_two_lines_instead_of_a_crushed_tab
                                        "--train-split", "train800", "--eval-split", "val200", "--out", str(tmp_path / "one")])
     assert trained.exit_code == 0, trained.output
     listed = CliRunner().invoke(app, ["runs", str(tmp_path)], env={"COLUMNS": "80"}).output
-    assert "one run, linear on digits, top-1" in listed and "train800 -> val200; lr 0.1" in listed, listed
+    assert "one run, linear on digits, top-1" in listed and "train800 -> val200; lr 0.3" in listed, listed
     assert max(map(len, listed.splitlines())) <= 80
 
 

@@ -253,7 +253,7 @@ def test_a_closed_form_run_says_it_has_no_epochs_and_plots_top1_against_its_pena
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["closed_form"] and metrics["epochs"] is None and metrics["top1"] > 30.0
     path = {point["weight_decay"]: point["top1"] for point in metrics["penalty_path"]}
-    assert len(path) == 17 and path[1e-4] == metrics["top1"]  # the default grid's 16 strengths and the run's own
+    assert len(path) == 16 and path[1024.0] == metrics["top1"]  # the default grid's 16 strengths, the default λ among them
     assert len(set(path.values())) > 1  # the strengths differ in what they score
     listed = sidetune_cli("runs", str(tmp_path / "runs"), "--json")
-    assert json.loads(listed.stdout)[0]["settings"] == "closed form, wd 0.0001"
+    assert json.loads(listed.stdout)[0]["settings"] == "closed form, wd 1024"

@@ -31,6 +31,8 @@ class AttentiveProbe(SideNet):
                    "heads": "attention heads, dividing the rank",
                    "full_width": "keys and values of the backbone's width instead of the rank"}
     norm_without_final_norm = True  # keys from unnormalised CNN features saturate the softmax
+    default_lr = 0.01  # benchmarks/defaults.py
+    default_epochs = 30
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", queries: int = 1, rank: int = 64,
                  heads: int = 1, full_width: bool = False):

@@ -19,7 +19,8 @@ class LinearProbe(SideNet):
     name = "linear"
     summary = "linear probe on the pooled, standardised last stage (or DINOv2's last n blocks)"
     token_selections = ("all", "cls", "mean")
-    default_lr = 0.1  # standardised features and a convex loss take a large step
+    default_lr = 0.3  # standardised features and a convex loss take a large step (benchmarks/defaults.py)
+    default_epochs = 30
     default_grid = {"lr": [0.03, 0.1, 0.3], "weight_decay": [0.0, 1e-4, 1e-3]}
     option_help = {"blocks": "n: the last n blocks' features, each through the final norm, concatenated (DINOv2's "
                              "linear protocol; with --pool both, the last block's patch mean after their CLS tokens)"}

@@ -23,6 +23,8 @@ class LoSA(SideNet):
                    "channel_rank": "channel-mixing rank",
                    "temporal_rank": "video caches: the rank of the mixing across frames at each token position"}
     norm_without_final_norm = True  # the final norm of y = x_N + side output, as on a ViT
+    default_lr = 3e-4  # benchmarks/defaults.py
+    default_epochs = 30
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto",
                  token_rank: int = 16, channel_rank: int = 16, standardize: bool = False, temporal_rank: int = 4):

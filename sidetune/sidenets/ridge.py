@@ -30,6 +30,7 @@ class RidgeProbe(SideNet):
     token_selections = ("all", "cls", "mean")
     closed_form = True
     default_lr = 0.0  # unused: no gradient steps
+    default_weight_decay = 1024.0  # big_vision's λ; best on real features (benchmarks/defaults.py)
     # λ from 1e-3 to 1e6 in steps of 4x (big_vision's single choice, 1024, among them): all from one eigh.
     default_grid = {"weight_decay": [4.0 ** k for k in range(-5, 11)]}
 
