@@ -33,6 +33,7 @@ class AttentiveProbe(SideNet):
     norm_without_final_norm = True  # keys from unnormalised CNN features saturate the softmax
     default_lr = 0.01  # benchmarks/defaults.py
     default_epochs = 30
+    default_grid = {"lr": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-3]}
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", queries: int = 1, rank: int = 64,
                  heads: int = 1, full_width: bool = False):

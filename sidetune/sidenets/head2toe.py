@@ -30,6 +30,7 @@ class Head2Toe(SideNet):
     option_minimum = {"top_stages": 0}
     token_selections = ("all", "cls", "mean")
     default_lr = 0.01  # Head2Toe's Adam learning rate
+    default_grid = {"lr": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-3]}
 
     def __init__(self, layout: FeatureLayout, num_configs: int, pool: str = "auto", standardize: bool = True,
                  group_lasso: float = 0.0, top_stages: int = 0):
